@@ -1,0 +1,42 @@
+# Set-up, build and checks of epa_ext. Every target installs what it needs into .venv first, so
+# `make demo` and `make test` work on a fresh machine and are quick when nothing changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is the CUDA 13.0 build so that the CUDA sources compile even where no GPU is present.
+TORCH_SPEC ?= torch==2.14.1
+DEPS := numpy "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 pytest hypothesis
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.epa_ext-installed
+SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*) $(wildcard epa_ext/*.py)
+
+.PHONY: demo test build bench clean
+
+demo: $(BUILD_STAMP)
+	$(PY) bench/demo_logps.py
+
+test: $(BUILD_STAMP)
+	$(VENV)/bin/pytest -q python_tests
+
+build: $(BUILD_STAMP)
+
+bench: $(BUILD_STAMP)
+	$(PY) bench/bench_logps.py
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): $(PY) Makefile
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)" $(DEPS)
+	touch $@
+
+# --no-build-isolation: build against the torch installed above (an isolated build would fetch
+# a second, possibly newer, torch). The build directory is kept, so rebuilds are incremental.
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps .
+	touch $@
+
+clean:
+	rm -rf build $(BUILD_STAMP)

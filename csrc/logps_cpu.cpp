@@ -1,0 +1,84 @@
+// CPU host code of the fused log-prob ops: checks, output allocation, choice of the vectorized
+// loops (logps_cpu_kernel.cpp) and registration for the CPU dispatch key.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <cstdlib>
+
+#include "cpu_capability.h"
+#include "logps_checks.h"
+#include "logps_cpu_kernel.h"
+
+namespace epa_ext::cpu {
+namespace {
+
+TokenLogpsForwardFn forward_kernel() {
+#if defined(__x86_64__)
+  if (cpu_capability() == CpuCapability::Avx2) return &AVX2::token_logps_forward;
+#endif
+  return &DEFAULT::token_logps_forward;
+}
+
+TokenLogpsBackwardFn backward_kernel() {
+#if defined(__x86_64__)
+  if (cpu_capability() == CpuCapability::Avx2) return &AVX2::token_logps_backward;
+#endif
+  return &DEFAULT::token_logps_backward;
+}
+
+// A contiguous tensor whose memory is backed by transparent huge pages. The gradient of the
+// logits is hundreds of MB that the OS hands out fresh on every call; with 4 KiB pages, faulting
+// them in costs more than computing the gradient (see README, CPU performance).
+at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
+  constexpr size_t kHugePage = size_t{2} << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= 8 * kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = nullptr;
+    if (posix_memalign(&data, kHugePage, rounded) == 0) {
+      madvise(data, rounded, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
+      return at::from_blob(data, sizes, [](void* p) { std::free(p); },
+                           at::TensorOptions().dtype(dtype).device(at::kCPU));
+    }
+  }
+#endif
+  return at::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
+std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
+                                                   const at::Tensor& labels,
+                                                   int64_t ignore_index) {
+  check_logits_and_labels("token_logps", logits, labels);
+  const auto options = labels.options().dtype(accumulate_dtype(logits));
+  at::Tensor logps = at::empty(labels.sizes(), options);
+  at::Tensor lse = at::empty(labels.sizes(), options);
+  if (labels.numel() == 0) return {logps, lse};
+  forward_kernel()(as_batch_time_vocab(logits), labels.contiguous(), ignore_index, logps, lse);
+  return {logps, lse};
+}
+
+at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
+                                    const at::Tensor& labels, const at::Tensor& lse,
+                                    int64_t ignore_index) {
+  check_backward_inputs(grad_logps, logits, labels, lse);
+  const at::ScalarType acc = accumulate_dtype(logits);
+  at::Tensor grad_logits = empty_on_huge_pages(logits.sizes(), logits.scalar_type());
+  if (labels.numel() == 0) return grad_logits;
+  at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
+  backward_kernel()(grad_logps.to(acc).contiguous(), as_batch_time_vocab(logits),
+                    labels.contiguous(), lse.contiguous(), ignore_index, grad_3d);
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(epa_ext, CPU, m) {
+  m.impl("token_logps", &token_logps_cpu);
+  m.impl("token_logps_backward", &token_logps_backward_cpu);
+}
+
+}  // namespace epa_ext::cpu
