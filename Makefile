@@ -14,7 +14,7 @@ SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*) $(wildcard epa_ext/*
 .PHONY: demo test build bench clean
 
 demo: $(BUILD_STAMP)
-	$(PY) bench/demo_logps.py
+	$(VENV)/bin/epa-demo
 
 test: $(BUILD_STAMP)
 	$(VENV)/bin/pytest -q python_tests

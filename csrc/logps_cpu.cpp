@@ -51,7 +51,8 @@ at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
 
 std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
                                                    const at::Tensor& labels,
-                                                   int64_t ignore_index) {
+                                                   int64_t ignore_index,
+                                                   bool /*inplace_backward: autograd only*/) {
   check_logits_and_labels("token_logps", logits, labels);
   const auto options = labels.options().dtype(accumulate_dtype(logits));
   at::Tensor logps = at::empty(labels.sizes(), options);
@@ -61,17 +62,30 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
   return {logps, lse};
 }
 
+// Writes the gradient into grad_3d ([B, T, V]; may be logits_3d itself).
+void run_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d, const at::Tensor& labels,
+                  const at::Tensor& lse, int64_t ignore_index, at::Tensor& grad_3d) {
+  if (labels.numel() == 0) return;
+  backward_kernel()(grad_logps.to(accumulate_dtype(logits_3d)).contiguous(), logits_3d,
+                    labels.contiguous(), lse.contiguous(), ignore_index, grad_3d);
+}
+
 at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
                                     const at::Tensor& labels, const at::Tensor& lse,
                                     int64_t ignore_index) {
   check_backward_inputs(grad_logps, logits, labels, lse);
-  const at::ScalarType acc = accumulate_dtype(logits);
   at::Tensor grad_logits = empty_on_huge_pages(logits.sizes(), logits.scalar_type());
-  if (labels.numel() == 0) return grad_logits;
   at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
-  backward_kernel()(grad_logps.to(acc).contiguous(), as_batch_time_vocab(logits),
-                    labels.contiguous(), lse.contiguous(), ignore_index, grad_3d);
+  run_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, ignore_index, grad_3d);
   return grad_logits;
+}
+
+void token_logps_backward_inplace_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
+                                      const at::Tensor& labels, const at::Tensor& lse,
+                                      int64_t ignore_index) {
+  check_backward_inputs(grad_logps, logits, labels, lse);
+  at::Tensor logits_3d = as_batch_time_vocab(logits);
+  run_backward(grad_logps, logits_3d, labels, lse, ignore_index, logits_3d);
 }
 
 }  // namespace
@@ -79,6 +93,7 @@ at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tens
 TORCH_LIBRARY_IMPL(epa_ext, CPU, m) {
   m.impl("token_logps", &token_logps_cpu);
   m.impl("token_logps_backward", &token_logps_backward_cpu);
+  m.impl("token_logps_backward_", &token_logps_backward_inplace_cpu);
 }
 
 }  // namespace epa_ext::cpu

@@ -216,7 +216,8 @@ unsigned grid_for(int64_t num_rows) {
 
 std::tuple<at::Tensor, at::Tensor> token_logps_cuda(const at::Tensor& logits,
                                                     const at::Tensor& labels,
-                                                    int64_t ignore_index) {
+                                                    int64_t ignore_index,
+                                                    bool /*inplace_backward: autograd only*/) {
   check_logits_and_labels("token_logps", logits, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto options = labels.options().dtype(accumulate_dtype(logits));
@@ -239,23 +240,18 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cuda(const at::Tensor& logits,
   return {logps, lse};
 }
 
-at::Tensor token_logps_backward_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
-                                     const at::Tensor& labels, const at::Tensor& lse,
-                                     int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse);
-  const at::ScalarType acc = accumulate_dtype(logits);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+// Writes the gradient into grad_3d ([B, T, V]; may be logits_3d itself).
+void launch_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d,
+                     const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
+                     at::Tensor& grad_3d) {
   const int64_t num_rows = labels.numel();
-  if (num_rows == 0) return grad_logits;
-  const at::Tensor logits_3d = as_batch_time_vocab(logits);
-  const at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
+  if (num_rows == 0) return;
   const at::Tensor flat_labels = labels.contiguous();
-  const at::Tensor flat_grad = grad_logps.to(acc).contiguous();
+  const at::Tensor flat_grad = grad_logps.to(accumulate_dtype(logits_3d)).contiguous();
   const at::Tensor flat_lse = lse.contiguous();
-  const auto stream = c10::cuda::getCurrentCUDAStream(logits.device().index());
+  const auto stream = c10::cuda::getCurrentCUDAStream(logits_3d.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, logits.scalar_type(), "epa_ext_token_logps_backward_cuda", [&] {
+      at::kBFloat16, at::kHalf, logits_3d.scalar_type(), "epa_ext_token_logps_backward_cuda", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         token_logps_backward_kernel<scalar_t, acc_t><<<grid_for(num_rows), kThreads, 0, stream>>>(
             flat_grad.const_data_ptr<acc_t>(), logits_3d.const_data_ptr<scalar_t>(),
@@ -264,7 +260,27 @@ at::Tensor token_logps_backward_cuda(const at::Tensor& grad_logps, const at::Ten
             logits_3d.size(2), ignore_index);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+}
+
+at::Tensor token_logps_backward_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
+                                     const at::Tensor& labels, const at::Tensor& lse,
+                                     int64_t ignore_index) {
+  check_backward_inputs(grad_logps, logits, labels, lse);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad_logits =
+      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
+  launch_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, ignore_index, grad_3d);
   return grad_logits;
+}
+
+void token_logps_backward_inplace_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
+                                       const at::Tensor& labels, const at::Tensor& lse,
+                                       int64_t ignore_index) {
+  check_backward_inputs(grad_logps, logits, labels, lse);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor logits_3d = as_batch_time_vocab(logits);
+  launch_backward(grad_logps, logits_3d, labels, lse, ignore_index, logits_3d);
 }
 
 }  // namespace
@@ -272,6 +288,7 @@ at::Tensor token_logps_backward_cuda(const at::Tensor& grad_logps, const at::Ten
 TORCH_LIBRARY_IMPL(epa_ext, CUDA, m) {
   m.impl("token_logps", &token_logps_cuda);
   m.impl("token_logps_backward", &token_logps_backward_cuda);
+  m.impl("token_logps_backward_", &token_logps_backward_inplace_cuda);
 }
 
 }  // namespace epa_ext::cuda

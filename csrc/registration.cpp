@@ -1,21 +1,45 @@
 // The one place where the schemas of all epa_ext ops are declared. Backends register their
-// kernels with TORCH_LIBRARY_IMPL next to the kernels (logps_cpu.cpp, logps_cuda.cu); autograd and
-// fake (meta) kernels are registered from Python (epa_ext/_logps_ops.py).
+// kernels with TORCH_LIBRARY_IMPL next to the kernels; autograd and fake (meta) kernels are
+// registered from Python (epa_ext/logps.py, epa_ext/losses.py).
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cpu_capability.h"
 
 TORCH_LIBRARY(epa_ext, m) {
+  // --- log-probs (logps_cpu.cpp, logps_cuda.cu) ---
   // logits [N, V] or [B, T, V] (fp32/bf16/fp16/fp64, last dim contiguous, other strides free),
   // labels int64 of logits' shape without V. Returns (logps, lse), each of labels' shape, fp32
-  // (fp64 for fp64 logits); both are 0 where labels == ignore_index.
-  m.def("token_logps(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
+  // (fp64 for fp64 logits); both are 0 where labels == ignore_index. With inplace_backward the
+  // autograd backward writes d(logits) into logits' own storage (token_logps_backward_).
+  m.def(
+      "token_logps(Tensor logits, Tensor labels, int ignore_index, bool inplace_backward=False) "
+      "-> (Tensor, Tensor)");
   // d(loss)/d(logits) = grad_logps * (onehot(labels) - softmax(logits)), 0 on ignored rows;
   // contiguous, in logits' dtype.
   m.def(
       "token_logps_backward(Tensor grad_logps, Tensor logits, Tensor labels, Tensor lse, "
       "int ignore_index) -> Tensor");
+  // The same gradient written over logits itself (its strides kept).
+  m.def(
+      "token_logps_backward_(Tensor grad_logps, Tensor(a!) logits, Tensor labels, Tensor lse, "
+      "int ignore_index) -> ()");
+
+  // --- preference losses (losses_cpu.cpp, losses_cuda.cu); math in losses_math.h ---
+  // Inputs [B]. Returns (losses [B], slopes [B] = d loss / d delta), delta = h_chosen - h_rejected.
+  // The backward needs no kernel of its own: d/d policy_chosen = grad * slopes = -d/d policy_rejected.
+  m.def(
+      "dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, "
+      "Tensor ref_rejected, float beta, str loss_type, float label_smoothing) -> (Tensor, Tensor)");
+  // Inputs [B, C] (column 0 positive, 1..num_strong strong, the rest weak), mask [B, C] bool.
+  // Returns (losses [B], lse [B]) with lse the logsumexp of the row's weighted rewards.
+  m.def(
+      "epa_loss(Tensor policy_logps, Tensor ref_logps, Tensor? mask, float beta, int num_strong, "
+      "float weak_weight) -> (Tensor, Tensor)");
+  // Returns d/d policy_logps [B, C] = grad * beta * (softmax - onehot(0)).
+  m.def(
+      "epa_loss_backward(Tensor grad_losses, Tensor policy_logps, Tensor ref_logps, Tensor? mask, "
+      "Tensor lse, float beta, int num_strong, float weak_weight) -> Tensor");
 }
 
 namespace {

@@ -1,18 +1,30 @@
 """epa_ext: fused CPU/CUDA kernels for preference alignment (DPO and EPA) in PyTorch.
 
-Public functions (tensor shapes in their docstrings; the math in docs of epa-spec section 2):
+Public functions (tensor shapes and formulas in their docstrings):
 
 - ``token_logps(logits, labels)``: per-token log-probabilities, fused log-softmax + gather.
 - ``sequence_logps(logits, labels)``: their masked sum (or mean) per sequence.
 - ``completion_labels(input_ids, completion_mask)``: the aligned labels both of them take.
+- ``dpo_loss``, ``epa_loss`` (and the ``DPOLoss``, ``EPALoss`` modules): losses on sequence
+  log-probs; ``preference_metrics``: TRL's reward metrics.
+- ``fused_dpo_loss``, ``fused_epa_loss``: from logits to the loss in one autograd graph.
 
 The compiled ops live in ``torch.ops.epa_ext`` (declared in csrc/registration.cpp).
 """
 
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.epa_ext.*)
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.epa_ext.*)
+except ImportError as error:  # most often: importing the source tree instead of the installed package
+    raise ImportError(
+        f"epa_ext's compiled extension could not be loaded from {__path__[0]}. Build and install it "
+        "with `make build` (or `pip install --no-build-isolation .`), and run Python from outside the "
+        "source directory so that the installed package is imported."
+    ) from error
+from .fused import fused_dpo_loss, fused_epa_loss
 from .logps import completion_labels, sequence_logps, token_logps
+from .losses import DPOLoss, EPALoss, dpo_loss, epa_loss, preference_metrics
 
 __version__ = "0.1.0"
 
@@ -26,4 +38,16 @@ def cpu_capability() -> str:
     return _C.cpu_capability()
 
 
-__all__ = ["completion_labels", "cpu_capability", "sequence_logps", "token_logps"]
+__all__ = [
+    "DPOLoss",
+    "EPALoss",
+    "completion_labels",
+    "cpu_capability",
+    "dpo_loss",
+    "epa_loss",
+    "fused_dpo_loss",
+    "fused_epa_loss",
+    "preference_metrics",
+    "sequence_logps",
+    "token_logps",
+]

@@ -46,7 +46,9 @@ def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
 
 
 @torch.library.register_fake("epa_ext::token_logps")
-def _token_logps_fake(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+def _token_logps_fake(
+    logits: Tensor, labels: Tensor, ignore_index: int, inplace_backward: bool = False
+) -> tuple[Tensor, Tensor]:
     _check_logits_and_labels("token_logps", logits, labels)
     dtype = _accumulate_dtype(logits)
     return labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype)
@@ -60,20 +62,32 @@ def _token_logps_backward_fake(
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+@torch.library.register_fake("epa_ext::token_logps_backward_")
+def _token_logps_backward_inplace_fake(
+    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+) -> None:
+    _check_logits_and_labels("token_logps_backward", logits, labels)
+
+
 def _token_logps_setup_context(ctx, inputs, output) -> None:
-    logits, labels, ignore_index = inputs
+    logits, labels, ignore_index, *inplace = inputs
     _, lse = output
     ctx.save_for_backward(logits, labels, lse)
     ctx.ignore_index = ignore_index
+    ctx.inplace_backward = bool(inplace and inplace[0])
     ctx.mark_non_differentiable(lse)
 
 
 def _token_logps_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | None):
     logits, labels, lse = ctx.saved_tensors
     if grad_logps is None or not ctx.needs_input_grad[0]:
-        return None, None, None
+        return None, None, None, None
+    if ctx.inplace_backward:
+        # The caller promised not to read logits again: their storage becomes their gradient.
+        torch.ops.epa_ext.token_logps_backward_(grad_logps, logits, labels, lse, ctx.ignore_index)
+        return logits, None, None, None
     grad_logits = torch.ops.epa_ext.token_logps_backward(grad_logps, logits, labels, lse, ctx.ignore_index)
-    return grad_logits, None, None
+    return grad_logits, None, None, None
 
 
 torch.library.register_autograd(
@@ -97,7 +111,9 @@ def _prepare(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor,
     return logits, labels
 
 
-def token_logps(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tensor:
+def token_logps(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, inplace_backward: bool = False
+) -> Tensor:
     """Log-probability of each label under its row of logits, fused and without a [.., V] buffer.
 
     Args:
@@ -105,18 +121,26 @@ def token_logps(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> 
             with the last dimension contiguous (``logits[:, :-1]`` is read without a copy).
         labels: [N] or [B, T] integer class ids aligned with logits (see ``completion_labels``);
             positions equal to ``ignore_index`` are skipped and never read.
+        inplace_backward: write d(logits) into logits' own storage during backward instead of
+            a new [.., V] buffer. Only for callers that do not read logits after the backward
+            (and whose logits are not saved by another autograd node, e.g. a softcapping tanh).
 
     Returns:
         [N] or [B, T] float32 (float64 for float64 logits):
         ``logits[..., y] - logsumexp(logits[...])``, 0 where ignored. Differentiable in logits.
     """
     logits, labels = _prepare(logits, labels, ignore_index)
-    logps, _ = torch.ops.epa_ext.token_logps(logits, labels, ignore_index)
+    logps, _ = torch.ops.epa_ext.token_logps(logits, labels, ignore_index, inplace_backward)
     return logps
 
 
 def sequence_logps(
-    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, average: bool = False
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    average: bool = False,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Sum (or mean) of the token log-probabilities of each sequence.
 
@@ -125,13 +149,14 @@ def sequence_logps(
         labels: [B, T] (or [N]) aligned labels, ``ignore_index`` outside the completion.
         average: divide by the number of non-ignored labels (0 for a sequence that has none);
             the length-normalized log-prob that IPO uses.
+        inplace_backward: as in ``token_logps``.
 
     Returns:
         [B] float32 (a scalar for [N, V] logits):
         ``sum_t logp[b, t]`` or ``sum_t logp[b, t] / #{t : labels[b, t] != ignore_index}``.
     """
     logits, labels = _prepare(logits, labels, ignore_index)
-    total = torch.ops.epa_ext.token_logps(logits, labels, ignore_index)[0].sum(-1)
+    total = torch.ops.epa_ext.token_logps(logits, labels, ignore_index, inplace_backward)[0].sum(-1)
     if average:
         counts = (labels != ignore_index).sum(-1).clamp_min(1)
         total = total / counts.to(total.dtype)

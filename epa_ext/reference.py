@@ -30,3 +30,65 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, ave
     if average:
         total = total / (labels != ignore_index).sum(-1).clamp_min(1).to(total.dtype)
     return total
+
+
+def _reduce(losses: Tensor, reduction: str) -> Tensor:
+    return {"mean": losses.mean, "sum": losses.sum}.get(reduction, lambda: losses)()
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             reduction: str = "mean") -> Tensor:
+    """Inputs [B] -> the DPO-family loss, written from the formulas of epa-spec section 3."""
+    delta = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    z, eps = beta * delta, label_smoothing
+    logsigmoid = torch.nn.functional.logsigmoid
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * logsigmoid(z) - eps * logsigmoid(-z)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * logsigmoid(z) + eps * logsigmoid(-z)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - z)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return _reduce(losses.to(_out_dtype(delta)), reduction)
+
+
+def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_strong: int | None = None,
+             weak_weight: float = 1.0, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Inputs [B, C] -> the EPA loss of epa-spec section 4: logsumexp_j(beta h_j + omega_j) - beta h_0."""
+    candidates = policy_logps.shape[1]
+    num_strong = candidates - 1 if num_strong is None else num_strong
+    omega = torch.zeros(candidates, dtype=policy_logps.dtype, device=policy_logps.device)
+    omega[num_strong + 1:] = torch.log(torch.tensor(weak_weight, dtype=omega.dtype))
+    scores = beta * (policy_logps - ref_logps) + omega
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    losses = torch.logsumexp(scores, dim=1) - scores[:, 0]
+    return _reduce(losses.to(_out_dtype(scores)), reduction)
+
+
+def fused_dpo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+                   label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                   average: bool | None = None) -> tuple[Tensor, Tensor]:
+    """logits [2B, T, V] ([chosen; rejected]) -> (loss, sequence log-probs [2B]), eagerly."""
+    average = (loss_type == "ipo") if average is None else average
+    seq = sequence_logps(logits, labels, ignore_index, average)
+    batch = seq.shape[0] // 2
+    loss = dpo_loss(seq[:batch], seq[batch:], ref_logps[:batch], ref_logps[batch:], beta, loss_type,
+                    label_smoothing, reduction)
+    return loss, seq
+
+
+def fused_epa_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, num_candidates: int, beta: float = 0.1,
+                   num_strong: int | None = None, weak_weight: float = 1.0, mask: Tensor | None = None,
+                   ignore_index: int = -100, reduction: str = "mean",
+                   average: bool = False) -> tuple[Tensor, Tensor]:
+    """logits [C*B, T, V] candidate-major -> (loss, sequence log-probs [C*B]), eagerly."""
+    seq = sequence_logps(logits, labels, ignore_index, average)
+    batch = seq.shape[0] // num_candidates
+    loss = epa_loss(seq.view(num_candidates, batch).T, ref_logps.view(num_candidates, batch).T, beta, num_strong,
+                    weak_weight, mask, reduction)
+    return loss, seq

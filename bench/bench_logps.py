@@ -1,0 +1,140 @@
+"""Benchmark of sequence log-probs, forward / backward / full, eager torch vs torch.compile vs epa_ext.
+
+    python bench/bench_logps.py                        # CPU: 4096 tokens, V = 32000, fp32
+    python bench/bench_logps.py --device cuda --tokens 8192 --vocab 32000 128256 --dtype bf16 fp32
+
+eager is what a TRL user runs today (log_softmax, gather, masked sum; autograd); compile is
+torch.compile of the same function; both come from epa_ext.reference. On CUDA each row also gets
+its achieved bandwidth (bytes the op must move: forward reads the logits once, backward reads
+them and writes their gradient) next to a same-size device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import peak_extra_mib, print_table, time_ms, write_report
+
+import epa_ext
+from epa_ext import reference
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def providers(names: list[str]) -> dict:
+    table = {
+        "eager": reference.sequence_logps,
+        "compile": torch.compile(reference.sequence_logps),
+        "epa_ext": epa_ext.sequence_logps,
+    }
+    return {name: table[name] for name in names}
+
+
+def make_batch(tokens: int, vocab: int, seq_len: int, dtype, device, ignore_fraction: float):
+    seq_len = min(seq_len, tokens)
+    batch = max(tokens // seq_len, 1)
+    logits = torch.randn(batch, seq_len, vocab, dtype=dtype, device=device).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq_len), device=device)
+    labels[torch.rand(batch, seq_len, device=device) < ignore_fraction] = -100
+    return logits, labels
+
+
+def copy_bandwidth(logits, device, reps) -> float:
+    """GB/s of a device copy of a logits-sized tensor (bytes read + written)."""
+    src = logits.detach()
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src), device, reps=reps)
+    return 2 * src.numel() * src.element_size() / timing["median_ms"] / 1e6
+
+
+def run_case(name, fn, mode, logits, labels, device, reps):
+    def forward():
+        return fn(logits, labels)
+
+    def full():
+        fn(logits, labels).sum().backward()
+        return logits.grad
+
+    pending = {}
+
+    def prepare_backward():
+        clear_grad()
+        pending["out"] = forward()
+
+    def backward():
+        pending.pop("out").sum().backward()
+        return logits.grad
+
+    def clear_grad():
+        logits.grad = None
+
+    if mode == "forward":
+        timing = time_ms(forward, device, reps=reps)
+        memory = peak_extra_mib(forward, device)
+    elif mode == "backward":
+        timing = time_ms(backward, device, reps=reps, setup=prepare_backward)
+        prepare_backward()
+        memory = peak_extra_mib(backward, device)
+    else:
+        timing = time_ms(full, device, reps=reps, setup=clear_grad)
+        clear_grad()
+        memory = peak_extra_mib(full, device)
+    clear_grad()
+    moved = logits.numel() * logits.element_size() * {"forward": 1, "backward": 2, "full": 3}[mode]
+    return {"provider": name, "mode": mode, **timing, "peak_extra_mib": memory,
+            "gb_per_s": moved / timing["median_ms"] / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tokens", type=int, default=4096, help="rows N = batch x sequence length")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000])
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=["forward", "backward", "full"])
+    parser.add_argument("--providers", nargs="+", default=["eager", "compile", "epa_ext"])
+    parser.add_argument("--ignore-fraction", type=float, default=0.0, help="share of labels set to ignore_index")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs (default: 7 on CPU, 50 on CUDA)")
+    parser.add_argument("--out", default=None, help="directory for the JSON report (default bench/results)")
+    args = parser.parse_args()
+    reps = args.reps or (50 if args.device == "cuda" else 7)
+    torch.manual_seed(0)
+
+    rows, copies = [], {}
+    chosen = providers(args.providers)
+    for dtype_name in args.dtype:
+        for vocab in args.vocab:
+            logits, labels = make_batch(args.tokens, vocab, args.seq_len, DTYPES[dtype_name], args.device,
+                                        args.ignore_fraction)
+            case = {"dtype": dtype_name, "tokens": logits.shape[0] * logits.shape[1], "vocab": vocab}
+            copy_gbps = copy_bandwidth(logits, args.device, reps) if args.device == "cuda" else None
+            copies[f"{dtype_name}/{vocab}"] = copy_gbps
+            for mode in args.modes:
+                for name, fn in chosen.items():
+                    row = {**case, **run_case(name, fn, mode, logits, labels, args.device, reps)}
+                    if copy_gbps:
+                        row["copy_gb_per_s"] = copy_gbps
+                        row["fraction_of_copy"] = row["gb_per_s"] / copy_gbps
+                    rows.append(row)
+            del logits, labels
+    for row in rows:  # speed-up and memory ratio against eager in the same case and mode
+        base = next((r for r in rows if r["provider"] == "eager" and r["mode"] == row["mode"]
+                     and r["dtype"] == row["dtype"] and r["vocab"] == row["vocab"]), None)
+        if base:
+            row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"]
+            if base["peak_extra_mib"] and row["peak_extra_mib"] is not None:
+                row["memory_vs_eager"] = row["peak_extra_mib"] / base["peak_extra_mib"]
+    columns = ["dtype", "vocab", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager",
+               "peak_extra_mib", "memory_vs_eager", "gb_per_s"]
+    if args.device == "cuda":
+        columns.append("fraction_of_copy")
+    print_table(rows, columns)
+    path = write_report("logps", args.device, {"args": vars(args), "copy_gb_per_s": copies, "results": rows},
+                        args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

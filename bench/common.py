@@ -1,0 +1,129 @@
+"""Timing, memory and reporting shared by the benchmarks in bench/.
+
+Times: median with 20 % / 80 % quantiles over repeated runs after warm-up (CUDA: events around
+the region; CPU: a host clock). Memory: peak bytes allocated during the region above what was
+allocated before it (CUDA: the caching allocator's peak; CPU: the process's peak resident set,
+reset through /proc/self/clear_refs). Results go to bench/results/<benchmark>_<device>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, *, reps: int, warmup: int = 2,
+            setup: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median and 20/80 % quantiles of fn's time in ms; setup (untimed) runs before each call."""
+    samples = []
+    for i in range(warmup + reps):
+        if setup:
+            setup()
+        synchronize(device)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            begin = time.perf_counter()
+            fn()
+            elapsed = (time.perf_counter() - begin) * 1e3
+        if i >= warmup:
+            samples.append(elapsed)
+    samples.sort()
+    q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
+    return {"median_ms": statistics.median(samples), "q20_ms": q[0], "q80_ms": q[3]}
+
+
+def _resident_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory fn allocates beyond what exists when it starts, in MiB (None if unmeasurable).
+    What fn returns is kept alive until the peak is read, as a training step would keep it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del result
+        return peak / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _resident_kib("VmRSS")
+    result = fn()
+    peak = _resident_kib("VmHWM") - before
+    del result
+    return max(peak, 0) / 1024
+
+
+def write_report(benchmark: str, device: str, payload: dict, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = device_name(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+    report = {
+        "benchmark": benchmark,
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device == "cuda" else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python " + " ".join(os.sys.argv),
+        **payload,
+    }
+    path = out_dir / f"{benchmark}_{device}_{slug}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)

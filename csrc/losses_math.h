@@ -1,0 +1,92 @@
+// Per-example math of the preference losses (epa-spec sections 3 and 4), shared by the CPU and
+// CUDA kernels. Everything is __host__ __device__; acc_t is float (double for fp64 inputs).
+#pragma once
+
+#include <cstdint>
+
+#include "logps_math.h"
+
+namespace epa_ext {
+
+enum class DpoLossType : int64_t { Sigmoid = 0, Robust = 1, Hinge = 2, Ipo = 3 };
+
+// log(sigmoid(x)) without overflow for |x| in the hundreds: min(x, 0) - log1p(exp(-|x|)).
+template <typename acc_t>
+EPA_HD acc_t log_sigmoid(acc_t x) {
+  const acc_t negative_part = x < acc_t(0) ? x : acc_t(0);
+  return negative_part - ::log1p(exp_of(-(x < acc_t(0) ? -x : x)));
+}
+
+template <typename acc_t>
+EPA_HD acc_t sigmoid(acc_t x) {
+  // Two branches so that exp never overflows.
+  if (x >= acc_t(0)) return acc_t(1) / (acc_t(1) + exp_of(-x));
+  const acc_t e = exp_of(x);
+  return e / (acc_t(1) + e);
+}
+
+template <typename acc_t>
+struct LossAndSlope {
+  acc_t loss;
+  acc_t slope;  // d(loss)/d(delta)
+};
+
+// DPO-family loss of one pair with delta = h_chosen - h_rejected, h = log pi - log pi_ref.
+template <typename acc_t>
+EPA_HD LossAndSlope<acc_t> dpo_pair_loss(acc_t delta, acc_t beta, DpoLossType type, acc_t smoothing) {
+  const acc_t z = beta * delta;
+  switch (type) {
+    case DpoLossType::Sigmoid:  // cDPO when smoothing > 0
+      return {-(acc_t(1) - smoothing) * log_sigmoid(z) - smoothing * log_sigmoid(-z),
+              beta * (sigmoid(z) - (acc_t(1) - smoothing))};
+    case DpoLossType::Robust: {
+      const acc_t scale = acc_t(1) / (acc_t(1) - acc_t(2) * smoothing);
+      return {(-(acc_t(1) - smoothing) * log_sigmoid(z) + smoothing * log_sigmoid(-z)) * scale,
+              beta * (-(acc_t(1) - smoothing) * sigmoid(-z) - smoothing * sigmoid(z)) * scale};
+    }
+    case DpoLossType::Hinge:
+      return {z < acc_t(1) ? acc_t(1) - z : acc_t(0), z < acc_t(1) ? -beta : acc_t(0)};
+    case DpoLossType::Ipo: {
+      const acc_t gap = delta - acc_t(1) / (acc_t(2) * beta);
+      return {gap * gap, acc_t(2) * gap};
+    }
+  }
+  return {acc_t(NAN), acc_t(NAN)};
+}
+
+// EPA row i over C candidates: column 0 the positive, 1..num_strong strong negatives, the rest
+// weak negatives with log-weight log_weak_weight; masked (absent) candidates drop out.
+//   s_j = beta * (policy_j - ref_j) + omega_j,   loss_i = logsumexp_j s_j - s_0
+//   d loss_i / d policy_j = beta * (softmax(s)_j - 1[j == 0])
+struct EpaRow {
+  int64_t num_candidates;
+  int64_t num_strong;
+
+  template <typename acc_t>
+  EPA_HD acc_t score(const acc_t* policy, const acc_t* ref, const bool* mask, int64_t j, acc_t beta,
+                     acc_t log_weak_weight) const {
+    if (mask != nullptr && !mask[j]) return -INFINITY;
+    const acc_t reward = beta * (policy[j] - ref[j]);
+    return j > num_strong ? reward + log_weak_weight : reward;
+  }
+
+  template <typename acc_t>
+  EPA_HD acc_t logsumexp(const acc_t* policy, const acc_t* ref, const bool* mask, acc_t beta,
+                         acc_t log_weak_weight) const {
+    LogSumExp<acc_t> acc;
+    for (int64_t j = 0; j < num_candidates; ++j) acc.add(score(policy, ref, mask, j, beta, log_weak_weight));
+    return acc.value();
+  }
+
+  template <typename acc_t>
+  EPA_HD void grad(acc_t g, const acc_t* policy, const acc_t* ref, const bool* mask, acc_t beta,
+                   acc_t log_weak_weight, acc_t lse, acc_t* grad_policy) const {
+    for (int64_t j = 0; j < num_candidates; ++j) {
+      const acc_t log_p = score(policy, ref, mask, j, beta, log_weak_weight) - lse;
+      // p_0 - 1 as expm1: it cancels catastrophically when the positive takes all the mass.
+      grad_policy[j] = g * beta * (j == 0 ? expm1_of(log_p) : exp_of(log_p));
+    }
+  }
+};
+
+}  // namespace epa_ext

@@ -1,0 +1,292 @@
+"""Preference losses on sequence log-probs: DPO and its variants, and EPA.
+
+With h = log pi_theta(y|x) - log pi_ref(y|x) per sequence (epa-spec sections 3 and 4):
+
+    DPO   delta = h_chosen - h_rejected
+          sigmoid  -(1-eps) log sigma(beta delta) - eps log sigma(-beta delta)       (cDPO for eps > 0)
+          robust   [-(1-eps) log sigma(beta delta) + eps log sigma(-beta delta)] / (1 - 2 eps)
+          hinge    relu(1 - beta delta)
+          ipo      (delta - 1/(2 beta))^2                         (on length-averaged log-probs)
+    EPA   s_ij = beta h_ij + omega_j,  omega_j = 0 (j <= K), log(weak_weight) (j > K), -inf (masked)
+          loss_i = logsumexp_j s_ij - s_i0
+
+Column 0 of EPA's [B, C] inputs is the chosen answer, columns 1..K the strong negatives (rejected
+answers to the same prompt), the rest weak negatives (answers to other prompts scored under this
+one). The paper's exact constants are not verified: beta = 0.1 and weak_weight = 1 are defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _accumulate_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_loss_options(*, beta: float, reduction: str, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                       weak_weight: float = 1.0) -> None:
+    """Raises ValueError naming the first bad option."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0; got {beta}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}; got {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5); got {label_smoothing}")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' and 'robust' only; got {loss_type!r}")
+    if not weak_weight >= 0:
+        raise ValueError(f"weak_weight must be >= 0; got {weak_weight}")
+
+
+def reduce_losses(losses: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+def _check_same_shape(op: str, reference_name: str, reference: Tensor, **others: Tensor | None) -> None:
+    for name, t in others.items():
+        if t is None:
+            continue
+        torch._check(
+            t.shape == reference.shape,
+            lambda: f"{op}: {name} must have the shape of {reference_name} ({list(reference.shape)}); got {list(t.shape)}",
+        )
+        torch._check(
+            t.device == reference.device,
+            lambda: f"{op}: {name} must be on the device of {reference_name} ({reference.device}); got {t.device}",
+        )
+
+
+# --- DPO ---------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("epa_ext::dpo_loss")
+def _dpo_loss_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
+    torch._check(policy_chosen.dim() == 1, lambda: f"dpo_loss: policy_chosen must have shape [B]; got {list(policy_chosen.shape)}")
+    _check_same_shape("dpo_loss", "policy_chosen", policy_chosen, policy_rejected=policy_rejected,
+                      ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    out = policy_chosen.new_empty(policy_chosen.shape, dtype=_accumulate_dtype(policy_chosen))
+    return out, torch.empty_like(out)
+
+
+def _dpo_setup_context(ctx, inputs, output) -> None:
+    ctx.input_dtypes = [t.dtype for t in inputs[:4]]
+    _, slopes = output
+    ctx.save_for_backward(slopes)
+    ctx.mark_non_differentiable(slopes)
+
+
+def _dpo_backward(ctx, grad_losses: Tensor, _grad_slopes: Tensor | None):
+    (slopes,) = ctx.saved_tensors
+    grad_chosen = grad_losses * slopes  # d loss / d h_chosen; h_rejected and the refs get +-1 times it
+    signs = (1, -1, -1, 1)
+    grads = tuple(
+        (sign * grad_chosen).to(dtype) if needed else None
+        for sign, dtype, needed in zip(signs, ctx.input_dtypes, ctx.needs_input_grad[:4])
+    )
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("epa_ext::dpo_loss", _dpo_backward, setup_context=_dpo_setup_context)
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """DPO-family loss of B preference pairs.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: [B] sequence log-probs of the
+            chosen and rejected answers under the policy and the reference (ipo expects
+            length-averaged ones).
+        beta: KL strength (> 0). loss_type: "sigmoid" | "robust" | "hinge" | "ipo".
+        label_smoothing: eps in [0, 0.5) for "sigmoid" (cDPO) and "robust".
+        reduction: "mean" (over B) | "sum" | "none" ([B]).
+
+    Returns:
+        The loss (fp32; [B] for reduction="none"), differentiable in all four inputs.
+    """
+    check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
+    losses, _ = torch.ops.epa_ext.dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, float(beta), loss_type, float(label_smoothing)
+    )
+    return reduce_losses(losses, reduction)
+
+
+# --- EPA ---------------------------------------------------------------------------------------
+
+
+def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None, num_strong: int) -> None:
+    torch._check(
+        policy_logps.dim() == 2,
+        lambda: f"{op}: policy_logps must have shape [B, C] (C = 1 + strong + weak candidates); got {list(policy_logps.shape)}",
+    )
+    _check_same_shape(op, "policy_logps", policy_logps, ref_logps=ref_logps, mask=mask)
+    candidates = policy_logps.shape[1]
+    torch._check(
+        1 <= num_strong <= candidates - 1,
+        lambda: f"{op}: num_strong must lie in [1, C - 1] = [1, {candidates - 1}]; got {num_strong}",
+    )
+
+
+@torch.library.register_fake("epa_ext::epa_loss")
+def _epa_loss_fake(policy_logps, ref_logps, mask, beta, num_strong, weak_weight):
+    _check_epa("epa_loss", policy_logps, ref_logps, mask, num_strong)
+    out = policy_logps.new_empty(policy_logps.shape[:1], dtype=_accumulate_dtype(policy_logps))
+    return out, torch.empty_like(out)
+
+
+@torch.library.register_fake("epa_ext::epa_loss_backward")
+def _epa_loss_backward_fake(grad_losses, policy_logps, ref_logps, mask, lse, beta, num_strong, weak_weight):
+    _check_epa("epa_loss_backward", policy_logps, ref_logps, mask, num_strong)
+    return policy_logps.new_empty(policy_logps.shape, dtype=_accumulate_dtype(policy_logps))
+
+
+def _epa_setup_context(ctx, inputs, output) -> None:
+    policy_logps, ref_logps, mask, beta, num_strong, weak_weight = inputs
+    _, lse = output
+    ctx.save_for_backward(policy_logps, ref_logps, mask, lse)
+    ctx.options = (beta, num_strong, weak_weight)
+    ctx.input_dtypes = (policy_logps.dtype, ref_logps.dtype)
+    ctx.mark_non_differentiable(lse)
+
+
+def _epa_backward(ctx, grad_losses: Tensor, _grad_lse: Tensor | None):
+    policy_logps, ref_logps, mask, lse = ctx.saved_tensors
+    grad_policy = torch.ops.epa_ext.epa_loss_backward(grad_losses, policy_logps, ref_logps, mask, lse, *ctx.options)
+    grad_ref = -grad_policy if ctx.needs_input_grad[1] else None
+    return (
+        grad_policy.to(ctx.input_dtypes[0]) if ctx.needs_input_grad[0] else None,
+        grad_ref.to(ctx.input_dtypes[1]) if grad_ref is not None else None,
+        None, None, None, None,
+    )
+
+
+torch.library.register_autograd("epa_ext::epa_loss", _epa_backward, setup_context=_epa_setup_context)
+
+
+def epa_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    num_strong: int | None = None,
+    weak_weight: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """EPA loss: each chosen answer against its strong and weak negatives, a softmax contrast.
+
+    Args:
+        policy_logps, ref_logps: [B, C] sequence log-probs; column 0 the chosen answer, columns
+            1..num_strong strong negatives, the remaining columns weak negatives.
+        beta: KL strength (> 0). num_strong: K (None: all C - 1 negatives are strong).
+        weak_weight: alpha >= 0, the weight of each weak negative in the partition sum.
+        mask: [B, C] bool, False for absent candidates (column 0 must be True); they contribute
+            nothing to the value or the gradient.
+        reduction: "mean" (over B) | "sum" | "none" ([B]).
+
+    Returns:
+        ``mean_i [logsumexp_j (beta h_ij + omega_j) - beta h_i0]`` (fp32), differentiable in
+        policy_logps and ref_logps. K = 1 with no weak negatives is DPO's sigmoid loss.
+    """
+    check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
+    if policy_logps.dim() != 2:
+        raise ValueError(f"policy_logps must have shape [B, C]; got {list(policy_logps.shape)}")
+    if num_strong is None:
+        num_strong = policy_logps.shape[1] - 1
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor; got {mask.dtype}")
+    losses, _ = torch.ops.epa_ext.epa_loss(policy_logps, ref_logps, mask, float(beta), int(num_strong), float(weak_weight))
+    return reduce_losses(losses, reduction)
+
+
+# --- modules and metrics -------------------------------------------------------------------------
+
+
+class DPOLoss(nn.Module):
+    """``dpo_loss`` with its options fixed at construction (checked there)."""
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 reduction: str = "mean"):
+        super().__init__()
+        check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
+        self.beta, self.loss_type, self.label_smoothing, self.reduction = beta, loss_type, label_smoothing, reduction
+
+    def forward(self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
+        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.beta,
+                        loss_type=self.loss_type, label_smoothing=self.label_smoothing, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}"
+
+
+class EPALoss(nn.Module):
+    """``epa_loss`` with its options fixed at construction (checked there)."""
+
+    def __init__(self, beta: float = 0.1, num_strong: int | None = None, weak_weight: float = 1.0,
+                 reduction: str = "mean"):
+        super().__init__()
+        check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
+        self.beta, self.num_strong, self.weak_weight, self.reduction = beta, num_strong, weak_weight, reduction
+
+    def forward(self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None = None) -> Tensor:
+        return epa_loss(policy_logps, ref_logps, beta=self.beta, num_strong=self.num_strong,
+                        weak_weight=self.weak_weight, mask=mask, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, num_strong={self.num_strong}, weak_weight={self.weak_weight}"
+
+
+@torch.no_grad()
+def preference_metrics(policy_logps: Tensor, ref_logps: Tensor, *, beta: float = 0.1, num_strong: int | None = None,
+                       mask: Tensor | None = None) -> dict[str, Tensor]:
+    """The metrics TRL users know, from [B, C] sequence log-probs (C = 2 for DPO pairs).
+
+    Rewards are beta * (policy - ref). "rejected" means the strong negatives (columns
+    1..num_strong); margins and accuracies are over (chosen, strong negative) pairs, so with one
+    negative they are TRL's. Weak negatives, when present, add "rewards/weak". Values are 0-d
+    fp32 tensors (no host synchronization); masked candidates are left out.
+    """
+    policy, ref = policy_logps.float(), ref_logps.float()
+    candidates = policy.shape[1]
+    num_strong = candidates - 1 if num_strong is None else num_strong
+    present = torch.ones_like(policy, dtype=torch.bool) if mask is None else mask
+    rewards = beta * (policy - ref)
+    strong = slice(1, 1 + num_strong)
+    strong_present = present[:, strong].float()
+
+    def masked_mean(values: Tensor, weights: Tensor) -> Tensor:
+        return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+    margins = rewards[:, :1] - rewards[:, strong]
+    metrics = {
+        "rewards/chosen": rewards[:, 0].mean(),
+        "rewards/rejected": masked_mean(rewards[:, strong], strong_present),
+        "rewards/margins": masked_mean(margins, strong_present),
+        "rewards/accuracies": masked_mean((margins > 0).float(), strong_present),
+        "logps/chosen": policy[:, 0].mean(),
+        "logps/rejected": masked_mean(policy[:, strong], strong_present),
+    }
+    if candidates > 1 + num_strong:
+        weak = slice(1 + num_strong, None)
+        metrics["rewards/weak"] = masked_mean(rewards[:, weak], present[:, weak].float())
+    return metrics

@@ -1,0 +1,331 @@
+"""dpo_loss / epa_loss (and their modules and metrics) against the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import epa_ext
+from epa_ext import reference
+from numerics import assert_close_to_truth
+
+LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo"]
+REDUCTIONS = ["mean", "sum", "none"]
+INPUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The kernels upcast their inputs exactly and compute in fp32, so values match float64 to fp32
+# precision for every input dtype; gradients are returned in the input dtype and carry its rounding.
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float64: 1e-10}
+
+
+def random_logps(*shape, dtype=torch.float32, device="cpu", scale=20.0):
+    return (-torch.rand(*shape, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def compare(ours_fn, ref_fn, inputs, *, dtype, what):
+    """Value and input gradients of ours_fn against ref_fn on float64 copies of the same inputs."""
+    ours_in = [t.clone().requires_grad_() for t in inputs]
+    truth_in = [t.double().requires_grad_() for t in inputs]
+    ours, truth = ours_fn(*ours_in), ref_fn(*truth_in)
+    upstream = torch.rand(truth.shape, dtype=torch.float64) + 0.5
+    ours.backward(upstream.to(ours.dtype).to(ours.device))
+    truth.backward(upstream.to(truth.device))
+    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_to_truth(ours, truth, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                          what=f"{what} value")
+    for i, (a, b) in enumerate(zip(ours_in, truth_in)):
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=GRAD_RTOL[dtype], atol=GRAD_RTOL[dtype] * 1e-2,
+                                   msg=lambda m: f"{what} grad of input {i}: {m}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES + [torch.float64], ids=str)
+def test_dpo_matches_reference(loss_type, reduction, dtype, device):
+    smoothing = 0.15 if loss_type in ("sigmoid", "robust") else 0.0
+    beta = 0.1 if loss_type != "ipo" else 0.5
+    inputs = [random_logps(37, dtype=dtype, device=device) for _ in range(4)]
+    options = dict(beta=beta, loss_type=loss_type, label_smoothing=smoothing, reduction=reduction)
+    compare(lambda *t: epa_ext.dpo_loss(*t, **options), lambda *t: reference.dpo_loss(*t, **options), inputs,
+            dtype=dtype, what=f"dpo {loss_type}")
+
+
+EPA_CASES = [  # (C, num_strong, weak_weight, with_mask)
+    (2, None, 1.0, False),
+    (4, None, 1.0, False),
+    (6, 2, 1.0, False),
+    (6, 1, 0.25, True),
+    (9, 3, 2.0, True),
+    (5, 4, 1.0, True),
+    (4, 1, 0.0, False),
+]
+
+
+def make_mask(batch, candidates, device):
+    mask = torch.rand(batch, candidates) > 0.3
+    mask[:, 0] = True
+    mask[0, 1:] = False  # a prompt with no negative at all: loss 0, gradient 0
+    return mask.to(device)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", EPA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES + [torch.float64], ids=str)
+def test_epa_matches_reference(case, reduction, dtype, device):
+    candidates, num_strong, weak_weight, with_mask = case
+    mask = make_mask(11, candidates, device) if with_mask else None
+    options = dict(beta=0.2, num_strong=num_strong, weak_weight=weak_weight, mask=mask, reduction=reduction)
+    inputs = [random_logps(11, candidates, dtype=dtype, device=device) for _ in range(2)]
+    compare(lambda *t: epa_ext.epa_loss(*t, **options), lambda *t: reference.epa_loss(*t, **options), inputs,
+            dtype=dtype, what=f"epa {case}")
+
+
+def test_epa_with_one_strong_negative_is_dpo_sigmoid(device):
+    chosen, rejected, ref_chosen, ref_rejected = [random_logps(64, device=device).requires_grad_() for _ in range(4)]
+    dpo = epa_ext.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3, reduction="none")
+    epa = epa_ext.epa_loss(torch.stack([chosen, rejected], 1), torch.stack([ref_chosen, ref_rejected], 1), beta=0.3,
+                           reduction="none")
+    torch.testing.assert_close(epa, dpo, rtol=1e-6, atol=1e-6)
+    grads_dpo = torch.autograd.grad(dpo.sum(), [chosen, rejected])
+    grads_epa = torch.autograd.grad(epa.sum(), [chosen, rejected])
+    for a, b in zip(grads_epa, grads_dpo):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_epa_row_shift_invariance_and_zero_sum_gradient(device):
+    policy, ref = random_logps(16, 7, device=device), random_logps(16, 7, device=device)
+    shift = torch.randn(16, 1, device=device) * 50
+    mask = make_mask(16, 7, device)
+    results = []
+    for p in (policy, policy + shift):
+        p = p.clone().requires_grad_()
+        loss = epa_ext.epa_loss(p, ref, beta=0.5, num_strong=3, weak_weight=0.7, mask=mask, reduction="none")
+        loss.sum().backward()
+        results.append((loss.detach(), p.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    # each row of d loss / d policy is beta * (softmax - onehot): it sums to zero
+    torch.testing.assert_close(results[0][1].sum(1), torch.zeros(16, device=device), rtol=0, atol=1e-6)
+
+
+def test_epa_masked_candidates_contribute_nothing(device):
+    policy, ref = random_logps(8, 6, device=device), random_logps(8, 6, device=device)
+    mask = make_mask(8, 6, device)
+    p = policy.clone().requires_grad_()
+    losses = epa_ext.epa_loss(p, ref, num_strong=2, weak_weight=0.5, mask=mask, reduction="none")
+    losses.sum().backward()
+    assert torch.equal(p.grad[~mask], torch.zeros_like(p.grad[~mask]))
+    assert losses[0].item() == 0.0  # row 0 has no negative present
+    policy_poisoned = policy.masked_fill(~mask, 1e30)  # values of absent candidates never matter
+    torch.testing.assert_close(epa_ext.epa_loss(policy_poisoned, ref, num_strong=2, weak_weight=0.5, mask=mask,
+                                                reduction="none"), losses.detach())
+    for i in range(8):  # each row equals EPA on its present candidates alone
+        keep = mask[i]
+        strong_kept = int(keep[1:3].sum())
+        if keep.sum() < 2:
+            continue
+        sub_options = dict(num_strong=strong_kept, weak_weight=0.5) if strong_kept else dict(num_strong=None)
+        if strong_kept == 0:  # only weak negatives present: they keep their weight
+            scores = 0.1 * (policy[i, keep] - ref[i, keep]) + torch.tensor([0.0] + [math.log(0.5)] * (int(keep.sum()) - 1),
+                                                                            device=device)
+            expected = torch.logsumexp(scores, 0) - scores[0]
+        else:
+            expected = epa_ext.epa_loss(policy[i, keep][None], ref[i, keep][None], **sub_options)
+        torch.testing.assert_close(losses[i], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_epa_unit_weak_weight_is_cross_entropy(device):
+    policy, ref = random_logps(10, 8, device=device), random_logps(10, 8, device=device)
+    loss = epa_ext.epa_loss(policy, ref, beta=0.4, num_strong=2, weak_weight=1.0)
+    ce = torch.nn.functional.cross_entropy(0.4 * (policy - ref), torch.zeros(10, dtype=torch.long, device=device))
+    torch.testing.assert_close(loss, ce)
+
+
+def test_large_rewards_stay_finite(device):
+    # |beta * h| in the hundreds: exp would overflow fp32 if formed directly.
+    policy = torch.tensor([[0.0, -3000.0, 2500.0], [-4000.0, 0.0, 0.0]], device=device)
+    ref = torch.zeros_like(policy)
+    for loss_type in LOSS_TYPES:
+        p = policy[:, :2].clone().requires_grad_()
+        loss = epa_ext.dpo_loss(p[:, 0], p[:, 1], ref[:, 0], ref[:, 1], beta=0.2, loss_type=loss_type, reduction="sum")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(p.grad).all(), loss_type
+        truth = reference.dpo_loss(*(t.double() for t in (p[:, 0], p[:, 1], ref[:, 0], ref[:, 1])), beta=0.2,
+                                   loss_type=loss_type, reduction="sum")
+        torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-5)
+    p = policy.clone().requires_grad_()
+    loss = epa_ext.epa_loss(p, ref, beta=0.2, num_strong=1, reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(p.grad).all()
+    torch.testing.assert_close(loss.double(), reference.epa_loss(policy.double(), ref.double(), beta=0.2, num_strong=1,
+                                                                 reduction="sum"), rtol=1e-6, atol=1e-4)
+
+
+def test_two_disjoint_pairs_dpo_is_flat_epa_is_not():
+    """epa-spec section 7: pairs a > b and c > d. Shifting (r_c, r_d) together leaves DPO's loss
+    unchanged; EPA, with the other pair's answers as weak negatives, has a unique minimum."""
+    base = torch.tensor([2.0, 0.0, 1.0, -1.0], dtype=torch.float64)  # log-ratios h of a, b, c, d
+    shifts = torch.linspace(-6, 6, 49, dtype=torch.float64)
+    dpo_values, epa_values = [], []
+    zeros = torch.zeros(2, dtype=torch.float64)
+    for t in shifts:
+        h = base + torch.tensor([0, 0, 1, 1], dtype=torch.float64) * t
+        a, b, c, d = h
+        dpo_values.append(epa_ext.dpo_loss(torch.stack([a, c]), torch.stack([b, d]), zeros, zeros, beta=1.0).item())
+        rows = torch.stack([torch.stack([a, b, c, d]), torch.stack([c, d, a, b])])  # [positive, strong, weak, weak]
+        epa_values.append(epa_ext.epa_loss(rows, torch.zeros_like(rows), beta=1.0, num_strong=1).item())
+    dpo_values, epa_values = torch.tensor(dpo_values), torch.tensor(epa_values)
+    assert dpo_values.max() - dpo_values.min() < 1e-12
+    assert epa_values.max() - epa_values.min() > 0.5
+    assert (epa_values[2:] - 2 * epa_values[1:-1] + epa_values[:-2]).min() > 0  # strictly convex along the shift
+    assert 0 < int(epa_values.argmin()) < len(shifts) - 1  # an interior, unique minimum
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dpo_gradcheck(loss_type, device):
+    inputs = [random_logps(6, dtype=torch.float64, device=device, scale=3.0).requires_grad_() for _ in range(4)]
+    smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
+    assert torch.autograd.gradcheck(
+        lambda *t: epa_ext.dpo_loss(*t, beta=0.7, loss_type=loss_type, label_smoothing=smoothing, reduction="none"),
+        inputs,
+    )
+
+
+def test_epa_gradcheck(device):
+    policy, ref = (random_logps(5, 6, dtype=torch.float64, device=device, scale=3.0).requires_grad_() for _ in range(2))
+    mask = make_mask(5, 6, device)
+    assert torch.autograd.gradcheck(
+        lambda p, r: epa_ext.epa_loss(p, r, beta=0.7, num_strong=2, weak_weight=0.3, mask=mask, reduction="none"),
+        (policy, ref),
+    )
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dpo_opcheck(loss_type, device):
+    inputs = [random_logps(9, device=device).requires_grad_() for _ in range(4)]
+    torch.library.opcheck(torch.ops.epa_ext.dpo_loss.default, (*inputs, 0.1, loss_type, 0.0))
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_epa_opcheck(with_mask, device):
+    policy, ref = random_logps(7, 5, device=device).requires_grad_(), random_logps(7, 5, device=device)
+    mask = make_mask(7, 5, device) if with_mask else None
+    torch.library.opcheck(torch.ops.epa_ext.epa_loss.default, (policy, ref, mask, 0.1, 2, 0.5))
+    _, lse = torch.ops.epa_ext.epa_loss(policy.detach(), ref, mask, 0.1, 2, 0.5)
+    torch.library.opcheck(torch.ops.epa_ext.epa_loss_backward.default,
+                          (torch.rand(7, device=device), policy.detach(), ref, mask, lse, 0.1, 2, 0.5))
+
+
+def test_losses_compile_fullgraph(device):
+    pc, pr, rc, rr = [random_logps(8, device=device) for _ in range(4)]
+    policy, ref = random_logps(8, 5, device=device), random_logps(8, 5, device=device)
+    mask = make_mask(8, 5, device)
+
+    def both(pc, pr, policy):
+        dpo = epa_ext.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type="robust", label_smoothing=0.1)
+        epa = epa_ext.epa_loss(policy, ref, beta=0.2, num_strong=2, weak_weight=0.5, mask=mask)
+        return dpo + epa
+
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (both, compiled):
+        args = [t.clone().requires_grad_() for t in (pc, pr, policy)]
+        out = fn(*args)
+        out.backward()
+        results.append([out.detach()] + [a.grad for a in args])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_modules_match_functions():
+    inputs = [random_logps(5) for _ in range(4)]
+    module = epa_ext.DPOLoss(beta=0.3, loss_type="robust", label_smoothing=0.2, reduction="sum")
+    torch.testing.assert_close(module(*inputs), epa_ext.dpo_loss(*inputs, beta=0.3, loss_type="robust",
+                                                                 label_smoothing=0.2, reduction="sum"))
+    policy, ref = random_logps(5, 4), random_logps(5, 4)
+    module = epa_ext.EPALoss(beta=0.3, num_strong=1, weak_weight=0.5)
+    torch.testing.assert_close(module(policy, ref), epa_ext.epa_loss(policy, ref, beta=0.3, num_strong=1,
+                                                                     weak_weight=0.5))
+    assert "weak_weight=0.5" in repr(module)
+
+
+def test_preference_metrics():
+    policy = torch.tensor([[-1.0, -3.0, -2.0, -9.0], [-5.0, -1.0, -4.0, -2.0]])
+    ref = torch.tensor([[-2.0, -2.0, -2.0, -2.0], [-2.0, -2.0, -2.0, -2.0]])
+    metrics = epa_ext.preference_metrics(policy, ref, beta=0.5, num_strong=2)
+    rewards = 0.5 * (policy - ref)  # [[0.5, -0.5, 0, -3.5], [-1.5, 0.5, -1, 0]]
+    expected = {
+        "rewards/chosen": rewards[:, 0].mean(),
+        "rewards/rejected": rewards[:, 1:3].mean(),
+        "rewards/margins": (rewards[:, :1] - rewards[:, 1:3]).mean(),
+        "rewards/accuracies": torch.tensor(0.5),  # row 0 beats both, row 1 beats neither
+        "logps/chosen": policy[:, 0].mean(),
+        "logps/rejected": policy[:, 1:3].mean(),
+        "rewards/weak": rewards[:, 3].mean(),
+    }
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(metrics[key], value, msg=key)
+    # DPO pairs: TRL's definitions
+    pairs = epa_ext.preference_metrics(policy[:, :2], ref[:, :2], beta=0.5)
+    torch.testing.assert_close(pairs["rewards/accuracies"], (rewards[:, 0] > rewards[:, 1]).float().mean())
+    assert "rewards/weak" not in pairs
+    # masked strong negatives are left out
+    mask = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    masked = epa_ext.preference_metrics(policy, ref, beta=0.5, num_strong=2, mask=mask)
+    torch.testing.assert_close(masked["rewards/rejected"], torch.tensor([0.0, 0.5, -1.0]).mean())
+
+
+BAD_DPO = [
+    (dict(beta=0.0), "beta must be > 0"),
+    (dict(beta=-1.0), "beta must be > 0"),
+    (dict(label_smoothing=0.5), r"label_smoothing must lie in \[0, 0.5\)"),
+    (dict(label_smoothing=-0.1), r"label_smoothing must lie in \[0, 0.5\)"),
+    (dict(loss_type="kto"), "loss_type must be one of"),
+    (dict(reduction="avg"), "reduction must be one of"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing applies to loss_type 'sigmoid' and 'robust'"),
+]
+
+
+@pytest.mark.parametrize("options,pattern", BAD_DPO)
+def test_dpo_bad_options(options, pattern):
+    inputs = [random_logps(3) for _ in range(4)]
+    with pytest.raises(ValueError, match=pattern):
+        epa_ext.dpo_loss(*inputs, **options)
+    if "reduction" not in options:
+        with pytest.raises(ValueError, match=pattern):
+            epa_ext.DPOLoss(**options)
+
+
+def test_dpo_bad_tensors():
+    good = random_logps(3)
+    with pytest.raises(RuntimeError, match=r"ref_rejected must have the shape of policy_chosen \(\[3\]\)"):
+        epa_ext.dpo_loss(good, good, good, random_logps(4))
+    with pytest.raises(RuntimeError, match="policy_chosen must have shape \\[B\\]"):
+        epa_ext.dpo_loss(random_logps(3, 2), random_logps(3, 2), random_logps(3, 2), random_logps(3, 2))
+    with pytest.raises(RuntimeError, match="ref_chosen must be on the device of policy_chosen"):
+        epa_ext.dpo_loss(good, good, good.to("meta"), good)
+
+
+def test_epa_bad_input():
+    policy, ref = random_logps(4, 5), random_logps(4, 5)
+    with pytest.raises(RuntimeError, match=r"num_strong must lie in \[1, C - 1\] = \[1, 4\]; got 5"):
+        epa_ext.epa_loss(policy, ref, num_strong=5)
+    with pytest.raises(RuntimeError, match=r"ref_logps must have the shape of policy_logps"):
+        epa_ext.epa_loss(policy, ref[:, :4])
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[2, 0] = False
+    with pytest.raises(RuntimeError, match=r"mask\[:, 0\] must be True .* row 2"):
+        epa_ext.epa_loss(policy, ref, mask=mask)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        epa_ext.epa_loss(policy, ref, mask=mask.float())
+    with pytest.raises(ValueError, match="weak_weight must be >= 0"):
+        epa_ext.epa_loss(policy, ref, weak_weight=-1.0)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        epa_ext.EPALoss(beta=0)
+    with pytest.raises(ValueError, match=r"policy_logps must have shape \[B, C\]"):
+        epa_ext.epa_loss(policy[0], ref[0])
+    with pytest.raises(RuntimeError, match="ref_logps must be on the device of policy_logps"):
+        epa_ext.epa_loss(policy, ref.to("meta"))
