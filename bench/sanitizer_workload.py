@@ -1,5 +1,5 @@
-"""A small CUDA workload for compute-sanitizer (memcheck, racecheck): every kernel of epa_ext on
-odd shapes, ignored rows, strided views and each dtype, checked against the reference so that a
+"""A small CUDA workload for compute-sanitizer (memcheck, racecheck): every kernel of epa_ext (log-probs
+on odd shapes, ignored rows, strided views and each dtype; the losses with and without masks), checked against the reference so that a
 sanitizer run also fails on wrong answers. Run by bench/gpu_check.sh; needs a GPU."""
 
 from __future__ import annotations
@@ -30,8 +30,31 @@ def main() -> None:
             tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
             torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * shape[-2])
             torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=tol, atol=tol)
+    check_losses()
     torch.cuda.synchronize()
     print("sanitizer workload: ok")
+
+
+def check_losses() -> None:
+    """Every loss kernel, forward and backward, with masks, against the reference."""
+    policy = (-torch.rand(37, 6, device="cuda") * 50).requires_grad_()
+    ref = -torch.rand(37, 6, device="cuda") * 50
+    mask = torch.rand(37, 6, device="cuda") > 0.3
+    mask[:, 0] = True
+    for m in (None, mask):
+        ours = epa_ext.epa_loss(policy, ref, num_strong=2, weak_weight=0.5, mask=m, reduction="sum")
+        (grad,) = torch.autograd.grad(ours, policy)
+        truth_policy = policy.detach().double().requires_grad_()
+        truth = reference.epa_loss(truth_policy, ref.double(), num_strong=2, weak_weight=0.5, mask=m, reduction="sum")
+        (truth_grad,) = torch.autograd.grad(truth, truth_policy)
+        torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-4, atol=1e-6)
+    pairs = [policy[:, i].detach().requires_grad_() for i in range(4)]
+    for loss_type in ("sigmoid", "robust", "hinge", "ipo"):
+        ours = epa_ext.dpo_loss(*pairs, loss_type=loss_type, reduction="sum")
+        truth = reference.dpo_loss(*(p.double() for p in pairs), loss_type=loss_type, reduction="sum")
+        torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-4)
+        torch.autograd.grad(ours, pairs)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,16 @@ __device__ __forceinline__ void accumulate_pack(LogSumExp<acc_t>& acc, const Pac
   acc.merge(m, s);
 }
 
-// This thread's share of the row's logsumexp.
-template <typename scalar_t, typename acc_t>
-__device__ LogSumExp<acc_t> thread_row_lse(const scalar_t* __restrict__ row, int64_t vocab) {
+// Visits this thread's elements of row [0, vocab): the scalar head up to the first 16-byte
+// boundary and the scalar tail through on_element(index, value), everything between as 16-byte
+// packs through on_pack(first_index, pack), kUnroll packs loaded before the first is used.
+// Each element is visited by one thread only, so on_pack may overwrite the pack it was given.
+template <typename scalar_t, typename OnElement, typename OnPack>
+__device__ __forceinline__ void for_each_in_row(const scalar_t* row, int64_t vocab, OnElement on_element,
+                                                OnPack on_pack) {
   using P = Pack<scalar_t>;
-  LogSumExp<acc_t> acc;
   const int64_t head = head_length(row, vocab);
-  for (int64_t i = threadIdx.x; i < head; i += kThreads) acc.add(static_cast<acc_t>(row[i]));
+  for (int64_t i = threadIdx.x; i < head; i += kThreads) on_element(i, row[i]);
   const P* packs = reinterpret_cast<const P*>(row + head);
   const int64_t num_packs = (vocab - head) / P::kSize;
   int64_t p = threadIdx.x;
@@ -66,12 +69,19 @@ __device__ LogSumExp<acc_t> thread_row_lse(const scalar_t* __restrict__ row, int
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) buffer[u] = packs[p + u * kThreads];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) accumulate_pack(acc, buffer[u]);
+    for (int u = 0; u < kUnroll; ++u) on_pack(head + (p + u * kThreads) * P::kSize, buffer[u]);
   }
-  for (; p < num_packs; p += kThreads) accumulate_pack(acc, packs[p]);
-  for (int64_t i = head + num_packs * P::kSize + threadIdx.x; i < vocab; i += kThreads) {
-    acc.add(static_cast<acc_t>(row[i]));
-  }
+  for (; p < num_packs; p += kThreads) on_pack(head + p * P::kSize, packs[p]);
+  for (int64_t i = head + num_packs * P::kSize + threadIdx.x; i < vocab; i += kThreads) on_element(i, row[i]);
+}
+
+// This thread's share of the row's logsumexp.
+template <typename scalar_t, typename acc_t>
+__device__ LogSumExp<acc_t> thread_row_lse(const scalar_t* __restrict__ row, int64_t vocab) {
+  LogSumExp<acc_t> acc;
+  for_each_in_row(
+      row, vocab, [&](int64_t, scalar_t z) { acc.add(static_cast<acc_t>(z)); },
+      [&](int64_t, const Pack<scalar_t>& pack) { accumulate_pack(acc, pack); });
   return acc;
 }
 
@@ -142,44 +152,21 @@ __device__ void fill_row(scalar_t* __restrict__ out, int64_t vocab, scalar_t val
 template <typename scalar_t, typename acc_t>
 __device__ void write_row_grad(const scalar_t* x, scalar_t* out, int64_t vocab, int64_t label,
                                acc_t g, acc_t row_lse) {
-  using P = Pack<scalar_t>;
   auto grad_at = [&](int64_t v, scalar_t z) {
     const acc_t zf = static_cast<acc_t>(z);
     return static_cast<scalar_t>(v == label ? target_grad(g, zf, row_lse)
                                             : nontarget_grad(g, zf, row_lse));
   };
-  const int64_t head = head_length(x, vocab);
-  if (head != head_length(out, vocab)) {  // input and output rows misaligned differently
-    for (int64_t v = threadIdx.x; v < vocab; v += kThreads) out[v] = grad_at(v, x[v]);
+  auto write_element = [&](int64_t v, scalar_t z) { out[v] = grad_at(v, z); };
+  if (head_length(x, vocab) != head_length(out, vocab)) {  // rows misaligned differently
+    for (int64_t v = threadIdx.x; v < vocab; v += kThreads) write_element(v, x[v]);
     return;
   }
-  for (int64_t v = threadIdx.x; v < head; v += kThreads) out[v] = grad_at(v, x[v]);
-  const P* in_packs = reinterpret_cast<const P*>(x + head);
-  P* out_packs = reinterpret_cast<P*>(out + head);
-  const int64_t num_packs = (vocab - head) / P::kSize;
-  int64_t p = threadIdx.x;
-  for (; p + (kUnroll - 1) * kThreads < num_packs; p += kUnroll * kThreads) {
-    P buffer[kUnroll];
+  for_each_in_row(x, vocab, write_element, [&](int64_t first, Pack<scalar_t> pack) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) buffer[u] = in_packs[p + u * kThreads];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t first = head + (p + u * kThreads) * P::kSize;
-#pragma unroll
-      for (int i = 0; i < P::kSize; ++i) buffer[u].v[i] = grad_at(first + i, buffer[u].v[i]);
-      out_packs[p + u * kThreads] = buffer[u];
-    }
-  }
-  for (; p < num_packs; p += kThreads) {
-    P pack = in_packs[p];
-    const int64_t first = head + p * P::kSize;
-#pragma unroll
-    for (int i = 0; i < P::kSize; ++i) pack.v[i] = grad_at(first + i, pack.v[i]);
-    out_packs[p] = pack;
-  }
-  for (int64_t v = head + num_packs * P::kSize + threadIdx.x; v < vocab; v += kThreads) {
-    out[v] = grad_at(v, x[v]);
-  }
+    for (int i = 0; i < Pack<scalar_t>::kSize; ++i) pack.v[i] = grad_at(first + i, pack.v[i]);
+    *reinterpret_cast<Pack<scalar_t>*>(out + first) = pack;
+  });
 }
 
 template <typename scalar_t, typename acc_t>

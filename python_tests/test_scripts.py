@@ -1,0 +1,42 @@
+"""The benchmarks and the demo run end to end on tiny sizes (their numbers are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(args, cwd):
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "script,args,expected_providers",
+    [
+        ("bench_logps.py", ["--tokens", "64", "--seq-len", "16", "--vocab", "300", "--reps", "2", "--providers",
+                            "eager", "epa_ext"], {"eager", "epa_ext"}),
+        ("bench_losses.py", ["--seq-len", "8", "--vocab", "100", "--reps", "2"], {"eager", "epa_ext", "epa_ext inplace"}),
+    ],
+)
+def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
+    out = run([str(BENCH / script), *args, "--out", str(tmp_path)], cwd=tmp_path)
+    assert "wrote" in out
+    (report_path,) = tmp_path.glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report["device"] and report["torch"]
+    assert {row["provider"] for row in report["results"]} == expected_providers
+    assert all(row["median_ms"] > 0 for row in report["results"])
+
+
+def test_demo_runs(tmp_path):
+    out = run(["-m", "epa_ext.demo", "--batch", "2", "--seq-len", "16", "--vocab", "100", "--repeats", "1"],
+              cwd=tmp_path)
+    assert "max |epa_ext - float64|" in out and "faster" in out
