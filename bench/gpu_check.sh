@@ -29,6 +29,8 @@ step build 240 "$PY" -m pip install --no-build-isolation --no-deps "$REPO"
 step tests 180 "$PY" -m pytest -q -k cuda -p no:cacheprovider --junitxml="$OUT/tests.xml" "$REPO/python_tests"
 step bench_logps 150 "$PY" "$REPO/bench/bench_logps.py" --device cuda --tokens 8192 --vocab 32000 128256 \
   --dtype bf16 fp32 --providers eager epa_ext --out "$OUT"
+step bench_fused_linear 150 "$PY" "$REPO/bench/bench_fused_linear.py" --device cuda --tokens 16384 --hidden 4096 \
+  --vocab 128256 --dtype bf16 --reps 5 --out "$OUT"
 step bench_losses 120 "$PY" "$REPO/bench/bench_losses.py" --device cuda --dtype bf16 --vocab 128256 --out "$OUT"
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" "$REPO/bench/sanitizer_workload.py"

@@ -1,6 +1,7 @@
-"""A small CUDA workload for compute-sanitizer (memcheck, racecheck): every kernel of epa_ext (log-probs
-on odd shapes, ignored rows, strided views and each dtype; the losses with and without masks), checked against the reference so that a
-sanitizer run also fails on wrong answers. Run by bench/gpu_check.sh; needs a GPU."""
+"""A small CUDA workload for compute-sanitizer (memcheck, racecheck): every kernel of epa_ext
+(log-probs on odd shapes, ignored rows, strided views and each dtype; the losses with and without
+masks; the chunked linear path), checked against the reference so that a sanitizer run also fails
+on wrong answers. Run by bench/gpu_check.sh; needs a GPU."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main() -> None:
             torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * shape[-2])
             torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=tol, atol=tol)
     check_losses()
+    check_linear()
     torch.cuda.synchronize()
     print("sanitizer workload: ok")
 
@@ -59,3 +61,19 @@ def check_losses() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def check_linear() -> None:
+    """The chunked linear path, with ignored rows and a chunk size that does not divide N."""
+    hidden = torch.randn(3, 11, 40, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(301, 40, device="cuda", dtype=torch.bfloat16) / 6).requires_grad_()
+    labels = torch.randint(0, 301, (3, 11), device="cuda")
+    labels[:, :4] = -100
+    ours = epa_ext.linear_sequence_logps(hidden, weight, labels, chunk_size=7)
+    grads = torch.autograd.grad(ours.sum(), [hidden, weight])
+    ref_in = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    truth = reference.linear_sequence_logps(*ref_in, labels)
+    truth_grads = torch.autograd.grad(truth.sum(), ref_in)
+    torch.testing.assert_close(ours.double(), truth, rtol=2e-2, atol=0.5)
+    for g, t in zip(grads, truth_grads):
+        torch.testing.assert_close(g.double(), t, rtol=5e-2, atol=5e-2)

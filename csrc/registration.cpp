@@ -25,6 +25,22 @@ TORCH_LIBRARY(epa_ext, m) {
       "token_logps_backward_(Tensor grad_logps, Tensor(a!) logits, Tensor labels, Tensor lse, "
       "int ignore_index) -> ()");
 
+  // --- log-probs from hidden states and the lm_head, chunked over tokens (linear_logps.cpp) ---
+  // hidden [N, H], weight [V, H], bias [V] or None, labels [N]. Rows whose label is ignore_index
+  // are dropped before any matmul; the rest go through chunk_size rows at a time (0: automatic),
+  // so at most [chunk_size, V] logits exist at once. Returns (logps, lse) [N], fp32 (fp64 for
+  // fp64 inputs), 0 on ignored rows. fp32_weight_grad is for the autograd backward.
+  m.def(
+      "linear_token_logps(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
+      "int chunk_size, bool fp32_weight_grad=True) -> (Tensor, Tensor)");
+  // Gradients for hidden, weight and bias as output_mask asks (undefined otherwise). Recomputes
+  // each chunk's logits, turns them into their gradient in place, then two matmuls per chunk.
+  // fp32_weight_grad: accumulate the weight and bias gradients over chunks in fp32.
+  m.def(
+      "linear_token_logps_backward(Tensor grad_logps, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor labels, Tensor lse, int ignore_index, int chunk_size, bool[3] output_mask, "
+      "bool fp32_weight_grad) -> (Tensor, Tensor, Tensor)");
+
   // --- preference losses (losses_cpu.cpp, losses_cuda.cu); math in losses_math.h ---
   // Inputs [B]. Returns (losses [B], slopes [B] = d loss / d delta), delta = h_chosen - h_rejected.
   // The backward needs no kernel of its own: d/d policy_chosen = grad * slopes = -d/d policy_rejected.

@@ -8,6 +8,8 @@ Public functions (tensor shapes and formulas in their docstrings):
 - ``dpo_loss``, ``epa_loss`` (and the ``DPOLoss``, ``EPALoss`` modules): losses on sequence
   log-probs; ``preference_metrics``: TRL's reward metrics.
 - ``fused_dpo_loss``, ``fused_epa_loss``: from logits to the loss in one autograd graph.
+- ``linear_sequence_logps`` and ``fused_linear_dpo_loss``, ``fused_linear_epa_loss``: the same
+  from hidden states and the lm_head, chunked over tokens so the logits are never formed.
 
 The compiled ops live in ``torch.ops.epa_ext`` (declared in csrc/registration.cpp).
 """
@@ -22,7 +24,8 @@ except ImportError as error:  # most often: importing the source tree instead of
         "with `make build` (or `pip install --no-build-isolation .`), and run Python from outside the "
         "source directory so that the installed package is imported."
     ) from error
-from .fused import fused_dpo_loss, fused_epa_loss
+from .fused import fused_dpo_loss, fused_epa_loss, fused_linear_dpo_loss, fused_linear_epa_loss
+from .linear import linear_sequence_logps, linear_token_logps
 from .logps import completion_labels, sequence_logps, token_logps
 from .losses import DPOLoss, EPALoss, dpo_loss, epa_loss, preference_metrics
 
@@ -47,6 +50,10 @@ __all__ = [
     "epa_loss",
     "fused_dpo_loss",
     "fused_epa_loss",
+    "fused_linear_dpo_loss",
+    "fused_linear_epa_loss",
+    "linear_sequence_logps",
+    "linear_token_logps",
     "preference_metrics",
     "sequence_logps",
     "token_logps",

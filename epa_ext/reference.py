@@ -32,6 +32,16 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, ave
     return total
 
 
+def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
+                          ignore_index: int = -100, average: bool = False) -> Tensor:
+    """hidden [B, T, H], weight [V, H] -> [B]: the full logits hidden @ weight.T + bias, then
+    sequence_logps (what an eager trainer does)."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return sequence_logps(logits, labels, ignore_index, average)
+
+
 def _reduce(losses: Tensor, reduction: str) -> Tensor:
     return {"mean": losses.mean, "sum": losses.sum}.get(reduction, lambda: losses)()
 

@@ -24,6 +24,8 @@ def run(args, cwd):
         ("bench_logps.py", ["--tokens", "64", "--seq-len", "16", "--vocab", "300", "--reps", "2", "--providers",
                             "eager", "epa_ext"], {"eager", "epa_ext"}),
         ("bench_losses.py", ["--seq-len", "8", "--vocab", "100", "--reps", "2"], {"eager", "epa_ext", "epa_ext inplace"}),
+        ("bench_fused_linear.py", ["--tokens", "64", "--seq-len", "16", "--hidden", "8", "--vocab", "50", "--reps", "2"],
+         {"eager", "epa_ext"}),
     ],
 )
 def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):

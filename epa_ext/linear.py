@@ -1,0 +1,134 @@
+"""Sequence log-probs from hidden states and the lm_head, never forming the [N, V] logits.
+
+    logits[n] = hidden[n] @ weight.T + bias          (only rows whose label is kept)
+    logp[n]   = logits[n, y_n] - logsumexp(logits[n])
+
+The op (csrc/linear_logps.cpp) drops ignored rows before any matmul and goes through the rest
+``chunk_size`` rows at a time: at most [chunk_size, V] logits exist at once, in forward and in
+backward. The backward recomputes each chunk's logits (one extra matmul) instead of storing them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .logps import _accumulate_dtype, _SUPPORTED_LOGITS_DTYPES
+
+
+def _check_linear(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
+    """The checks of csrc/linear_logps.cpp, for fake tensors (torch.compile, meta)."""
+    torch._check(hidden.dim() == 2, lambda: f"{op}: hidden must have shape [N, H]; got {list(hidden.shape)}")
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must have shape [V, H] (the lm_head); got {list(weight.shape)}")
+    torch._check(hidden.dtype in _SUPPORTED_LOGITS_DTYPES,
+                 lambda: f"{op}: hidden must be float32, bfloat16, float16 or float64; got {hidden.dtype}")
+    torch._check(weight.dtype == hidden.dtype,
+                 lambda: f"{op}: weight and hidden must have the same dtype; got {weight.dtype} and {hidden.dtype}")
+    torch._check(weight.shape[1] == hidden.shape[1],
+                 lambda: f"{op}: weight must have H = {hidden.shape[1]} columns (the hidden size); got shape {list(weight.shape)}")
+    torch._check(weight.device == hidden.device,
+                 lambda: f"{op}: weight must be on the device of hidden ({hidden.device}); got {weight.device}")
+    if bias is not None:
+        torch._check(bias.shape == weight.shape[:1],
+                     lambda: f"{op}: bias must have shape [V] = [{weight.shape[0]}]; got {list(bias.shape)}")
+    torch._check(labels.dtype == torch.long, lambda: f"{op}: labels must be int64 (torch.long); got {labels.dtype}")
+    torch._check(labels.shape == hidden.shape[:1],
+                 lambda: f"{op}: labels must have shape [N] = [{hidden.shape[0]}]; got {list(labels.shape)}")
+
+
+@torch.library.register_fake("epa_ext::linear_token_logps")
+def _linear_token_logps_fake(hidden, weight, bias, labels, ignore_index, chunk_size, fp32_weight_grad=True):
+    _check_linear("linear_token_logps", hidden, weight, bias, labels)
+    out = hidden.new_empty(hidden.shape[:1], dtype=_accumulate_dtype(hidden))
+    return out, torch.empty_like(out)
+
+
+@torch.library.register_fake("epa_ext::linear_token_logps_backward")
+def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
+                                      output_mask, fp32_weight_grad):
+    _check_linear("linear_token_logps_backward", hidden, weight, bias, labels)
+    need_hidden, need_weight, need_bias = output_mask
+    return (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None,
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None,
+        torch.empty_like(bias) if need_bias and bias is not None else None,
+    )
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, labels, ignore_index, chunk_size, *fp32_weight_grad = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.options = (ignore_index, chunk_size)
+    ctx.fp32_weight_grad = bool(fp32_weight_grad[0]) if fp32_weight_grad else True
+    ctx.mark_non_differentiable(lse)
+
+
+def _linear_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | None):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    if grad_logps is None or not any(output_mask):
+        return (None,) * 7
+    grad_hidden, grad_weight, grad_bias = torch.ops.epa_ext.linear_token_logps_backward(
+        grad_logps, hidden, weight, bias, labels, lse, *ctx.options, output_mask, ctx.fp32_weight_grad
+    )
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("epa_ext::linear_token_logps", _linear_backward, setup_context=_linear_setup_context)
+
+
+def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                       ignore_index: int = -100, chunk_size: int | None = None,
+                       fp32_weight_grad: bool = True) -> Tensor:
+    """Per-token log-probs of labels under ``hidden @ weight.T + bias``, chunked over tokens.
+
+    Args:
+        hidden: [B, T, H] or [N, H] final hidden states (fp32/bf16/fp16).
+        weight: [V, H] lm_head weight (may be tied to the input embedding), hidden's dtype.
+        labels: [B, T] or [N] aligned labels; ignored positions skip every matmul.
+        bias: optional [V].
+        chunk_size: rows per chunk (None: about H rows, so a chunk's logits are about the size
+            of the lm_head).
+        fp32_weight_grad: accumulate the weight and bias gradients over chunks in fp32 for
+            bf16/fp16 weights (one rounding at the end instead of one per chunk).
+
+    Returns:
+        labels' shape, fp32: log-probs, 0 where ignored. Differentiable in hidden, weight and
+        bias; gradients that are not needed (a frozen head) are not computed.
+    """
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape [B, T, H] or [N, H]; got {list(hidden.shape)}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels must have the shape of hidden without its last dimension "
+                         f"({list(hidden.shape[:-1])}); got {list(labels.shape)}")
+    if labels.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        labels = labels.long()
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of rows or None; got {chunk_size}")
+    logps, _ = torch.ops.epa_ext.linear_token_logps(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), ignore_index, chunk_size or 0,
+        fp32_weight_grad,
+    )
+    return logps.view(labels.shape)
+
+
+def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                          ignore_index: int = -100, average: bool = False, chunk_size: int | None = None,
+                          fp32_weight_grad: bool = True) -> Tensor:
+    """Sequence log-probs from hidden states and the lm_head, never forming [B*T, V] logits.
+
+    Args:
+        hidden: [B, T, H] (or [N, H] for one sequence); weight [V, H]; labels [B, T] (or [N]).
+        average: divide by the number of non-ignored labels (0 for a sequence that has none).
+        Other arguments as in ``linear_token_logps``.
+
+    Returns:
+        [B] fp32 (a scalar for [N, H] hidden): ``sum_t log softmax(hidden[b, t] @ weight.T + bias)[labels[b, t]]``.
+    """
+    tokens = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size,
+                                fp32_weight_grad=fp32_weight_grad)
+    total = tokens.sum(-1)
+    if average:
+        total = total / (labels != ignore_index).sum(-1).clamp_min(1).to(total.dtype)
+    return total
