@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import peak_extra_mib, print_table, time_ms, write_report
+from common import add_ratios_to_eager, peak_extra_mib, print_table, time_ms, write_report
 
 import epa_ext
 from epa_ext import reference
@@ -75,15 +75,10 @@ def main() -> None:
                 if rate:
                     row["fraction_of_matmul"] = row["tflops"] / rate
                 rows.append(row)
-    for row in rows:
-        base = next(r for r in rows if r["provider"] == "eager" and r["mode"] == row["mode"]
-                    and r["ignored"] == row["ignored"])
-        row["time_vs_eager"] = row["median_ms"] / base["median_ms"]
-        if base["peak_extra_mib"] and row["peak_extra_mib"] is not None:
-            row["memory_vs_eager"] = row["peak_extra_mib"] / base["peak_extra_mib"]
+    add_ratios_to_eager(rows, ("mode", "ignored"))
     print(f"N = {tokens} tokens, H = {args.hidden}, V = {args.vocab}, {args.dtype}"
           + (f"; matmul rate {rate:.0f} TFLOP/s" if rate else ""))
-    columns = ["ignored", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "time_vs_eager", "peak_extra_mib",
+    columns = ["ignored", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager", "peak_extra_mib",
                "memory_vs_eager", "tflops"] + (["fraction_of_matmul"] if rate else [])
     print_table(rows, columns)
     path = write_report("fused_linear", args.device, {"args": vars(args), "matmul_tflops": rate, "results": rows},

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import peak_extra_mib, print_table, time_ms, write_report
+from common import add_ratios_to_eager, peak_extra_mib, print_table, time_ms, write_report
 
 import epa_ext
 from epa_ext import reference
@@ -119,13 +119,7 @@ def main() -> None:
                         row["fraction_of_copy"] = row["gb_per_s"] / copy_gbps
                     rows.append(row)
             del logits, labels
-    for row in rows:  # speed-up and memory ratio against eager in the same case and mode
-        base = next((r for r in rows if r["provider"] == "eager" and r["mode"] == row["mode"]
-                     and r["dtype"] == row["dtype"] and r["vocab"] == row["vocab"]), None)
-        if base:
-            row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"]
-            if base["peak_extra_mib"] and row["peak_extra_mib"] is not None:
-                row["memory_vs_eager"] = row["peak_extra_mib"] / base["peak_extra_mib"]
+    add_ratios_to_eager(rows, ("mode", "dtype", "vocab"))
     columns = ["dtype", "vocab", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager",
                "peak_extra_mib", "memory_vs_eager", "gb_per_s"]
     if args.device == "cuda":

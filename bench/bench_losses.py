@@ -15,7 +15,7 @@ import argparse
 from functools import partial
 
 import torch
-from common import peak_extra_mib, print_table, time_ms, write_report
+from common import add_ratios_to_eager, peak_extra_mib, print_table, time_ms, write_report
 
 import epa_ext
 from epa_ext import reference
@@ -71,11 +71,7 @@ def main() -> None:
         fresh_logits()
         memory = peak_extra_mib(partial(step, fn), args.device)
         results.append({"provider": name, **timing, "peak_extra_mib": memory})
-    eager = results[0]
-    for row in results:
-        row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
-        if row["peak_extra_mib"] is not None and eager["peak_extra_mib"]:
-            row["memory_vs_eager"] = row["peak_extra_mib"] / eager["peak_extra_mib"]
+    add_ratios_to_eager(results, ())
     logits_mib = base.numel() * base.element_size() / 2**20
     print(f"EPA loss step, logits [{rows}, {args.seq_len}, {args.vocab}] {args.dtype} = {logits_mib:.0f} MiB, "
           f"{args.prompt_fraction:.0%} prompt tokens")

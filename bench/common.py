@@ -114,6 +114,19 @@ def write_report(benchmark: str, device: str, payload: dict, out_dir: Path | Non
     return path
 
 
+def add_ratios_to_eager(rows: list[dict], case_keys: tuple[str, ...]) -> None:
+    """Adds speedup_vs_eager and memory_vs_eager to each row, against the "eager" row of the same
+    case (the rows that agree on case_keys)."""
+    for row in rows:
+        base = next((r for r in rows if r["provider"] == "eager" and all(r.get(k) == row.get(k) for k in case_keys)),
+                    None)
+        if base is None:
+            continue
+        row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"]
+        if base["peak_extra_mib"] and row["peak_extra_mib"] is not None:
+            row["memory_vs_eager"] = row["peak_extra_mib"] / base["peak_extra_mib"]
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
