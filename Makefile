@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch is the CUDA 13.0 build so that the CUDA sources compile even where no GPU is present.
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 pytest hypothesis
+DEPS := numpy "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 pytest hypothesis \
+	transformers tokenizers safetensors datasets peft tqdm matplotlib pyyaml
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.epa_ext-installed
-SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*) $(wildcard epa_ext/*.py)
+SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*) $(shell find epa_ext -name '*.py')
 
 .PHONY: demo test build bench clean
 
