@@ -31,6 +31,8 @@ step bench_logps 150 "$PY" "$REPO/bench/bench_logps.py" --device cuda --tokens 8
   --dtype bf16 fp32 --providers eager epa_ext --out "$OUT"
 step bench_fused_linear 150 "$PY" "$REPO/bench/bench_fused_linear.py" --device cuda --tokens 16384 --hidden 4096 \
   --vocab 128256 --dtype bf16 --reps 5 --out "$OUT"
+step bench_train_step 150 "$PY" "$REPO/bench/bench_train_step.py" --device cuda --dtype bf16 --hidden 2048 \
+  --layers 8 --vocab 128256 --seq-len 1024 --out "$OUT"
 step bench_losses 120 "$PY" "$REPO/bench/bench_losses.py" --device cuda --dtype bf16 --vocab 128256 --out "$OUT"
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" "$REPO/bench/sanitizer_workload.py"

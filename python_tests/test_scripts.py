@@ -26,6 +26,8 @@ def run(args, cwd):
         ("bench_losses.py", ["--seq-len", "8", "--vocab", "100", "--reps", "2"], {"eager", "epa_ext", "epa_ext inplace"}),
         ("bench_fused_linear.py", ["--tokens", "64", "--seq-len", "16", "--hidden", "8", "--vocab", "50", "--reps", "2"],
          {"eager", "epa_ext"}),
+        ("bench_train_step.py", ["--hidden", "16", "--layers", "1", "--vocab", "64", "--seq-len", "16", "--reps", "2"],
+         {"eager", "epa_ext"}),
     ],
 )
 def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
@@ -39,6 +41,7 @@ def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
 
 
 def test_demo_runs(tmp_path):
-    out = run(["-m", "epa_ext.demo", "--batch", "2", "--seq-len", "16", "--vocab", "100", "--repeats", "1"],
-              cwd=tmp_path)
+    out = run(["-m", "epa_ext.demo", "--batch", "2", "--seq-len", "16", "--vocab", "100", "--repeats", "1",
+               "--steps", "4", "--output-dir", str(tmp_path / "run")], cwd=tmp_path)
     assert "max |epa_ext - float64|" in out and "faster" in out
+    assert "eval reward accuracy" in out and (tmp_path / "run" / "training_curves.png").is_file()

@@ -168,3 +168,28 @@ def test_fewer_rows_than_one_batch(tmp_path):
     data.write_text("\n".join((DATA / "prefs.jsonl").read_text().splitlines()[:3]) + "\n")
     with pytest.raises(DataError, match="fewer than one batch"):
         train(tmp_path, "--max-steps", "1", "--batch-size", "8", dataset=data)
+
+
+def test_fsdp_in_one_process_matches_plain_training(tmp_path):
+    """FSDP2 (fully_shard) through its whole path (sharded step, gathered checkpoint and final
+    weights, resume) in one process; on CPU, sharding across processes is refused clearly."""
+    common = ["--dataset", str(DATA / "prefs.jsonl"), *TINY, "--max-steps", "4", "--save-steps", "2",
+              "--batch-size", "2", "--eval-fraction", "0"]
+    _, plain = train(tmp_path, *common[2:], name="plain")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    out = tmp_path / "fsdp"
+    command = [torchrun, "--nproc-per-node", "1", "--master-port", str(30500 + os.getpid() % 1000), "-m",
+               "epa_ext.train", *common, "--output-dir", str(out), "--fsdp"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses(records) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+
+    refused = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(31500 + os.getpid() % 1000),
+                              "-m", "epa_ext.train", *common, "--output-dir", str(tmp_path / "refused"), "--fsdp"],
+                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.returncode != 0 and "--fsdp across processes needs CUDA devices" in refused.stderr

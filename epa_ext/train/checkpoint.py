@@ -41,15 +41,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, trainer_state: dict[str, Any],
-                    total_limit: int | None = None) -> Path:
+                    total_limit: int | None = None, model_state: dict | None = None) -> Path:
     """Writes output_dir/checkpoint-STEP (model as safetensors, tokenizer, trainer_state.pt with
-    optimizer, scheduler, RNG and data position) through a temporary directory."""
+    optimizer, scheduler, RNG and data position) through a temporary directory. model_state: the
+    full weights when the model's own parameters are shards (FSDP)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / STATE_FILE)
     _fsync_tree(tmp)

@@ -356,6 +356,10 @@ def run(cfg: TrainConfig) -> list[dict]:
 
     model = loss_module
     if cfg.fsdp:
+        if cfg.lora_r:
+            raise ValueError("--fsdp with --lora-r is not supported yet: LoRA adapters are small enough for DDP")
+        if runtime.world_size > 1 and runtime.device.type != "cuda":
+            raise ValueError("--fsdp across processes needs CUDA devices (NCCL); on CPU run torchrun without --fsdp")
         from torch.distributed.fsdp import fully_shard
 
         for layer in unwrap(policy).base_model.layers:
@@ -372,7 +376,7 @@ def run(cfg: TrainConfig) -> list[dict]:
     step, micro_index = 0, 0
     if resume_dir is not None:
         state = ckpt.load_trainer_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(cfg, loss_module, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state["rng"])
         step, micro_index = state["step"], state["micro_index"]
@@ -448,13 +452,14 @@ def run(cfg: TrainConfig) -> list[dict]:
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             log.write({"step": step, **evaluate()})
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            save(cfg, runtime, output_dir, step, policy, tokenizer, optimizer, scheduler, micro_index)
+            save(cfg, runtime, output_dir, step, loss_module, tokenizer, optimizer, scheduler, micro_index)
     progress.close()
     final_eval = evaluate()
     if final_eval:
         log.write({"step": step, **final_eval})
+    weights = full_weights(cfg, loss_module)
     if runtime.is_main:
-        save_final(policy, tokenizer, output_dir / "final")
+        save_final(policy, tokenizer, output_dir / "final", weights)
         plot_training_curves(log.records(), output_dir / "training_curves.png")
     if runtime.world_size > 1:
         dist.barrier()
@@ -462,23 +467,56 @@ def run(cfg: TrainConfig) -> list[dict]:
     return log.records() if runtime.is_main else []
 
 
-def save(cfg, runtime, output_dir, step, policy, tokenizer, optimizer, scheduler, micro_index) -> None:
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-             "step": step, "micro_index": micro_index}
+def full_weights(cfg: TrainConfig, loss_module: PreferenceLoss) -> dict | None:
+    """With FSDP the parameters are shards: gather the policy's full weights (a collective: every
+    rank calls it) on the CPU. None otherwise, and save_pretrained reads the model itself."""
+    if not cfg.fsdp:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("policy."): v for k, v in state.items()}
+
+
+def optimizer_state(cfg: TrainConfig, loss_module: PreferenceLoss, optimizer) -> dict:
+    if not cfg.fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(loss_module, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(cfg: TrainConfig, loss_module: PreferenceLoss, optimizer, state: dict) -> None:
+    if not cfg.fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(loss_module, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def save(cfg, runtime, output_dir, step, loss_module, tokenizer, optimizer, scheduler, micro_index) -> None:
+    """A checkpoint of everything a resumed run needs; collectives first, then rank 0 writes."""
+    weights = full_weights(cfg, loss_module)
+    state = {"optimizer": optimizer_state(cfg, loss_module, optimizer), "scheduler": scheduler.state_dict(),
+             "rng": ckpt.rng_state(), "step": step, "micro_index": micro_index}
     if runtime.is_main:
-        ckpt.save_checkpoint(output_dir, step, unwrap_peft(policy), tokenizer, state, cfg.save_total_limit)
+        ckpt.save_checkpoint(output_dir, step, unwrap_peft(loss_module.policy), tokenizer, state,
+                             cfg.save_total_limit, model_state=weights)
     if runtime.world_size > 1:
         dist.barrier()
 
 
-def save_final(policy, tokenizer, directory: Path) -> None:
+def save_final(policy, tokenizer, directory: Path, weights: dict | None = None) -> None:
     """A directory that AutoModelForCausalLM.from_pretrained loads (LoRA adapters merged in)."""
     model = unwrap_peft(policy)
     if hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(directory)
 
 
