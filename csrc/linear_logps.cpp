@@ -68,12 +68,12 @@ std::tuple<at::Tensor, at::Tensor> call_token_logps(const at::Tensor& logits, co
 }
 
 void call_token_logps_backward_(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
-                                const at::Tensor& lse, int64_t ignore_index) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("epa_ext::token_logps_backward_", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  op.call(grad, logits, labels, lse, ignore_index);
+                                const at::Tensor& lse, const at::Tensor& logps, int64_t ignore_index) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epa_ext::token_logps_backward_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, int64_t)>();
+  op.call(grad, logits, labels, lse, logps, ignore_index);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_token_logps(const at::Tensor& hidden, const at::Tensor& weight,
@@ -98,12 +98,12 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logps(const at::Tensor& hidden, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logps_backward(
     const at::Tensor& grad_logps, const at::Tensor& hidden, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
-    int64_t chunk_size, std::array<bool, 3> output_mask, bool fp32_weight_grad) {
+    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
+    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask, bool fp32_weight_grad) {
   check_linear_inputs(hidden, weight, bias, labels);
-  TORCH_CHECK(grad_logps.sizes() == labels.sizes() && lse.sizes() == labels.sizes(),
-              "linear_token_logps_backward: grad_logps and lse must have the shape of labels (", labels.sizes(),
-              "); got ", grad_logps.sizes(), " and ", lse.sizes());
+  TORCH_CHECK(grad_logps.sizes() == labels.sizes() && lse.sizes() == labels.sizes() && logps.sizes() == labels.sizes(),
+              "linear_token_logps_backward: grad_logps, lse and logps must have the shape of labels (", labels.sizes(),
+              "); got ", grad_logps.sizes(), ", ", lse.sizes(), " and ", logps.sizes());
   const auto [need_hidden, need_weight, need_bias] = output_mask;
   const bool reduced = hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf;
   const at::ScalarType param_acc = fp32_weight_grad && reduced ? at::kFloat : weight.scalar_type();
@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logps_backward(
     const at::Tensor h = hidden.index_select(0, rows);
     at::Tensor g = chunk_logits(h, weight, bias);  // logits now, their gradient G below
     call_token_logps_backward_(acc_grad.index_select(0, rows), g, labels.index_select(0, rows),
-                               lse.index_select(0, rows), ignore_index);
+                               lse.index_select(0, rows), logps.index_select(0, rows), ignore_index);
     if (grad_hidden.defined()) grad_hidden.index_copy_(0, rows, at::mm(g, weight));
     if (grad_weight.defined()) {
       if (grad_weight.scalar_type() == g.scalar_type()) {

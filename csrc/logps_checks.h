@@ -35,18 +35,22 @@ inline void check_logits_and_labels(const char* op, const at::Tensor& logits,
               " and logits on ", logits.device());
 }
 
+// lse and logps: the forward's outputs.
 inline void check_backward_inputs(const at::Tensor& grad_logps, const at::Tensor& logits,
-                                  const at::Tensor& labels, const at::Tensor& lse) {
+                                  const at::Tensor& labels, const at::Tensor& lse,
+                                  const at::Tensor& logps) {
   constexpr const char* op = "token_logps_backward";
   check_logits_and_labels(op, logits, labels);
-  TORCH_CHECK(lse.sizes() == labels.sizes() && grad_logps.sizes() == labels.sizes(), op,
-              ": lse and grad_logps must have the shape of labels (", labels.sizes(), "); got ",
-              lse.sizes(), " and ", grad_logps.sizes());
-  TORCH_CHECK(lse.device() == logits.device() && grad_logps.device() == logits.device(), op,
-              ": lse and grad_logps must be on ", logits.device(), "; got ", lse.device(), " and ",
-              grad_logps.device());
-  TORCH_CHECK(lse.scalar_type() == accumulate_dtype(logits), op, ": lse must be ",
-              accumulate_dtype(logits), "; got ", lse.scalar_type());
+  TORCH_CHECK(grad_logps.sizes() == labels.sizes() && grad_logps.device() == logits.device(), op,
+              ": grad_logps must have the shape and device of labels (", labels.sizes(), " on ",
+              logits.device(), "); got ", grad_logps.sizes(), " on ", grad_logps.device());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"lse", lse}, {"logps", logps}}) {
+    TORCH_CHECK(t.sizes() == labels.sizes() && t.device() == logits.device() &&
+                    t.scalar_type() == accumulate_dtype(logits),
+                op, ": ", name, " must be the forward's ", accumulate_dtype(logits), " output of shape ",
+                labels.sizes(), " on ", logits.device(), "; got ", t.scalar_type(), " ", t.sizes(), " on ",
+                t.device());
+  }
 }
 
 // [N, V] is handled as [1, N, V]: a view, never a copy.

@@ -64,28 +64,28 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
 
 // Writes the gradient into grad_3d ([B, T, V]; may be logits_3d itself).
 void run_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d, const at::Tensor& labels,
-                  const at::Tensor& lse, int64_t ignore_index, at::Tensor& grad_3d) {
+                  const at::Tensor& lse, const at::Tensor& logps, int64_t ignore_index, at::Tensor& grad_3d) {
   if (labels.numel() == 0) return;
   backward_kernel()(grad_logps.to(accumulate_dtype(logits_3d)).contiguous(), logits_3d,
-                    labels.contiguous(), lse.contiguous(), ignore_index, grad_3d);
+                    labels.contiguous(), lse.contiguous(), logps.contiguous(), ignore_index, grad_3d);
 }
 
 at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
                                     const at::Tensor& labels, const at::Tensor& lse,
-                                    int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse);
+                                    const at::Tensor& logps, int64_t ignore_index) {
+  check_backward_inputs(grad_logps, logits, labels, lse, logps);
   at::Tensor grad_logits = empty_on_huge_pages(logits.sizes(), logits.scalar_type());
   at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
-  run_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, ignore_index, grad_3d);
+  run_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, grad_3d);
   return grad_logits;
 }
 
 void token_logps_backward_inplace_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
                                       const at::Tensor& labels, const at::Tensor& lse,
-                                      int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse);
+                                      const at::Tensor& logps, int64_t ignore_index) {
+  check_backward_inputs(grad_logps, logits, labels, lse, logps);
   at::Tensor logits_3d = as_batch_time_vocab(logits);
-  run_backward(grad_logps, logits_3d, labels, lse, ignore_index, logits_3d);
+  run_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, logits_3d);
 }
 
 }  // namespace

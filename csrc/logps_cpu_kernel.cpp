@@ -103,40 +103,51 @@ float block_sum_exp(const float* x, int64_t n, float m) {
 // Plain scalar loop in acc_t: the path for fp64 and for rows whose logsumexp is not finite
 // (exp_u20 clamps NaN instead of propagating it, so those rows must not take the fast path).
 template <typename scalar_t, typename acc_t>
-acc_t row_logsumexp_scalar(const scalar_t* row, int64_t vocab) {
+LogSumExp<acc_t> row_logsumexp_scalar(const scalar_t* row, int64_t vocab) {
   LogSumExp<acc_t> acc;
   for (int64_t v = 0; v < vocab; ++v) acc.add(static_cast<acc_t>(row[v]));
-  return acc.value();
+  return acc;
 }
 
 template <typename scalar_t>
-float row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, float* scratch) {
+LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, float* scratch) {
   LogSumExp<float> acc;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
     const float* x = block_as_float(row + start, n, scratch);
     const float m = block_max(x, n);
-    if (m == -INFINITY) continue;                 // nothing to add
-    if (!std::isfinite(m)) return NAN;  // NaN or +inf anywhere: the row is NaN, as in torch
+    if (m == -INFINITY) continue;  // nothing to add
+    if (!std::isfinite(m)) {       // NaN or +inf anywhere: the row is NaN, as in torch
+      acc.merge(NAN, NAN);
+      return acc;
+    }
     acc.merge(m, block_sum_exp(x, n, m));
   }
-  return acc.value();
+  return acc;
+}
+
+// The row's (max, sum-exp): vectorized in fp32 for fp32/bf16/fp16, the scalar loop for fp64.
+template <typename scalar_t, typename acc_t>
+LogSumExp<acc_t> row_logsumexp(const scalar_t* row, int64_t vocab, float* scratch) {
+  if constexpr (kIsFloatVectorPath<scalar_t>) {
+    return row_logsumexp_vectorized(row, vocab, scratch);
+  } else {
+    return row_logsumexp_scalar<scalar_t, acc_t>(row, vocab);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 void row_grad_scalar(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t label, acc_t g,
-                     acc_t lse) {
+                     acc_t lse, acc_t logp_target) {
   for (int64_t v = 0; v < vocab; ++v) {
     const acc_t z = static_cast<acc_t>(row[v]);
-    out[v] = static_cast<scalar_t>(v == label ? target_grad(g, z, lse) : nontarget_grad(g, z, lse));
+    out[v] = static_cast<scalar_t>(v == label ? target_grad(g, logp_target) : nontarget_grad(g, z, lse));
   }
 }
 
 template <typename scalar_t>
 void row_grad_vectorized(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t label,
-                         float g, float lse, float* scratch) {
-  // Read before the loop: with an in-place backward, out aliases row.
-  const float z_target = static_cast<float>(row[label]);
+                         float g, float lse, float logp_target, float* scratch) {
   const FloatVec vlse(lse), vneg_g(-g);
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
@@ -151,7 +162,7 @@ void row_grad_vectorized(const scalar_t* row, scalar_t* out, int64_t vocab, int6
     if constexpr (!std::is_same_v<scalar_t, float>) store_from_float(result, out + start, n);
   }
   // The target column in fp32 through expm1 (1 - p cancels when p -> 1).
-  out[label] = static_cast<scalar_t>(target_grad(g, z_target, lse));
+  out[label] = static_cast<scalar_t>(target_grad(g, logp_target));
 }
 
 void check_label(int64_t label, int64_t vocab, int64_t ignore_index, int64_t row) {
@@ -188,22 +199,17 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
               continue;
             }
             const scalar_t* row = base + layout.offset(r);
-            acc_t row_lse;
-            if constexpr (kIsFloatVectorPath<scalar_t>) {
-              row_lse = row_logsumexp_vectorized(row, vocab, scratch);
-            } else {
-              row_lse = row_logsumexp_scalar<scalar_t, acc_t>(row, vocab);
-            }
-            lse_ptr[r] = row_lse;
-            logp_ptr[r] = static_cast<acc_t>(row[label]) - row_lse;
+            const LogSumExp<acc_t> acc = row_logsumexp<scalar_t, acc_t>(row, vocab, scratch);
+            lse_ptr[r] = acc.value();
+            logp_ptr[r] = acc.log_prob(static_cast<acc_t>(row[label]));
           }
         });
       });
 }
 
 void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits,
-                          const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
-                          at::Tensor& grad_logits) {
+                          const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
+                          int64_t ignore_index, at::Tensor& grad_logits) {
   const int64_t num_rows = labels.numel();
   const int64_t vocab = logits.size(2);
   const RowLayout in_layout = layout_of(logits);
@@ -216,6 +222,7 @@ void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits
         scalar_t* out_base = grad_logits.data_ptr<scalar_t>();
         const acc_t* grad_ptr = grad_logps.const_data_ptr<acc_t>();
         const acc_t* lse_ptr = lse.const_data_ptr<acc_t>();
+        const acc_t* logp_ptr = logps.const_data_ptr<acc_t>();
         at::parallel_for(0, num_rows, grain_for(vocab), [&](int64_t begin, int64_t end) {
           alignas(64) float scratch[kBlock];
           for (int64_t r = begin; r < end; ++r) {
@@ -231,11 +238,11 @@ void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits
             const acc_t row_lse = lse_ptr[r];
             if constexpr (kIsFloatVectorPath<scalar_t>) {
               if (std::isfinite(row_lse)) {
-                row_grad_vectorized(row, out, vocab, label, g, row_lse, scratch);
+                row_grad_vectorized(row, out, vocab, label, g, row_lse, logp_ptr[r], scratch);
                 continue;
               }
             }
-            row_grad_scalar<scalar_t, acc_t>(row, out, vocab, label, g, row_lse);
+            row_grad_scalar<scalar_t, acc_t>(row, out, vocab, label, g, row_lse, logp_ptr[r]);
           }
         });
       });

@@ -11,11 +11,12 @@ namespace epa_ext::cpu {
 // Writes logps and lse ([B*T], contiguous, fp32 or fp64 for fp64 logits).
 using TokenLogpsForwardFn = void (*)(const at::Tensor& logits, const at::Tensor& labels,
                                      int64_t ignore_index, at::Tensor& logps, at::Tensor& lse);
-// grad_logps, lse: [B*T] contiguous. grad_logits: [B, T, V] with the same strides as logits or
-// contiguous; may alias logits (in-place backward).
+// grad_logps, lse, logps (the forward's outputs): [B*T] contiguous. grad_logits: [B, T, V] with
+// the same strides as logits or contiguous; may alias logits (in-place backward).
 using TokenLogpsBackwardFn = void (*)(const at::Tensor& grad_logps, const at::Tensor& logits,
                                       const at::Tensor& labels, const at::Tensor& lse,
-                                      int64_t ignore_index, at::Tensor& grad_logits);
+                                      const at::Tensor& logps, int64_t ignore_index,
+                                      at::Tensor& grad_logits);
 
 #define EPA_EXT_DECLARE_CPU_KERNELS(capability)                                              \
   namespace capability {                                                                     \
@@ -23,7 +24,8 @@ using TokenLogpsBackwardFn = void (*)(const at::Tensor& grad_logps, const at::Te
                            int64_t ignore_index, at::Tensor& logps, at::Tensor& lse);       \
   void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits,         \
                             const at::Tensor& labels, const at::Tensor& lse,                \
-                            int64_t ignore_index, at::Tensor& grad_logits);                 \
+                            const at::Tensor& logps, int64_t ignore_index,                  \
+                            at::Tensor& grad_logits);                                       \
   }
 
 EPA_EXT_DECLARE_CPU_KERNELS(DEFAULT)

@@ -126,9 +126,8 @@ __global__ void __launch_bounds__(kThreads)
     const LogSumExp<acc_t> acc =
         block_merge(thread_row_lse<scalar_t, acc_t>(x, vocab), shared_max, shared_sum);
     if (threadIdx.x == 0) {
-      const acc_t row_lse = acc.value();
-      lse[row] = row_lse;
-      logps[row] = valid ? static_cast<acc_t>(x[label]) - row_lse : acc_t(NAN);
+      lse[row] = acc.value();
+      logps[row] = valid ? acc.log_prob(static_cast<acc_t>(x[label])) : acc_t(NAN);
     }
   }
 }
@@ -151,11 +150,10 @@ __device__ void fill_row(scalar_t* __restrict__ out, int64_t vocab, scalar_t val
 // thread that read it, so out may alias x (in-place backward) without a barrier.
 template <typename scalar_t, typename acc_t>
 __device__ void write_row_grad(const scalar_t* x, scalar_t* out, int64_t vocab, int64_t label,
-                               acc_t g, acc_t row_lse) {
+                               acc_t g, acc_t row_lse, acc_t logp_target) {
   auto grad_at = [&](int64_t v, scalar_t z) {
-    const acc_t zf = static_cast<acc_t>(z);
-    return static_cast<scalar_t>(v == label ? target_grad(g, zf, row_lse)
-                                            : nontarget_grad(g, zf, row_lse));
+    return static_cast<scalar_t>(v == label ? target_grad(g, logp_target)
+                                            : nontarget_grad(g, static_cast<acc_t>(z), row_lse));
   };
   auto write_element = [&](int64_t v, scalar_t z) { out[v] = grad_at(v, z); };
   if (head_length(x, vocab) != head_length(out, vocab)) {  // rows misaligned differently
@@ -174,8 +172,8 @@ __global__ void __launch_bounds__(kThreads)
     token_logps_backward_kernel(const acc_t* __restrict__ grad_logps, const scalar_t* logits,
                                 RowLayout in_layout, scalar_t* grad_logits, RowLayout out_layout,
                                 const int64_t* __restrict__ labels,
-                                const acc_t* __restrict__ lse, int64_t num_rows, int64_t vocab,
-                                int64_t ignore_index) {
+                                const acc_t* __restrict__ lse, const acc_t* __restrict__ logps,
+                                int64_t num_rows, int64_t vocab, int64_t ignore_index) {
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     scalar_t* out = grad_logits + out_layout.offset(row);
     const int64_t label = labels[row];
@@ -189,7 +187,8 @@ __global__ void __launch_bounds__(kThreads)
       fill_row(out, vocab, scalar_t(NAN));
       continue;
     }
-    write_row_grad(logits + in_layout.offset(row), out, vocab, label, grad_logps[row], lse[row]);
+    write_row_grad(logits + in_layout.offset(row), out, vocab, label, grad_logps[row], lse[row],
+                   logps[row]);
   }
 }
 
@@ -229,13 +228,14 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cuda(const at::Tensor& logits,
 
 // Writes the gradient into grad_3d ([B, T, V]; may be logits_3d itself).
 void launch_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d,
-                     const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
-                     at::Tensor& grad_3d) {
+                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
+                     int64_t ignore_index, at::Tensor& grad_3d) {
   const int64_t num_rows = labels.numel();
   if (num_rows == 0) return;
   const at::Tensor flat_labels = labels.contiguous();
   const at::Tensor flat_grad = grad_logps.to(accumulate_dtype(logits_3d)).contiguous();
   const at::Tensor flat_lse = lse.contiguous();
+  const at::Tensor flat_logps = logps.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream(logits_3d.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits_3d.scalar_type(), "epa_ext_token_logps_backward_cuda", [&] {
@@ -243,31 +243,31 @@ void launch_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d,
         token_logps_backward_kernel<scalar_t, acc_t><<<grid_for(num_rows), kThreads, 0, stream>>>(
             flat_grad.const_data_ptr<acc_t>(), logits_3d.const_data_ptr<scalar_t>(),
             layout_of(logits_3d), grad_3d.data_ptr<scalar_t>(), layout_of(grad_3d),
-            flat_labels.const_data_ptr<int64_t>(), flat_lse.const_data_ptr<acc_t>(), num_rows,
-            logits_3d.size(2), ignore_index);
+            flat_labels.const_data_ptr<int64_t>(), flat_lse.const_data_ptr<acc_t>(),
+            flat_logps.const_data_ptr<acc_t>(), num_rows, logits_3d.size(2), ignore_index);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
 at::Tensor token_logps_backward_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
                                      const at::Tensor& labels, const at::Tensor& lse,
-                                     int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse);
+                                     const at::Tensor& logps, int64_t ignore_index) {
+  check_backward_inputs(grad_logps, logits, labels, lse, logps);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad_logits =
       at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
-  launch_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, ignore_index, grad_3d);
+  launch_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, grad_3d);
   return grad_logits;
 }
 
 void token_logps_backward_inplace_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
                                        const at::Tensor& labels, const at::Tensor& lse,
-                                       int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse);
+                                       const at::Tensor& logps, int64_t ignore_index) {
+  check_backward_inputs(grad_logps, logits, labels, lse, logps);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor logits_3d = as_batch_time_vocab(logits);
-  launch_backward(grad_logps, logits_3d, labels, lse, ignore_index, logits_3d);
+  launch_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, logits_3d);
 }
 
 }  // namespace

@@ -3,6 +3,11 @@
 //
 //   logp[r]  = z[r, y_r] - lse[r],            lse[r] = log sum_v exp(z[r, v])
 //   dz[r, v] = g[r] * (1[v == y_r] - exp(z[r, v] - lse[r]))
+//
+// The target's own terms are computed from the row max, never as a difference of two large
+// numbers: logp = (z_y - max) - log(sum), and its gradient g * (1 - p_y) = -g * expm1(logp).
+// Rounding lse to fp32 would otherwise cost ulp(lse) / (1 - p_y) in relative error, unbounded
+// as p_y -> 1.
 #pragma once
 
 #include <cmath>
@@ -71,6 +76,9 @@ struct LogSumExp {
 
   // log of the total; -inf for an empty or all -inf row, NaN if any element was NaN.
   EPA_HD acc_t value() const { return max + log_of(sum); }
+
+  // log(exp(z) / total) for an element z of the row, without cancellation when it dominates.
+  EPA_HD acc_t log_prob(acc_t z) const { return (z - max) - log_of(sum); }
 };
 
 // d(loss)/d(z[v]) for a non-target column: -g * softmax(z)_v.
@@ -79,11 +87,11 @@ EPA_HD acc_t nontarget_grad(acc_t g, acc_t z, acc_t lse) {
   return -g * exp_of(z - lse);
 }
 
-// d(loss)/d(z[y]) for the target column: g * (1 - p_y) = -g * expm1(logp_y). Written through
-// expm1 because 1 - p cancels catastrophically when p_y -> 1.
+// d(loss)/d(z[y]) for the target column: g * (1 - p_y) = -g * expm1(logp_y), from the forward's
+// logp_y. Written through expm1 because 1 - p cancels catastrophically when p_y -> 1.
 template <typename acc_t>
-EPA_HD acc_t target_grad(acc_t g, acc_t z, acc_t lse) {
-  return -g * expm1_of(z - lse);
+EPA_HD acc_t target_grad(acc_t g, acc_t logp_target) {
+  return -g * expm1_of(logp_target);
 }
 
 // Where row r of a [B, T, V] logits view starts, for arbitrary batch and time strides (a slice

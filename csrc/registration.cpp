@@ -16,14 +16,15 @@ TORCH_LIBRARY(epa_ext, m) {
       "token_logps(Tensor logits, Tensor labels, int ignore_index, bool inplace_backward=False) "
       "-> (Tensor, Tensor)");
   // d(loss)/d(logits) = grad_logps * (onehot(labels) - softmax(logits)), 0 on ignored rows;
-  // contiguous, in logits' dtype.
+  // contiguous, in logits' dtype. lse and logps are the forward's outputs (the target column's
+  // gradient comes from logps, which is exact where lse's rounding is not).
   m.def(
       "token_logps_backward(Tensor grad_logps, Tensor logits, Tensor labels, Tensor lse, "
-      "int ignore_index) -> Tensor");
+      "Tensor logps, int ignore_index) -> Tensor");
   // The same gradient written over logits itself (its strides kept).
   m.def(
       "token_logps_backward_(Tensor grad_logps, Tensor(a!) logits, Tensor labels, Tensor lse, "
-      "int ignore_index) -> ()");
+      "Tensor logps, int ignore_index) -> ()");
 
   // --- log-probs from hidden states and the lm_head, chunked over tokens (linear_logps.cpp) ---
   // hidden [N, H], weight [V, H], bias [V] or None, labels [N]. Rows whose label is ignore_index
@@ -38,7 +39,7 @@ TORCH_LIBRARY(epa_ext, m) {
   // fp32_weight_grad: accumulate the weight and bias gradients over chunks in fp32.
   m.def(
       "linear_token_logps_backward(Tensor grad_logps, Tensor hidden, Tensor weight, Tensor? bias, "
-      "Tensor labels, Tensor lse, int ignore_index, int chunk_size, bool[3] output_mask, "
+      "Tensor labels, Tensor lse, Tensor logps, int ignore_index, int chunk_size, bool[3] output_mask, "
       "bool fp32_weight_grad) -> (Tensor, Tensor, Tensor)");
 
   // --- preference losses (losses_cpu.cpp, losses_cuda.cu); math in losses_math.h ---

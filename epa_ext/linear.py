@@ -44,7 +44,7 @@ def _linear_token_logps_fake(hidden, weight, bias, labels, ignore_index, chunk_s
 
 
 @torch.library.register_fake("epa_ext::linear_token_logps_backward")
-def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
+def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, lse, logps, ignore_index, chunk_size,
                                       output_mask, fp32_weight_grad):
     _check_linear("linear_token_logps_backward", hidden, weight, bias, labels)
     need_hidden, need_weight, need_bias = output_mask
@@ -57,20 +57,20 @@ def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, 
 
 def _linear_setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, labels, ignore_index, chunk_size, *fp32_weight_grad = inputs
-    _, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    logps, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, logps)
     ctx.options = (ignore_index, chunk_size)
     ctx.fp32_weight_grad = bool(fp32_weight_grad[0]) if fp32_weight_grad else True
     ctx.mark_non_differentiable(lse)
 
 
 def _linear_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | None):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    hidden, weight, bias, labels, lse, logps = ctx.saved_tensors
     output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     if grad_logps is None or not any(output_mask):
         return (None,) * 7
     grad_hidden, grad_weight, grad_bias = torch.ops.epa_ext.linear_token_logps_backward(
-        grad_logps, hidden, weight, bias, labels, lse, *ctx.options, output_mask, ctx.fp32_weight_grad
+        grad_logps, hidden, weight, bias, labels, lse, logps, *ctx.options, output_mask, ctx.fp32_weight_grad
     )
     return grad_hidden, grad_weight, grad_bias, None, None, None, None
 

@@ -5,8 +5,9 @@ Formulas (per row r of logits, vocabulary V, target y_r):
     logp[r]    = z[r, y_r] - logsumexp_v z[r, v]          (0 where y_r == ignore_index)
     d/dz[r, v] = g[r] * (1[v == y_r] - softmax(z[r])_v)   (0 where y_r == ignore_index)
 
-The forward kernel saves only the fp32 logsumexp per row; the backward kernel recomputes the
-softmax from it in one pass and writes d(logits) in the logits' dtype.
+The forward kernel keeps only two fp32 numbers per row (the logsumexp and the log-prob it
+returns); the backward kernel recomputes the softmax from them in one pass and writes d(logits)
+in the logits' dtype.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _token_logps_fake(
 
 @torch.library.register_fake("epa_ext::token_logps_backward")
 def _token_logps_backward_fake(
-    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, logps: Tensor, ignore_index: int
 ) -> Tensor:
     _check_logits_and_labels("token_logps_backward", logits, labels)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -64,29 +65,29 @@ def _token_logps_backward_fake(
 
 @torch.library.register_fake("epa_ext::token_logps_backward_")
 def _token_logps_backward_inplace_fake(
-    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int
+    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, logps: Tensor, ignore_index: int
 ) -> None:
     _check_logits_and_labels("token_logps_backward", logits, labels)
 
 
 def _token_logps_setup_context(ctx, inputs, output) -> None:
     logits, labels, ignore_index, *inplace = inputs
-    _, lse = output
-    ctx.save_for_backward(logits, labels, lse)
+    logps, lse = output
+    ctx.save_for_backward(logits, labels, lse, logps)
     ctx.ignore_index = ignore_index
     ctx.inplace_backward = bool(inplace and inplace[0])
     ctx.mark_non_differentiable(lse)
 
 
 def _token_logps_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | None):
-    logits, labels, lse = ctx.saved_tensors
+    logits, labels, lse, logps = ctx.saved_tensors
     if grad_logps is None or not ctx.needs_input_grad[0]:
         return None, None, None, None
     if ctx.inplace_backward:
         # The caller promised not to read logits again: their storage becomes their gradient.
-        torch.ops.epa_ext.token_logps_backward_(grad_logps, logits, labels, lse, ctx.ignore_index)
+        torch.ops.epa_ext.token_logps_backward_(grad_logps, logits, labels, lse, logps, ctx.ignore_index)
         return logits, None, None, None
-    grad_logits = torch.ops.epa_ext.token_logps_backward(grad_logps, logits, labels, lse, ctx.ignore_index)
+    grad_logits = torch.ops.epa_ext.token_logps_backward(grad_logps, logits, labels, lse, logps, ctx.ignore_index)
     return grad_logits, None, None, None
 
 

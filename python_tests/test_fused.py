@@ -107,9 +107,9 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(device):
 
 def test_inplace_backward_op_opcheck(device):
     logits, labels, _ = make_batch(2, 2, 3, 17, torch.float32, device)
-    _, lse = torch.ops.epa_ext.token_logps(logits, labels, -100)
+    logps, lse = torch.ops.epa_ext.token_logps(logits, labels, -100)
     torch.library.opcheck(torch.ops.epa_ext.token_logps_backward_.default,
-                          (torch.rand(labels.shape, device=device), logits.clone(), labels, lse, -100))
+                          (torch.rand(labels.shape, device=device), logits.clone(), labels, lse, logps, -100))
 
 
 def test_fused_compile_fullgraph(device):

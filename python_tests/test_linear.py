@@ -143,9 +143,9 @@ def test_opcheck(with_bias, device):
     h2, y1 = hidden.reshape(10, 6), labels.reshape(10)
     torch.library.opcheck(torch.ops.epa_ext.linear_token_logps.default,
                           (h2.requires_grad_(), weight.requires_grad_(), bias, y1, -100, 3, True))
-    _, lse = torch.ops.epa_ext.linear_token_logps(h2.detach(), weight.detach(), bias, y1, -100, 3, True)
+    logps, lse = torch.ops.epa_ext.linear_token_logps(h2.detach(), weight.detach(), bias, y1, -100, 3, True)
     torch.library.opcheck(torch.ops.epa_ext.linear_token_logps_backward.default,
-                          (torch.rand(10, device=device), h2.detach(), weight.detach(), bias, y1, lse, -100, 3,
+                          (torch.rand(10, device=device), h2.detach(), weight.detach(), bias, y1, lse, logps, -100, 3,
                            [True, True, with_bias], True))
 
 

@@ -122,9 +122,10 @@ def test_extreme_logits_fp32(device):
     logits = torch.where(spikes, torch.sign(torch.randn_like(logits)) * 1e4, logits)
     logits[0, 0, labels[0, 0].clamp(min=0)] = 1e4  # a target that takes all the mass
     logits[0, 1, :] = -1e4
-    # The backward recomputes softmax as exp(z - lse) from the fp32 lse the forward saved; rounding
-    # lse to fp32 costs a relative error of up to |lse| * 2^-24 in each probability (6e-4 here,
-    # 1e-5 at the |logits| ~ 100 of real models).
+    # The backward recomputes the other columns' softmax as exp(z - lse) from the fp32 lse the
+    # forward saved; rounding lse to fp32 costs a relative error of up to |lse| * 2^-24 in each of
+    # those probabilities (6e-4 here, 1e-5 at the |logits| ~ 100 of real models). The target
+    # column comes from the forward's log-prob and carries no such error.
     lse_rounding = 2 * logits.abs().max().item() * 2.0**-24
     check_against_reference(logits, labels, what="+-1e4", grad_extra_rtol=lse_rounding)
 
@@ -173,9 +174,10 @@ def test_gradcheck_float64(average, device):
 def test_opcheck(dtype, device):
     logits, labels = make_inputs((2, 5, 33), dtype, device)
     torch.library.opcheck(torch.ops.epa_ext.token_logps.default, (logits.requires_grad_(), labels, -100))
-    _, lse = torch.ops.epa_ext.token_logps(logits.detach(), labels, -100)
+    logps, lse = torch.ops.epa_ext.token_logps(logits.detach(), labels, -100)
     grad = torch.randn(labels.shape, device=device)
-    torch.library.opcheck(torch.ops.epa_ext.token_logps_backward.default, (grad, logits.detach(), labels, lse, -100))
+    torch.library.opcheck(torch.ops.epa_ext.token_logps_backward.default,
+                          (grad, logits.detach(), labels, lse, logps, -100))
 
 
 def test_torch_compile_fullgraph(device):
