@@ -1,3 +1,10 @@
+import os
+
+# MKL may choose its code path from the data's alignment, so the same computation in two
+# processes can differ in the last bit; its conditional bitwise reproducibility mode (read when
+# MKL loads, hence before torch) lets tests compare runs exactly. Subprocesses inherit it.
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+
 import pytest
 import torch
 

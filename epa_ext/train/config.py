@@ -51,6 +51,8 @@ class TrainConfig:
     max_prompt_length: int = _opt(256, "longest prompt in tokens; prompts keep their last tokens")
     eval_fraction: float = _opt(0.05, "share of examples held out for evaluation")
     skip_bad_rows: bool = _opt(False, "warn about and count malformed rows instead of stopping")
+    skip_nonfinite_steps: bool = _opt(False, "skip (and count) optimizer steps whose loss is NaN or inf instead of "
+                                             "stopping the run")
     # --- reference model and adapters
     ref: Literal["model", "precompute"] = _opt("model", "model: a frozen copy of the initial policy scores every "
                                                         "batch; precompute: one pass before training, cached in "

@@ -58,6 +58,15 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(rank, world_size, device)
 
 
+def all_finite(loss: torch.Tensor, runtime: Runtime) -> bool:
+    """Whether the loss is finite on every rank."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    if runtime.world_size > 1:
+        finite = finite.to(runtime.device if runtime.device.type == "cuda" else "cpu")
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def all_mean(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
     """Mean of each value over the ranks."""
     if runtime.world_size == 1:
@@ -411,8 +420,9 @@ def run(cfg: TrainConfig) -> list[dict]:
     progress = tqdm(total=total_steps, initial=step, disable=not runtime.is_main, desc=f"epa-train {cfg.loss}",
                     dynamic_ncols=True)
     policy.train()
+    skipped_steps = 0
     while step < total_steps:
-        started, tokens, sums = time.perf_counter(), 0, {}
+        started, tokens, sums, nonfinite = time.perf_counter(), 0, {}, False
         for accum in range(cfg.grad_accum):
             ids = micro_batch_ids(len(train.examples), global_batch, cfg.seed, micro_index)
             ids = ids[runtime.rank * cfg.batch_size:(runtime.rank + 1) * cfg.batch_size]
@@ -421,11 +431,15 @@ def run(cfg: TrainConfig) -> list[dict]:
             sync = accum == cfg.grad_accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg, runtime):
                 loss, seq = model(batch.input_ids, batch.attention_mask, batch.labels, ref, batch.candidate_mask)
-            if not torch.isfinite(loss):
-                last = ckpt.checkpoints(output_dir)
-                raise FloatingPointError(
-                    f"loss is not finite at step {step + 1} (micro-batch {micro_index}); last good checkpoint: "
-                    f"{last[-1][1] if last else 'none'}. Lower --lr or use --precision fp32.")
+            if not all_finite(loss, runtime):  # the same decision on every rank
+                if not cfg.skip_nonfinite_steps:
+                    last = ckpt.checkpoints(output_dir)
+                    raise FloatingPointError(
+                        f"loss is not finite at step {step + 1} (micro-batch {micro_index}); last good checkpoint: "
+                        f"{last[-1][1] if last else 'none'}. Lower --lr, use --precision fp32, or pass "
+                        f"--skip-nonfinite-steps.")
+                nonfinite = True
+            # backward even for a step that will be skipped: DDP expects one after every forward
             scaler.scale(loss / cfg.grad_accum).backward()
             values = {"loss": float(loss.detach()), **batch_metrics(loss_module, batch, seq, ref, cfg.beta)}
             for key, value in values.items():
@@ -434,7 +448,11 @@ def run(cfg: TrainConfig) -> list[dict]:
             micro_index += 1
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        scaler.step(optimizer)
+        if nonfinite:  # the parameters and the optimizer state stay as they were
+            skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            scaler.step(optimizer)
         scaler.update()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -444,6 +462,8 @@ def run(cfg: TrainConfig) -> list[dict]:
         elapsed = time.perf_counter() - started
         record = all_mean({**sums, "grad_norm": float(grad_norm), "tokens_per_second": tokens / elapsed}, runtime)
         record["tokens_per_second"] *= runtime.world_size  # a sum over ranks, not a mean
+        if cfg.skip_nonfinite_steps:
+            record["nonfinite_steps_skipped"] = skipped_steps
         if step % cfg.logging_steps == 0 or step == total_steps:
             log.write({"step": step, "epoch": micro_index / per_epoch, "lr": lr, **record})
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
@@ -521,8 +541,9 @@ def save_final(policy, tokenizer, directory: Path, weights: dict | None = None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv)
+    """The console script: problems with the options, the data or the run's numerics end with
+    one line naming them instead of a traceback from deep inside a library."""
     try:
-        run(cfg)
-    except DataError as error:
+        run(parse_config(argv))
+    except (DataError, FloatingPointError, ValueError) as error:
         raise SystemExit(f"epa-train: {error}") from None
