@@ -382,13 +382,13 @@ def run(cfg: TrainConfig) -> list[dict]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and runtime.device.type == "cuda")
 
-    step, micro_index = 0, 0
+    step, micro_index, skipped_steps = 0, 0, 0
     if resume_dir is not None:
         state = ckpt.load_trainer_state(resume_dir)
         load_optimizer_state(cfg, loss_module, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state["rng"])
-        step, micro_index = state["step"], state["micro_index"]
+        step, micro_index, skipped_steps = state["step"], state["micro_index"], state.get("skipped_steps", 0)
     log = MetricsLog(output_dir / "metrics.jsonl", step, runtime.is_main)
     if runtime.is_main:
         (output_dir / "config.json").write_text(cfg.to_json() + "\n")
@@ -420,7 +420,6 @@ def run(cfg: TrainConfig) -> list[dict]:
     progress = tqdm(total=total_steps, initial=step, disable=not runtime.is_main, desc=f"epa-train {cfg.loss}",
                     dynamic_ncols=True)
     policy.train()
-    skipped_steps = 0
     while step < total_steps:
         started, tokens, sums, nonfinite = time.perf_counter(), 0, {}, False
         for accum in range(cfg.grad_accum):
@@ -472,7 +471,8 @@ def run(cfg: TrainConfig) -> list[dict]:
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             log.write({"step": step, **evaluate()})
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            save(cfg, runtime, output_dir, step, loss_module, tokenizer, optimizer, scheduler, micro_index)
+            save(cfg, runtime, output_dir, step, loss_module, tokenizer, optimizer, scheduler,
+                 {"step": step, "micro_index": micro_index, "skipped_steps": skipped_steps})
     progress.close()
     final_eval = evaluate()
     if final_eval:
@@ -517,11 +517,12 @@ def load_optimizer_state(cfg: TrainConfig, loss_module: PreferenceLoss, optimize
                              options=StateDictOptions(full_state_dict=True))
 
 
-def save(cfg, runtime, output_dir, step, loss_module, tokenizer, optimizer, scheduler, micro_index) -> None:
-    """A checkpoint of everything a resumed run needs; collectives first, then rank 0 writes."""
+def save(cfg, runtime, output_dir, step, loss_module, tokenizer, optimizer, scheduler, position: dict) -> None:
+    """A checkpoint of everything a resumed run needs (position: step, micro_index and counters);
+    collectives first, then rank 0 writes."""
     weights = full_weights(cfg, loss_module)
     state = {"optimizer": optimizer_state(cfg, loss_module, optimizer), "scheduler": scheduler.state_dict(),
-             "rng": ckpt.rng_state(), "step": step, "micro_index": micro_index}
+             "rng": ckpt.rng_state(), **position}
     if runtime.is_main:
         ckpt.save_checkpoint(output_dir, step, unwrap_peft(loss_module.policy), tokenizer, state,
                              cfg.save_total_limit, model_state=weights)
