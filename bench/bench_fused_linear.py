@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import add_ratios_to_eager, peak_extra_mib, print_table, time_ms, write_report
+from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
 
 import epa_ext
 from epa_ext import reference
@@ -80,10 +80,7 @@ def main() -> None:
           + (f"; matmul rate {rate:.0f} TFLOP/s" if rate else ""))
     columns = ["ignored", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager", "peak_extra_mib",
                "memory_vs_eager", "tflops"] + (["fraction_of_matmul"] if rate else [])
-    print_table(rows, columns)
-    path = write_report("fused_linear", args.device, {"args": vars(args), "matmul_tflops": rate, "results": rows},
-                        args.out)
-    print(f"wrote {path}")
+    finish("fused_linear", args.device, rows, columns, {"args": vars(args), "matmul_tflops": rate}, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import add_ratios_to_eager, peak_extra_mib, print_table, time_ms, write_report
+from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
 
 import epa_ext
 from epa_ext import reference
@@ -124,10 +124,7 @@ def main() -> None:
                "peak_extra_mib", "memory_vs_eager", "gb_per_s"]
     if args.device == "cuda":
         columns.append("fraction_of_copy")
-    print_table(rows, columns)
-    path = write_report("logps", args.device, {"args": vars(args), "copy_gb_per_s": copies, "results": rows},
-                        args.out)
-    print(f"wrote {path}")
+    finish("logps", args.device, rows, columns, {"args": vars(args), "copy_gb_per_s": copies}, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 from functools import partial
 
 import torch
-from common import add_ratios_to_eager, peak_extra_mib, print_table, time_ms, write_report
+from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
 
 import epa_ext
 from epa_ext import reference
@@ -75,11 +75,9 @@ def main() -> None:
     logits_mib = base.numel() * base.element_size() / 2**20
     print(f"EPA loss step, logits [{rows}, {args.seq_len}, {args.vocab}] {args.dtype} = {logits_mib:.0f} MiB, "
           f"{args.prompt_fraction:.0%} prompt tokens")
-    print_table(results, ["provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager", "peak_extra_mib",
-                          "memory_vs_eager"])
-    path = write_report("losses", args.device, {"args": vars(args), "logits_mib": logits_mib, "results": results},
-                        args.out)
-    print(f"wrote {path}")
+    finish("losses", args.device, results,
+           ["provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager", "peak_extra_mib", "memory_vs_eager"],
+           {"args": vars(args), "logits_mib": logits_mib}, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import add_ratios_to_eager, peak_extra_mib, print_table, time_ms, write_report
+from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
 
 import epa_ext
 from epa_ext import reference
@@ -85,10 +85,9 @@ def main() -> None:
     add_ratios_to_eager(results, ())
     print(f"EPA step: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
           f"{args.candidates} candidates x {args.prompts} prompts x {args.seq_len} tokens, {args.dtype}")
-    print_table(results, ["provider", "median_ms", "q20_ms", "q80_ms", "tokens_per_second", "speedup_vs_eager",
-                          "peak_extra_mib", "memory_vs_eager"])
-    path = write_report("train_step", args.device, {"args": vars(args), "results": results}, args.out)
-    print(f"wrote {path}")
+    finish("train_step", args.device, results,
+           ["provider", "median_ms", "q20_ms", "q80_ms", "tokens_per_second", "speedup_vs_eager", "peak_extra_mib",
+            "memory_vs_eager"], {"args": vars(args)}, args.out)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,14 @@ def add_ratios_to_eager(rows: list[dict], case_keys: tuple[str, ...]) -> None:
             row["memory_vs_eager"] = row["peak_extra_mib"] / base["peak_extra_mib"]
 
 
+def finish(benchmark: str, device: str, rows: list[dict], columns: list[str], payload: dict,
+           out_dir: Path | None) -> None:
+    """Prints the table of rows and writes the JSON report (payload plus the rows)."""
+    print_table(rows, columns)
+    path = write_report(benchmark, device, {**payload, "results": rows}, out_dir)
+    print(f"wrote {path}")
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

@@ -193,6 +193,7 @@ def reference_mode(policy, reference):
 
 
 def unwrap_peft(model):
+    """The model inside DDP wrappers, PEFT wrapper kept (it saves adapters, disables them)."""
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -312,7 +313,8 @@ def run(cfg: TrainConfig) -> list[dict]:
 
     resume_dir = None
     if cfg.resume:
-        ckpt.remove_partial_checkpoints(output_dir) if runtime.is_main else None
+        if runtime.is_main:
+            ckpt.remove_partial_checkpoints(output_dir)
         found = ckpt.checkpoints(output_dir)
         resume_dir = found[-1][1] if found else None
 
