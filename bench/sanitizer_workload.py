@@ -59,9 +59,6 @@ def check_losses() -> None:
         torch.autograd.grad(ours, pairs)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def check_linear() -> None:
     """The chunked linear path, with ignored rows and a chunk size that does not divide N."""
@@ -77,3 +74,7 @@ def check_linear() -> None:
     torch.testing.assert_close(ours.double(), truth, rtol=2e-2, atol=0.5)
     for g, t in zip(grads, truth_grads):
         torch.testing.assert_close(g.double(), t, rtol=5e-2, atol=5e-2)
+
+
+if __name__ == "__main__":
+    main()

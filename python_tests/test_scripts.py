@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -45,3 +46,9 @@ def test_demo_runs(tmp_path):
                "--steps", "4", "--output-dir", str(tmp_path / "run")], cwd=tmp_path)
     assert "max |epa_ext - float64|" in out and "faster" in out
     assert "eval reward accuracy" in out and (tmp_path / "run" / "training_curves.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sanitizer_workload_passes(tmp_path):
+    """bench/gpu_check.sh runs this workload under compute-sanitizer; it must pass without one."""
+    assert "sanitizer workload: ok" in run([str(BENCH / "sanitizer_workload.py")], cwd=tmp_path)
