@@ -29,6 +29,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(DEPS_STAMP): $(PY) Makefile
+	@echo "make: installing torch and the dependencies into $(VENV) (first time only: about 2 minutes)"
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)" $(DEPS)
 	touch $@
@@ -36,6 +37,7 @@ $(DEPS_STAMP): $(PY) Makefile
 # --no-build-isolation: build against the torch installed above (an isolated build would fetch
 # a second, possibly newer, torch). The build directory is kept, so rebuilds are incremental.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	@echo "make: building epa_ext (C++ and CUDA kernels; a full build takes a few minutes on 2 cores)"
 	$(PIP) install --quiet --no-build-isolation --no-deps .
 	touch $@
 

@@ -1,0 +1,199 @@
+"""The known-reward experiment (epa_ext.experiment): the task's definitions, the metrics, and a
+smoke run of the whole pipeline on a tiny budget. (The two-disjoint-pairs toy that shows DPO's
+flat direction and EPA's unique minimum is in test_losses.py.)"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from epa_ext.experiment.metrics import slope1_metrics
+from epa_ext.experiment.run import ExperimentConfig, format_table, main, run_experiment
+from epa_ext.experiment.task import (EOS_ID, FIRST_LETTER_ID, KnownRewardTask, ReferenceSpec, TaskSpec,
+                                     answer_logps, sample_answers, train_reference, write_preferences)
+from epa_ext.train.data import parse_rows
+from epa_ext.train.modeling import build_tiny_model
+
+
+def test_true_reward_by_hand():
+    task = KnownRewardTask(TaskSpec(alphabet_size=5, prompt_length=2, answer_length=3))
+    prompts = torch.tensor([[0, 3]])
+    answers = torch.tensor([[0, 1, 3]])  # a (in prompt), b (not), d (in prompt)
+    v = task.letter_values
+    expected = (0.5 + v[0]) + (-0.5 + v[1]) + (0.5 + v[3])
+    assert task.reward(prompts, answers).item() == pytest.approx(float(expected))
+
+
+def test_tokenizer_matches_the_ids_the_experiment_scores():
+    """epa-train tokenizes the rows' text; the metrics build ids directly: they must agree."""
+    task = KnownRewardTask()
+    tokenizer = task.tokenizer()
+    prompts, answers = torch.tensor([[2, 5, 0, 11]]), torch.tensor([[1, 2, 2, 0, 5, 11]])
+    prompt_text, answer_text = task.text(prompts[0]) + " =", task.text(answers[0])
+    assert prompt_text == "c f a l ="
+    prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert prompt_ids == task.prompt_ids(prompts)[0].tolist()
+    assert answer_ids == task.answer_tokens(answers)[0].tolist()
+    assert tokenizer.unk_token_id not in prompt_ids + answer_ids
+
+
+def test_labels_stop_at_the_first_end_token():
+    task = KnownRewardTask(TaskSpec(alphabet_size=4, prompt_length=2, answer_length=3))
+    tokens = torch.tensor([[FIRST_LETTER_ID, EOS_ID, FIRST_LETTER_ID + 1, EOS_ID]])
+    ids, labels = task.sequence_ids(torch.tensor([[0, 1]]), tokens)
+    assert ids.shape == labels.shape == (1, 8)
+    assert labels[0].tolist() == [-100] * 4 + [FIRST_LETTER_ID, EOS_ID, -100, -100]
+
+
+def test_malformed_answers_score_as_the_worst_answer():
+    task = KnownRewardTask(TaskSpec(alphabet_size=6, prompt_length=2, answer_length=3))
+    prompts = torch.tensor([[0, 1]] * 3)
+    good = task.answer_tokens(torch.tensor([[0, 4, 1]]))[0]
+    no_end = good.clone()
+    no_end[-1] = FIRST_LETTER_ID + 2  # a fourth letter where </s> belongs
+    bad_letter = good.clone()
+    bad_letter[1] = 0  # <pad> inside the answer
+    reward, well_formed = task.reward_of_tokens(prompts, torch.stack([good, no_end, bad_letter]))
+    assert well_formed.tolist() == [True, False, False]
+    assert reward[0] == pytest.approx(float(task.reward(prompts[:1], torch.tensor([[0, 4, 1]]))))
+    worst = 3 * task.letter_rewards(prompts[:1]).min()
+    assert reward[1] == reward[2] == pytest.approx(float(worst))
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0, math.inf])
+def test_optimum_matches_enumeration(beta):
+    """The closed form of π* ∝ π_base·exp(r*/β) against summing over every answer."""
+    task = KnownRewardTask(TaskSpec(alphabet_size=4, prompt_length=2, answer_length=3, copy_prob=0.6))
+    prompts = torch.tensor([[0, 2], [1, 3]])
+    rewards, kls = [], []
+    for i in range(2):
+        answers = torch.tensor(list(itertools.product(range(4), repeat=3)))
+        prompt = prompts[i:i + 1].expand(len(answers), -1)
+        base = task.base_letter_probs(prompts[i:i + 1])[0][answers].prod(dim=1)
+        r = task.reward(prompt, answers)
+        tilted = base * torch.exp(r / beta) if math.isfinite(beta) else base
+        tilted = tilted / tilted.sum()
+        rewards.append(float((tilted * r).sum()))
+        kls.append(float((tilted * (tilted / base).log()).sum()))
+    reward, kl = task.optimum(prompts, beta)
+    assert reward == pytest.approx(sum(rewards) / 2, rel=1e-9)
+    assert kl == pytest.approx(sum(kls) / 2, abs=1e-12)
+
+
+def test_slope1_metrics_on_known_cases():
+    true = torch.tensor([[0.0, 1.0, 3.0], [2.0, -1.0, 0.5]])
+    shifted = true + torch.tensor([[5.0], [-2.0]])  # r* + C(x): the slope-1 relation
+    m = slope1_metrics(shifted, true)
+    assert m["rho"] == pytest.approx(1.0) and m["slope1_error"] == pytest.approx(0.0, abs=1e-12)
+    assert m["accuracy"] == 1.0 and m["rho_prompts"] == 2
+    doubled = slope1_metrics(2 * true, true)  # right order and correlation, wrong slope
+    assert doubled["rho"] == pytest.approx(1.0) and doubled["accuracy"] == 1.0
+    assert doubled["slope1_error"] == pytest.approx(float(true.var(dim=1, unbiased=False).mean()))
+    reversed_ = slope1_metrics(-true, true)
+    assert reversed_["rho"] == pytest.approx(-1.0) and reversed_["accuracy"] == 0.0
+    flat = slope1_metrics(torch.zeros_like(true), true)
+    assert flat["rho_prompts"] == 0 and math.isnan(flat["rho"]) and flat["accuracy"] == 0.5
+
+
+def test_preferences_follow_the_true_reward(tmp_path):
+    """Rows parse as epa-train data; the chosen answer is drawn with probability softmax(r*/τ)."""
+    task = KnownRewardTask()
+    model = build_tiny_model(task.vocab_size, 32, 1, 16, seed=0).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = task.sample_prompts(1500, generator)
+    summary = write_preferences(tmp_path / "prefs.jsonl", task, model, prompts, 4, 0.5, generator)
+    rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    examples, report = parse_rows(rows, source="prefs.jsonl")
+    assert len(examples) == 1500 and report.total() == 0 and len(examples[0].rejected) == 3
+    rewards = torch.tensor([[r["true_rewards"]["chosen"], *r["true_rewards"]["rejected"]] for r in rows])
+    expected_best = torch.softmax(rewards / 0.5, dim=1).gather(1, rewards.argmax(1, keepdim=True)).mean()
+    assert summary["chosen_is_best"] == pytest.approx(float(expected_best), abs=0.04)
+    assert (rewards[:, 0] == rewards.max(1).values).double().mean() == pytest.approx(summary["chosen_is_best"])
+
+
+def test_reference_sft_learns_the_base_distribution():
+    task = KnownRewardTask()
+    model = train_reference(task, ReferenceSpec(steps=400), seed=0, device=torch.device("cpu"), progress=False)
+    generator = torch.Generator().manual_seed(1)
+    prompts = task.sample_prompts(256, generator)
+    answers = sample_answers(model, task, prompts, 4, generator)
+    in_prompt = (answers.view(256, 4, -1)[..., None] == prompts[:, None, None, :]).any(-1).double().mean()
+    expected = task.spec.copy_prob + (1 - task.spec.copy_prob) * task.spec.prompt_length / task.spec.alphabet_size
+    assert float(in_prompt) == pytest.approx(expected, abs=0.05)
+    logps = answer_logps(model, task, prompts, task.answer_tokens(answers[::4]))
+    base = task.base_letter_probs(prompts)[torch.arange(256)[:, None], answers[::4]].log().sum(1)
+    assert float((logps.double() - base).abs().mean()) < 0.6  # nats per 6-letter answer
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment")
+    cfg = ExperimentConfig(output_dir=str(out), seeds=[0, 1], methods=["dpo", "epa_k3_m4"], steps=40,
+                           train_prompts=320, eval_prompts=64, reference=ReferenceSpec(steps=150), lr=5e-4,
+                           device="cpu", progress=False)
+    return cfg, run_experiment(cfg)
+
+
+def test_smoke_run_results(smoke_results):
+    cfg, results = smoke_results
+    assert set(results["summary"]) == {"dpo", "epa_k3_m4"}
+    for name, runs in results["runs"].items():
+        assert [r["seed"] for r in runs] == [0, 1]
+        for run in runs:
+            for key in ("reward", "reward_well_formed", "malformed", "kl", "accuracy", "rho", "slope1_error"):
+                assert math.isfinite(run[key]), (name, key)
+            assert 0 <= run["malformed"] <= 1 and 0 <= run["accuracy"] <= 1 and -1 <= run["rho"] <= 1
+            assert len(run["implicit_rewards"]) == 64 and len(run["implicit_rewards"][0]) == cfg.eval_candidates
+        for mean_std in results["summary"][name].values():
+            assert len(mean_std) == 2 and math.isfinite(mean_std[0]) and mean_std[1] >= 0
+    # Training toward r* raises the true reward of what the policy writes above the reference's.
+    reference_reward = results["reference"]["reward_well_formed"]
+    for name in results["summary"]:
+        assert results["summary"][name]["reward_well_formed"][0] > reference_reward + 0.1, name
+        assert results["summary"][name]["accuracy"][0] > 0.6, name
+    assert results["optimum"]["reward"] > results["reference"]["reward"]
+    saved = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+    table = format_table(results)
+    assert "DPO" in table and "EPA K=3 M=4" in table and "optimum" in table
+
+
+def test_rerun_reuses_finished_work(smoke_results, capsys):
+    """Everything finished is cached: a second call trains nothing and reports the same numbers;
+    main() prints the table, the comparison with DPO and the plots' paths."""
+    cfg, results = smoke_results
+    argv = ["--output-dir", cfg.output_dir, "--seeds", "0", "1", "--methods", "dpo", "epa_k3_m4", "--steps", "40",
+            "--train-prompts", "320", "--eval-prompts", "64", "--reference-steps", "150", "--lr", "5e-4",
+            "--device", "cpu"]
+    evals = sorted(Path(cfg.output_dir).glob("seed*/*/eval.json"))
+    written = [p.stat().st_mtime_ns for p in evals]
+    main(argv)
+    out = capsys.readouterr().out
+    assert len(evals) == 4 and [p.stat().st_mtime_ns for p in evals] == written  # nothing retrained
+    assert "EPA K=3 M=4 vs DPO: reward" in out and "slope1_error" in out
+    for name in ("reward_vs_kl.png", "slope1.png", "implicit_vs_true.png"):
+        assert f"plot: {cfg.output_dir}/{name}" in out and (Path(cfg.output_dir) / name).stat().st_size > 10_000
+    rerun = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    assert rerun["runs"] == json.loads(json.dumps(results["runs"]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "ppo"], "invalid choice"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--beta", "0"], "--beta and --temperature must be > 0"),
+])
+def test_bad_flags_are_reported(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        main([*argv, "--output-dir", str(tmp_path)])
+    assert message in str(error.value) + capsys.readouterr().err
+
+
+def test_too_few_candidates_for_the_negatives():
+    with pytest.raises(ValueError, match="--candidates 3 is too few for 3 strong negatives"):
+        ExperimentConfig(candidates=3, methods=["epa_k3"]).validate()
