@@ -194,6 +194,6 @@ def test_bad_flags_are_reported(argv, message, tmp_path, capsys):
     assert message in str(error.value) + capsys.readouterr().err
 
 
-def test_too_few_candidates_for_the_negatives():
-    with pytest.raises(ValueError, match="--candidates 3 is too few for 3 strong negatives"):
-        ExperimentConfig(candidates=3, methods=["epa_k3"]).validate()
+def test_too_few_candidates_for_the_negatives(tmp_path):
+    with pytest.raises(SystemExit, match="--candidates 3 is too few for 3 strong negatives"):
+        main(["--candidates", "3", "--methods", "epa_k3", "--output-dir", str(tmp_path)])

@@ -313,14 +313,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beta", type=float, default=defaults.beta, help="β of r_θ = β·log(π/π_ref)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature,
                         help="τ of the preference draw: chosen ∝ exp(r*/τ)")
+    parser.add_argument("--weak-weight", type=float, default=defaults.weak_weight,
+                        help="weight of each weak negative in EPA's partition sum")
     parser.add_argument("--train-prompts", type=int, default=defaults.train_prompts, help="preference rows per seed")
+    parser.add_argument("--candidates", type=int, default=defaults.candidates,
+                        help="reference answers per training prompt (the chosen one and its strong negatives)")
     parser.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts, help="held-out prompts")
     parser.add_argument("--reference-steps", type=int, default=defaults.reference.steps, help="SFT steps of the reference")
     parser.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     cfg = ExperimentConfig(output_dir=args.output_dir, seeds=args.seeds, methods=args.methods, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, beta=args.beta, temperature=args.temperature,
-                           train_prompts=args.train_prompts, eval_prompts=args.eval_prompts,
+                           weak_weight=args.weak_weight, train_prompts=args.train_prompts,
+                           candidates=args.candidates, eval_prompts=args.eval_prompts,
                            reference=dataclasses.replace(defaults.reference, steps=args.reference_steps),
                            device=args.device)
     try:
