@@ -4,9 +4,11 @@ flat direction and EPA's unique minimum is in test_losses.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -136,7 +138,7 @@ def smoke_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
     cfg = ExperimentConfig(output_dir=str(out), seeds=[0, 1], methods=["dpo", "epa_k3_m4"], steps=40,
                            train_prompts=320, eval_prompts=64, reference=ReferenceSpec(steps=150), lr=5e-4,
-                           device="cpu", progress=False)
+                           device="cpu", workers=2, progress=False)
     return cfg, run_experiment(cfg)
 
 
@@ -183,10 +185,23 @@ def test_rerun_reuses_finished_work(smoke_results, capsys):
     assert rerun["runs"] == json.loads(json.dumps(results["runs"]))
 
 
+def test_worker_processes_give_the_numbers_of_one_process(smoke_results, tmp_path):
+    """The smoke run trained in 2 processes with one thread each; one run repeated in this process
+    (the reference copied over, so both start from the same weights) gives the same numbers."""
+    cfg, results = smoke_results
+    shutil.copytree(Path(cfg.output_dir) / "reference", tmp_path / "reference")
+    single = run_experiment(dataclasses.replace(cfg, output_dir=str(tmp_path), seeds=[1], methods=["epa_k3_m4"],
+                                                workers=1))
+    parallel = results["runs"]["epa_k3_m4"][1]
+    for key in ("reward", "kl", "accuracy", "rho", "slope1_error", "implicit_rewards"):
+        assert single["runs"]["epa_k3_m4"][0][key] == parallel[key], key
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--methods", "ppo"], "invalid choice"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--beta", "0"], "--beta and --temperature must be > 0"),
+    (["--workers", "0"], "--workers must be >= 1"),
 ])
 def test_bad_flags_are_reported(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
