@@ -29,7 +29,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(DEPS_STAMP): $(PY) Makefile
-	@echo "make: installing torch and the dependencies into $(VENV) (first time only: about 2 minutes)"
+	@echo "make: installing torch and the dependencies into $(VENV) (first time only: about 3 minutes)"
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)" $(DEPS)
 	touch $@
