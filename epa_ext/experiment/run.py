@@ -1,6 +1,6 @@
 """`epa-demo`: the known-reward experiment, DPO against EPA, end to end.
 
-    epa-demo                                   # defaults: 5 methods x 3 seeds (~4 min on 2 CPU cores)
+    epa-demo                                   # defaults: 5 methods x 3 seeds (~3 min on 2 CPU cores)
     epa-demo --seeds 0 --methods dpo epa_k3_m4 --steps 100     # a quicker look
 
 1. The task and its reference policy (``task``): one tiny Llama trained by SFT on the broad base
