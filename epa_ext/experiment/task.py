@@ -190,8 +190,8 @@ def sample_answers(model, task: KnownRewardTask, prompts: Tensor, num_samples: i
     sample s for prompt i).
 
     letters_only=True: [n * num_samples, L] letter indices, each position drawn over the letters
-    alone (for candidates from the reference, which gives other tokens ~0 probability there; the
-    ``</s>`` after them is scored, not sampled). letters_only=False: [n * num_samples, L + 1] token
+    alone (for candidates from the reference, whose own answers are malformed under 1 % of the
+    time; the ``</s>`` after them is scored, not sampled). letters_only=False: [n * num_samples, L + 1] token
     ids drawn over the whole vocabulary, the policy's answer as it would really come out (the last
     position is where ``</s>`` belongs).
     """
