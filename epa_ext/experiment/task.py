@@ -81,11 +81,13 @@ class KnownRewardTask:
         noise = torch.rand(num_prompts, self.spec.alphabet_size, generator=generator)
         return noise.argsort(dim=1)[:, :self.spec.prompt_length]
 
+    def in_prompt(self, prompts: Tensor) -> Tensor:
+        """[n, A] float64: 1 where letter c occurs in prompt x, else 0."""
+        return torch.zeros(prompts.shape[0], self.spec.alphabet_size, dtype=torch.float64).scatter_(1, prompts.cpu(), 1.0)
+
     def letter_rewards(self, prompts: Tensor) -> Tensor:
         """[n, A] float64: t(x, c) for every letter c under each prompt x."""
-        in_prompt = torch.zeros(prompts.shape[0], self.spec.alphabet_size, dtype=torch.float64)
-        in_prompt.scatter_(1, prompts.cpu(), 1.0)
-        return (2 * in_prompt - 1) * self.spec.in_prompt_reward + self.letter_values
+        return (2 * self.in_prompt(prompts) - 1) * self.spec.in_prompt_reward + self.letter_values
 
     def reward(self, prompts: Tensor, answers: Tensor) -> Tensor:
         """True reward r*(x, y) [n] float64 of answers [n, L] (row i answers prompt i)."""
@@ -93,9 +95,7 @@ class KnownRewardTask:
 
     def base_letter_probs(self, prompts: Tensor) -> Tensor:
         """[n, A] float64: the base distribution of one answer letter under each prompt."""
-        in_prompt = torch.zeros(prompts.shape[0], self.spec.alphabet_size, dtype=torch.float64)
-        in_prompt.scatter_(1, prompts.cpu(), 1.0)
-        return self.spec.copy_prob * in_prompt / self.spec.prompt_length \
+        return self.spec.copy_prob * self.in_prompt(prompts) / self.spec.prompt_length \
             + (1 - self.spec.copy_prob) / self.spec.alphabet_size
 
     def sample_base_answers(self, prompts: Tensor, generator: torch.Generator) -> Tensor:
