@@ -12,7 +12,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.epa_ext-installed
 SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*) $(shell find epa_ext -name '*.py')
 
-.PHONY: demo test build bench clean
+.PHONY: demo test build dev bench clean
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/epa-demo
@@ -41,5 +41,14 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PIP) install --quiet --no-build-isolation --no-deps .
 	touch $@
 
+# In-place build for development: compiles into build/dev and links the module into epa_ext/, so
+# `PYTHONPATH=. $(VENV)/bin/pytest python_tests` runs the source tree without reinstalling.
+# DEV_CMAKE_ARGS="-DEPA_EXT_CUDA=OFF" skips the CUDA sources for a quicker edit-compile loop.
+dev: $(DEPS_STAMP)
+	$(VENV)/bin/cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython_EXECUTABLE=$(abspath $(PY)) $(DEV_CMAKE_ARGS)
+	$(VENV)/bin/cmake --build build/dev
+	ln -sf ../build/dev/$$(cd build/dev && ls _C*.so) epa_ext/
+
 clean:
-	rm -rf build $(BUILD_STAMP)
+	rm -rf build $(BUILD_STAMP) epa_ext/_C*.so
