@@ -7,7 +7,8 @@ PIP := $(PY) -m pip
 # torch is the CUDA 13.0 build so that the CUDA sources compile even where no GPU is present.
 TORCH_SPEC ?= torch==2.14.1
 DEPS := numpy "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 pytest hypothesis \
-	transformers tokenizers safetensors datasets peft tqdm matplotlib pyyaml
+	transformers tokenizers safetensors datasets peft tqdm matplotlib pyyaml tensorboard \
+	"trl>=1.16,<1.17" liger-kernel
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.epa_ext-installed
 SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*) $(shell find epa_ext -name '*.py')

@@ -18,7 +18,7 @@ import torch
 from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,13 +52,13 @@ def main() -> None:
     hidden = torch.randn(batch, args.seq_len, args.hidden, dtype=dtype, device=args.device).requires_grad_()
     weight = (torch.randn(args.vocab, args.hidden, dtype=dtype, device=args.device) / args.hidden**0.5).requires_grad_()
     tokens = batch * args.seq_len
-    providers = {"eager": reference.linear_sequence_logps, "epa_ext": epa_ext.linear_sequence_logps}
+    providers = {"eager": eager.linear_sequence_logps, "epa_ext": epa_ext.linear_sequence_logps}
     rate = matmul_tflops(args.hidden, args.vocab, dtype, args.device, reps) if args.device == "cuda" else None
 
     rows = []
     for ignored in args.ignored:
         labels = torch.randint(0, args.vocab, (batch, args.seq_len), device=args.device)
-        labels[:, : int(args.seq_len * ignored)] = -100  # the prompt comes first
+        labels[:, : int(args.seq_len * ignored)] = epa_ext.IGNORE_INDEX  # the prompt comes first
         for mode in args.modes:
             for name, fn in providers.items():
                 def run(fn=fn, mode=mode):

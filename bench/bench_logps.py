@@ -4,7 +4,7 @@
     python bench/bench_logps.py --device cuda --tokens 8192 --vocab 32000 128256 --dtype bf16 fp32
 
 eager is what a TRL user runs today (log_softmax, gather, masked sum; autograd); compile is
-torch.compile of the same function; both come from epa_ext.reference. On CUDA each row also gets
+torch.compile of the same function; both come from epa_ext.eager. On CUDA each row also gets
 its achieved bandwidth (bytes the op must move: forward reads the logits once, backward reads
 them and writes their gradient) next to a same-size device copy.
 """
@@ -17,15 +17,15 @@ import torch
 from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def providers(names: list[str]) -> dict:
     table = {
-        "eager": reference.sequence_logps,
-        "compile": torch.compile(reference.sequence_logps),
+        "eager": eager.sequence_logps,
+        "compile": torch.compile(eager.sequence_logps),
         "epa_ext": epa_ext.sequence_logps,
     }
     return {name: table[name] for name in names}
@@ -36,7 +36,7 @@ def make_batch(tokens: int, vocab: int, seq_len: int, dtype, device, ignore_frac
     batch = max(tokens // seq_len, 1)
     logits = torch.randn(batch, seq_len, vocab, dtype=dtype, device=device).requires_grad_()
     labels = torch.randint(0, vocab, (batch, seq_len), device=device)
-    labels[torch.rand(batch, seq_len, device=device) < ignore_fraction] = -100
+    labels[torch.rand(batch, seq_len, device=device) < ignore_fraction] = epa_ext.IGNORE_INDEX
     return logits, labels
 
 

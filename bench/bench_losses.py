@@ -4,7 +4,7 @@
     python bench/bench_losses.py --device cuda --dtype bf16 --vocab 128256
 
 Providers: eager, the composition a TRL user writes today (log_softmax, gather, masked sum, then
-the loss; autograd), from epa_ext.reference; epa_ext.fused_epa_loss; and the same with
+the loss; autograd), from epa_ext.eager; epa_ext.fused_epa_loss; and the same with
 inplace_backward=True, which writes d(logits) over the logits. Memory is the peak above what
 exists before the step (the logits themselves), with d(logits) kept alive.
 """
@@ -18,7 +18,7 @@ import torch
 from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,12 +42,12 @@ def main() -> None:
     shape = (rows, args.seq_len, args.vocab)
     base = torch.randn(shape, dtype=DTYPES[args.dtype], device=args.device)
     labels = torch.randint(0, args.vocab, shape[:2], device=args.device)
-    labels[:, : int(args.seq_len * args.prompt_fraction)] = -100
-    labels[:, -1] = -100
+    labels[:, : int(args.seq_len * args.prompt_fraction)] = epa_ext.IGNORE_INDEX
+    labels[:, -1] = epa_ext.IGNORE_INDEX
     ref_logps = -torch.rand(rows, device=args.device) * 100
     options = dict(num_candidates=args.candidates, beta=0.1)
     providers = {
-        "eager": partial(reference.fused_epa_loss, **options),
+        "eager": partial(eager.fused_epa_loss, **options),
         "epa_ext": partial(epa_ext.fused_epa_loss, **options),
         "epa_ext inplace": partial(epa_ext.fused_epa_loss, inplace_backward=True, **options),
     }

@@ -19,7 +19,7 @@ import torch
 from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 from epa_ext.train.modeling import PreferenceLoss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -61,7 +61,7 @@ def main() -> None:
 
     def eager_loss():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss, _ = reference.fused_epa_loss(logits.float(), labels, ref_logps, num_candidates=args.candidates)
+        loss, _ = eager.fused_epa_loss(logits.float(), labels, ref_logps, num_candidates=args.candidates)
         return loss
 
     def fused_loss():

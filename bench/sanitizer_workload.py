@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     for shape, dtype in cases:
         logits = (torch.randn(shape, device="cuda") * 3).to(dtype)
         labels = torch.randint(0, shape[-1], shape[:-1], device="cuda")
-        labels[torch.rand(shape[:-1], device="cuda") < 0.2] = -100
+        labels[torch.rand(shape[:-1], device="cuda") < 0.2] = epa_ext.IGNORE_INDEX
         view = logits[:, :-1] if logits.dim() == 3 else logits[1:]
         view_labels = labels[:, :-1] if labels.dim() == 2 else labels[1:]
         for x, y in ((logits, labels), (view, view_labels)):
@@ -26,7 +26,7 @@ def main() -> None:
             out = epa_ext.sequence_logps(x, y)
             out.sum().backward()
             ref_x = x.detach().double().requires_grad_()
-            ref = reference.sequence_logps(ref_x, y)
+            ref = eager.sequence_logps(ref_x, y)
             ref.sum().backward()
             tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
             torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * shape[-2])
@@ -47,14 +47,14 @@ def check_losses() -> None:
         ours = epa_ext.epa_loss(policy, ref, num_strong=2, weak_weight=0.5, mask=m, reduction="sum")
         (grad,) = torch.autograd.grad(ours, policy)
         truth_policy = policy.detach().double().requires_grad_()
-        truth = reference.epa_loss(truth_policy, ref.double(), num_strong=2, weak_weight=0.5, mask=m, reduction="sum")
+        truth = eager.epa_loss(truth_policy, ref.double(), num_strong=2, weak_weight=0.5, mask=m, reduction="sum")
         (truth_grad,) = torch.autograd.grad(truth, truth_policy)
         torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-4, atol=1e-6)
     pairs = [policy[:, i].detach().requires_grad_() for i in range(4)]
     for loss_type in ("sigmoid", "robust", "hinge", "ipo"):
         ours = epa_ext.dpo_loss(*pairs, loss_type=loss_type, reduction="sum")
-        truth = reference.dpo_loss(*(p.double() for p in pairs), loss_type=loss_type, reduction="sum")
+        truth = eager.dpo_loss(*(p.double() for p in pairs), loss_type=loss_type, reduction="sum")
         torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-4)
         torch.autograd.grad(ours, pairs)
 
@@ -65,11 +65,11 @@ def check_linear() -> None:
     hidden = torch.randn(3, 11, 40, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(301, 40, device="cuda", dtype=torch.bfloat16) / 6).requires_grad_()
     labels = torch.randint(0, 301, (3, 11), device="cuda")
-    labels[:, :4] = -100
+    labels[:, :4] = epa_ext.IGNORE_INDEX
     ours = epa_ext.linear_sequence_logps(hidden, weight, labels, chunk_size=7)
     grads = torch.autograd.grad(ours.sum(), [hidden, weight])
     ref_in = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
-    truth = reference.linear_sequence_logps(*ref_in, labels)
+    truth = eager.linear_sequence_logps(*ref_in, labels)
     truth_grads = torch.autograd.grad(truth.sum(), ref_in)
     torch.testing.assert_close(ours.double(), truth, rtol=2e-2, atol=0.5)
     for g, t in zip(grads, truth_grads):

@@ -26,7 +26,7 @@ except ImportError as error:  # most often: importing the source tree instead of
     ) from error
 from .fused import fused_dpo_loss, fused_epa_loss, fused_linear_dpo_loss, fused_linear_epa_loss
 from .linear import linear_sequence_logps, linear_token_logps
-from .logps import completion_labels, sequence_logps, token_logps
+from .logps import IGNORE_INDEX, completion_labels, sequence_logps, token_logps
 from .losses import DPOLoss, EPALoss, dpo_loss, epa_loss, preference_metrics
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ def cpu_capability() -> str:
 
 
 __all__ = [
+    "IGNORE_INDEX",
     "DPOLoss",
     "EPALoss",
     "completion_labels",

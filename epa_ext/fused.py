@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .linear import linear_sequence_logps
-from .logps import sequence_logps
+from .logps import IGNORE_INDEX, sequence_logps
 from .losses import dpo_loss, epa_loss
 
 
@@ -52,7 +52,7 @@ def fused_dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     average: bool | None = None,
     inplace_backward: bool = False,
@@ -88,7 +88,7 @@ def fused_epa_loss(
     num_strong: int | None = None,
     weak_weight: float = 1.0,
     mask: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     average: bool = False,
     inplace_backward: bool = False,
@@ -124,7 +124,7 @@ def fused_linear_dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     average: bool | None = None,
     chunk_size: int | None = None,
@@ -162,7 +162,7 @@ def fused_linear_epa_loss(
     num_strong: int | None = None,
     weak_weight: float = 1.0,
     mask: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     average: bool = False,
     chunk_size: int | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .logps import _accumulate_dtype, _SUPPORTED_LOGITS_DTYPES
+from .logps import _SUPPORTED_LOGITS_DTYPES, IGNORE_INDEX, _accumulate_dtype
 
 
 def _check_linear(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
@@ -79,7 +79,7 @@ torch.library.register_autograd("epa_ext::linear_token_logps", _linear_backward,
 
 
 def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                       ignore_index: int = -100, chunk_size: int | None = None,
+                       ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None,
                        fp32_weight_grad: bool = True) -> Tensor:
     """Per-token log-probs of labels under ``hidden @ weight.T + bias``, chunked over tokens.
 
@@ -114,7 +114,7 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
 
 
 def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                          ignore_index: int = -100, average: bool = False, chunk_size: int | None = None,
+                          ignore_index: int = IGNORE_INDEX, average: bool = False, chunk_size: int | None = None,
                           fp32_weight_grad: bool = True) -> Tensor:
     """Sequence log-probs from hidden states and the lm_head, never forming [B*T, V] logits.
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -100
+"""The label of positions that are not scored (prompt, padding), as in PyTorch's cross_entropy and TRL."""
+
 _SUPPORTED_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -113,7 +116,7 @@ def _prepare(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor,
 
 
 def token_logps(
-    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, inplace_backward: bool = False
+    logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX, inplace_backward: bool = False
 ) -> Tensor:
     """Log-probability of each label under its row of logits, fused and without a [.., V] buffer.
 
@@ -139,7 +142,7 @@ def sequence_logps(
     logits: Tensor,
     labels: Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     average: bool = False,
     inplace_backward: bool = False,
 ) -> Tensor:
@@ -164,7 +167,7 @@ def sequence_logps(
     return total
 
 
-def completion_labels(input_ids: Tensor, completion_mask: Tensor, *, ignore_index: int = -100) -> Tensor:
+def completion_labels(input_ids: Tensor, completion_mask: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Labels aligned with the logits of a causal LM, keeping only completion tokens.
 
     The logits at position t predict token t + 1, so

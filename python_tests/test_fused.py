@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 from numerics import assert_close_to_truth
 
 
@@ -53,14 +53,14 @@ EPA_OPTIONS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_epa_equals_composition(options, inplace, dtype, device):
     logits, labels, ref = make_batch(options["num_candidates"], 3, 9, 131, dtype, device)
-    check_fused(epa_ext.fused_epa_loss, reference.fused_epa_loss, logits, labels, ref, inplace=inplace, **options)
+    check_fused(epa_ext.fused_epa_loss, eager.fused_epa_loss, logits, labels, ref, inplace=inplace, **options)
 
 
 def test_fused_epa_with_mask(device):
     logits, labels, ref = make_batch(5, 4, 7, 64, torch.float32, device)
     mask = torch.rand(4, 5, device=device) > 0.4
     mask[:, 0] = True
-    check_fused(epa_ext.fused_epa_loss, reference.fused_epa_loss, logits, labels, ref, inplace=False,
+    check_fused(epa_ext.fused_epa_loss, eager.fused_epa_loss, logits, labels, ref, inplace=False,
                 num_candidates=5, num_strong=2, mask=mask)
     # absent candidates get no gradient at all
     x = logits.clone().requires_grad_()
@@ -79,7 +79,7 @@ def test_fused_dpo_equals_composition(loss_type, inplace, dtype, device):
     beta = 0.5 if loss_type == "ipo" else 0.1
     if loss_type == "ipo":  # IPO works on length-averaged log-probs, the reference's too
         ref = ref / (labels != -100).sum(-1).clamp_min(1)
-    check_fused(epa_ext.fused_dpo_loss, reference.fused_dpo_loss, logits, labels, ref, inplace=inplace,
+    check_fused(epa_ext.fused_dpo_loss, eager.fused_dpo_loss, logits, labels, ref, inplace=inplace,
                 beta=beta, loss_type=loss_type, label_smoothing=smoothing)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 from numerics import assert_close_to_truth
 
 
@@ -52,7 +52,7 @@ def test_matches_eager(shape, dtype, average, device):
         return epa_ext.linear_sequence_logps(h, w, labels, bias=b, average=average, chunk_size=chunk)
 
     def eager(h, w, b):
-        return reference.linear_sequence_logps(h, w, labels, b, average=average)
+        return eager.linear_sequence_logps(h, w, labels, b, average=average)
 
     value, grads = grads_of(ours, inputs[:3])
     truth, truth_grads = grads_of(eager, [t.double() for t in inputs[:3]])
@@ -77,7 +77,7 @@ def test_ignored_rows(ignore_fraction, device):
     hidden, weight, bias, labels = make_inputs(3, 8, 16, 50, torch.float32, device, ignore_fraction=ignore_fraction)
     value, grads = grads_of(lambda h, w, b: epa_ext.linear_sequence_logps(h, w, labels, bias=b, chunk_size=5),
                             [hidden, weight, bias])
-    truth, truth_grads = grads_of(lambda h, w, b: reference.linear_sequence_logps(h, w, labels, b),
+    truth, truth_grads = grads_of(lambda h, w, b: eager.linear_sequence_logps(h, w, labels, b),
                                   [t.double() for t in (hidden, weight, bias)])
     assert_close_to_truth(value, truth, dtype=torch.float32)
     for g, t in zip(grads, truth_grads):
@@ -96,7 +96,7 @@ def test_frozen_weight_gets_no_gradient(device):
     out.sum().backward()
     assert weight.grad is None and h.grad is not None
     h_ref = hidden.double().requires_grad_()
-    reference.linear_sequence_logps(h_ref, weight.double(), labels).sum().backward()
+    eager.linear_sequence_logps(h_ref, weight.double(), labels).sum().backward()
     assert_close_to_truth(h.grad, h_ref.grad, dtype=torch.float32)
 
 
@@ -109,7 +109,7 @@ def test_tied_weights(device):
     labels = epa_ext.completion_labels(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
     grads = []
     for fn in (lambda h: epa_ext.linear_sequence_logps(h, embedding.weight, labels),
-               lambda h: reference.linear_sequence_logps(h, embedding.weight, labels)):
+               lambda h: eager.linear_sequence_logps(h, embedding.weight, labels)):
         embedding.zero_grad()
         hidden = torch.tanh(embedding(input_ids))
         fn(hidden).sum().backward()
@@ -120,7 +120,7 @@ def test_tied_weights(device):
 def test_bf16_weight_gradient_accumulates_in_fp32(device):
     hidden, weight, _, labels = make_inputs(4, 64, 32, 64, torch.bfloat16, device, with_bias=False)
     errors = {}
-    truth = grads_of(lambda h, w: reference.linear_sequence_logps(h, w, labels), [hidden.double(), weight.double()])[1][1]
+    truth = grads_of(lambda h, w: eager.linear_sequence_logps(h, w, labels), [hidden.double(), weight.double()])[1][1]
     for fp32 in (True, False):
         grad = grads_of(lambda h, w: epa_ext.linear_sequence_logps(h, w, labels, chunk_size=8, fp32_weight_grad=fp32),
                         [hidden, weight])[1][1]
@@ -174,7 +174,7 @@ def test_fused_linear_losses_equal_the_logits_path(device):
         (lambda h, w, b: epa_ext.fused_linear_dpo_loss(h, w, labels, ref, bias=b, loss_type="ipo", beta=0.5)[0],
          lambda h, w, b: epa_ext.fused_dpo_loss(h @ w.T + b, labels, ref, loss_type="ipo", beta=0.5)[0]),
         (lambda h, w, b: epa_ext.fused_linear_dpo_loss(h, w, labels, ref, bias=b, label_smoothing=0.1)[0],
-         lambda h, w, b: reference.fused_dpo_loss(h @ w.T + b, labels, ref, label_smoothing=0.1)[0]),
+         lambda h, w, b: eager.fused_dpo_loss(h @ w.T + b, labels, ref, label_smoothing=0.1)[0]),
     ]
     for ours_fn, logits_fn in cases:
         value, grads = grads_of(ours_fn, [hidden, weight, bias])

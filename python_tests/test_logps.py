@@ -1,4 +1,4 @@
-"""token_logps / sequence_logps / completion_labels against the plain-torch reference."""
+"""token_logps / sequence_logps / completion_labels against the plain-torch definitions (epa_ext/eager.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 from numerics import assert_close_to_truth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,7 +39,7 @@ def check_against_reference(logits, labels, *, ignore_index=-100, what="", grad_
     results = {}
     for name, x in (("truth", logits.detach().double()), ("plain", logits.detach())):
         x = x.clone().requires_grad_()
-        out = reference.token_logps(x, labels, ignore_index)
+        out = eager.token_logps(x, labels, ignore_index)
         out.backward(upstream.to(out.dtype).to(out.device))
         results[name] = (out, x.grad)
 
@@ -64,8 +64,8 @@ def test_float64_matches_reference(device):
     assert ours.dtype == torch.float64
     ours.sum().backward()
     y = logits.clone().requires_grad_()
-    reference.token_logps(y, labels).sum().backward()
-    assert_close_to_truth(ours, reference.token_logps(logits, labels), dtype=torch.float64)
+    eager.token_logps(y, labels).sum().backward()
+    assert_close_to_truth(ours, eager.token_logps(logits, labels), dtype=torch.float64)
     assert_close_to_truth(x.grad, y.grad, dtype=torch.float64)
 
 
@@ -145,7 +145,7 @@ def test_sequence_logps_matches_reference(average, device):
     ours = epa_ext.sequence_logps(x, labels, average=average)
     ours.backward(torch.arange(5.0, device=device))
     y = logits.double().requires_grad_()
-    truth = reference.sequence_logps(y, labels, average=average)
+    truth = eager.sequence_logps(y, labels, average=average)
     truth.backward(torch.arange(5.0, dtype=torch.float64, device=device))
     assert ours.shape == (5,)
     assert_close_to_truth(ours, truth, dtype=torch.float32, what="sequence_logps")
@@ -301,7 +301,7 @@ def test_default_cpu_capability_path_matches_reference():
     script = textwrap.dedent(
         """
         import torch, epa_ext
-        from epa_ext import reference
+        from epa_ext import eager
         assert epa_ext.cpu_capability() == "default", epa_ext.cpu_capability()
         torch.manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -310,7 +310,7 @@ def test_default_cpu_capability_path_matches_reference():
             out = epa_ext.token_logps(logits, labels)
             out.sum().backward()
             x = logits.detach().double().requires_grad_()
-            truth = reference.token_logps(x, labels); truth.sum().backward()
+            truth = eager.token_logps(x, labels); truth.sum().backward()
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(out.double(), truth, rtol=tol, atol=tol)
             torch.testing.assert_close(logits.grad.double(), x.grad, rtol=tol, atol=tol)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 from numerics import assert_close_to_truth
 
 LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo"]
@@ -48,7 +48,7 @@ def test_dpo_matches_reference(loss_type, reduction, dtype, device):
     beta = 0.1 if loss_type != "ipo" else 0.5
     inputs = [random_logps(37, dtype=dtype, device=device) for _ in range(4)]
     options = dict(beta=beta, loss_type=loss_type, label_smoothing=smoothing, reduction=reduction)
-    compare(lambda *t: epa_ext.dpo_loss(*t, **options), lambda *t: reference.dpo_loss(*t, **options), inputs,
+    compare(lambda *t: epa_ext.dpo_loss(*t, **options), lambda *t: eager.dpo_loss(*t, **options), inputs,
             dtype=dtype, what=f"dpo {loss_type}")
 
 
@@ -78,7 +78,7 @@ def test_epa_matches_reference(case, reduction, dtype, device):
     mask = make_mask(11, candidates, device) if with_mask else None
     options = dict(beta=0.2, num_strong=num_strong, weak_weight=weak_weight, mask=mask, reduction=reduction)
     inputs = [random_logps(11, candidates, dtype=dtype, device=device) for _ in range(2)]
-    compare(lambda *t: epa_ext.epa_loss(*t, **options), lambda *t: reference.epa_loss(*t, **options), inputs,
+    compare(lambda *t: epa_ext.epa_loss(*t, **options), lambda *t: eager.epa_loss(*t, **options), inputs,
             dtype=dtype, what=f"epa {case}")
 
 
@@ -152,14 +152,14 @@ def test_large_rewards_stay_finite(device):
         loss = epa_ext.dpo_loss(p[:, 0], p[:, 1], ref[:, 0], ref[:, 1], beta=0.2, loss_type=loss_type, reduction="sum")
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(p.grad).all(), loss_type
-        truth = reference.dpo_loss(*(t.double() for t in (p[:, 0], p[:, 1], ref[:, 0], ref[:, 1])), beta=0.2,
+        truth = eager.dpo_loss(*(t.double() for t in (p[:, 0], p[:, 1], ref[:, 0], ref[:, 1])), beta=0.2,
                                    loss_type=loss_type, reduction="sum")
         torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-5)
     p = policy.clone().requires_grad_()
     loss = epa_ext.epa_loss(p, ref, beta=0.2, num_strong=1, reduction="sum")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(p.grad).all()
-    torch.testing.assert_close(loss.double(), reference.epa_loss(policy.double(), ref.double(), beta=0.2, num_strong=1,
+    torch.testing.assert_close(loss.double(), eager.epa_loss(policy.double(), ref.double(), beta=0.2, num_strong=1,
                                                                  reduction="sum"), rtol=1e-6, atol=1e-4)
 
 

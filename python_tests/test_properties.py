@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 from numerics import assert_close_to_truth
 
 EXAMPLES = int(os.environ.get("EPA_EXT_HYPOTHESIS_EXAMPLES", "80"))
@@ -65,9 +65,9 @@ def test_sequence_and_token_logps(case, average):
     logits, labels = case
     dtype = logits.dtype
     for ours_fn, ref_fn in (
-        (lambda x: epa_ext.token_logps(x, labels), lambda x: reference.token_logps(x, labels)),
+        (lambda x: epa_ext.token_logps(x, labels), lambda x: eager.token_logps(x, labels)),
         (lambda x: epa_ext.sequence_logps(x, labels, average=average),
-         lambda x: reference.sequence_logps(x, labels, average=average)),
+         lambda x: eager.sequence_logps(x, labels, average=average)),
     ):
         ours, ours_grad = value_and_grad(ours_fn, logits)
         truth, truth_grad = value_and_grad(ref_fn, logits.double())
@@ -91,7 +91,7 @@ def test_dpo_loss(loss_type, batch, beta, smoothing, scale, seed, reduction):
         return epa_ext.dpo_loss(*x.float(), **options)
 
     def ref_fn(x):
-        return reference.dpo_loss(*x, **options)
+        return eager.dpo_loss(*x, **options)
 
     ours, grad = value_and_grad(ours_fn, stacked)
     truth, truth_grad = value_and_grad(ref_fn, stacked)
@@ -124,7 +124,7 @@ def test_epa_loss(case, reduction):
     policy, ref, mask, strong, beta, weak_weight = case
     options = dict(beta=beta, num_strong=strong, weak_weight=weak_weight, mask=mask, reduction=reduction)
     ours, grad = value_and_grad(lambda p: epa_ext.epa_loss(p.float(), ref.float(), **options), policy)
-    truth, truth_grad = value_and_grad(lambda p: reference.epa_loss(p, ref, **options), policy)
+    truth, truth_grad = value_and_grad(lambda p: eager.epa_loss(p, ref, **options), policy)
     scale = max(1.0, beta * float(policy.abs().max()))
     torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-6 * scale)
     torch.testing.assert_close(grad, truth_grad, rtol=1e-4, atol=1e-6 * scale)
@@ -155,7 +155,7 @@ def test_linear_sequence_logps(hidden_size, vocab, rows, chunk, with_bias, ignor
         return epa_ext.linear_sequence_logps(h, w, labels, bias=b, chunk_size=chunk)
 
     def eager_fn(h, w, b=None):
-        return reference.linear_sequence_logps(h, w, labels, b)
+        return eager.linear_sequence_logps(h, w, labels, b)
 
     ours, ours_grads = run(ours_fn, [t.to(dtype) for t in params])
     truth, truth_grads = run(eager_fn, params)
@@ -184,6 +184,6 @@ def test_fused_losses_equal_their_composition(prompts, candidates, steps, vocab,
 
     value, grad = value_and_grad(ours, logits.float())
     truth, truth_grad = value_and_grad(
-        lambda x: reference.fused_epa_loss(x, labels, ref, num_candidates=candidates, beta=0.5)[0], logits)
+        lambda x: eager.fused_epa_loss(x, labels, ref, num_candidates=candidates, beta=0.5)[0], logits)
     torch.testing.assert_close(value.double(), truth, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-4, atol=1e-6)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import epa_ext
-from epa_ext import reference
+from epa_ext import eager
 from numerics import assert_close_to_truth
 
 
@@ -50,8 +50,8 @@ def test_minus_inf_logits_are_exact(vocab, device):
     for dtype in (torch.float32, torch.bfloat16):
         x = logits.to(dtype).to(device)
         out, grad = grad_of(lambda t: epa_ext.token_logps(t, labels.to(device)), x)
-        truth, truth_grad = grad_of(lambda t: reference.token_logps(t, labels), x.double().cpu())
-        plain, plain_grad = grad_of(lambda t: reference.token_logps(t, labels), x.cpu())
+        truth, truth_grad = grad_of(lambda t: eager.token_logps(t, labels), x.double().cpu())
+        plain, plain_grad = grad_of(lambda t: eager.token_logps(t, labels), x.cpu())
         assert_close_to_truth(out, truth, dtype=dtype, plain=plain, what="logps")
         assert_close_to_truth(grad, truth_grad, dtype=dtype, plain=plain_grad, what="d(logits)")
         assert out[2].item() == 0.0 and torch.equal(grad[masked.to(device)], torch.zeros_like(grad[masked.to(device)]))
@@ -82,7 +82,7 @@ def test_largest_vocabulary(device):
     logits = torch.randn(3, vocab, device=device) * 4
     labels = torch.tensor([0, vocab - 1, 12345], device=device)
     out, grad = grad_of(lambda x: epa_ext.token_logps(x, labels), logits)
-    truth, truth_grad = grad_of(lambda x: reference.token_logps(x, labels.cpu()), logits.double().cpu())
+    truth, truth_grad = grad_of(lambda x: eager.token_logps(x, labels.cpu()), logits.double().cpu())
     assert_close_to_truth(out, truth, dtype=torch.float32)
     assert_close_to_truth(grad, truth_grad, dtype=torch.float32)
 
@@ -107,11 +107,11 @@ def test_offsets_beyond_2_pow_31_elements(device):
     labels = torch.full((rows,), -100)
     labels[kept] = torch.tensor([5, vocab - 1, 77])
     logps, lse = torch.ops.epa_ext.token_logps(logits, labels.to(device), -100)
-    truth = reference.token_logps(values.double(), labels[kept])
+    truth = eager.token_logps(values.double(), labels[kept])
     torch.testing.assert_close(logps.cpu()[kept].double(), truth, rtol=1e-5, atol=1e-5)
     assert torch.equal(logps.cpu()[labels == -100], torch.zeros(rows - 3))
     x = values.double().requires_grad_()
-    (truth_grad,) = torch.autograd.grad(reference.token_logps(x, labels[kept]).sum(), [x])
+    (truth_grad,) = torch.autograd.grad(eager.token_logps(x, labels[kept]).sum(), [x])
     torch.ops.epa_ext.token_logps_backward_(torch.ones(rows, device=device), logits, labels.to(device), lse, logps,
                                             -100)
     torch.testing.assert_close(logits.cpu()[kept].double(), truth_grad, rtol=2e-2, atol=2e-3)

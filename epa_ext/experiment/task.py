@@ -129,12 +129,12 @@ class KnownRewardTask:
     def sequence_ids(self, prompts: Tensor, answer_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(input ids, labels) [n, P + 2 + T] for answer token ids [n, T] to prompts [n, P]. The labels
         are the answer's tokens up to its first ``</s>``; the prompt and anything after that
-        ``</s>`` are -100."""
+        ``</s>`` are epa_ext.IGNORE_INDEX."""
         prompt = self.prompt_ids(prompts)
         answer_tokens = answer_tokens.cpu()
         ids = torch.cat([prompt, answer_tokens], dim=1)
         after_end = (answer_tokens == EOS_ID).long().cumsum(dim=1) - (answer_tokens == EOS_ID).long() > 0
-        labels = torch.cat([torch.full_like(prompt, -100), answer_tokens.masked_fill(after_end, -100)], dim=1)
+        labels = torch.cat([torch.full_like(prompt, epa_ext.IGNORE_INDEX), answer_tokens.masked_fill(after_end, epa_ext.IGNORE_INDEX)], dim=1)
         return ids, labels
 
     def reward_of_tokens(self, prompts: Tensor, answer_tokens: Tensor) -> tuple[Tensor, Tensor]:

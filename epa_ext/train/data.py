@@ -35,12 +35,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..logps import IGNORE_INDEX
+
 Messages = list[dict]
 """Chat messages: ``[{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]``."""
 Part = str | Messages
 """A prompt or an answer: plain text, or chat messages."""
 
-IGNORE_INDEX = -100
 _LOCAL_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
 _TEXT_KEYS = ("response", "text", "completion", "content")
 _SCORE_KEYS = ("score", "rating", "overall_score")
@@ -649,7 +650,7 @@ def collate(examples: list[TokenizedExample], example_ids: list[int], *, num_str
     (j, k) = weak_sources[example_ids[b]][m].
 
     Labels follow epa_ext.completion_labels (the logits at t predict token t + 1):
-    labels[r, t] = input_ids[r, t + 1] where t + 1 is an answer token, -100 elsewhere (prompt,
+    labels[r, t] = input_ids[r, t + 1] where t + 1 is an answer token, IGNORE_INDEX elsewhere (prompt,
     padding, last column).
 
     Args:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .logps import IGNORE_INDEX
+
 
 def _out_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """logits [..., V], labels [...] -> [...]: log_softmax, gather, 0 where ignored."""
     keep = labels != ignore_index
     safe_labels = labels.masked_fill(~keep, 0)
@@ -24,7 +26,7 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Ten
     return logps.to(_out_dtype(logits)).masked_fill(~keep, 0.0)
 
 
-def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, average: bool = False) -> Tensor:
+def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, average: bool = False) -> Tensor:
     """logits [B, T, V], labels [B, T] -> [B]: masked sum (average: mean) of token log-probs."""
     total = token_logps(logits, labels, ignore_index).sum(-1)
     if average:
@@ -33,7 +35,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100, ave
 
 
 def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
-                          ignore_index: int = -100, average: bool = False) -> Tensor:
+                          ignore_index: int = IGNORE_INDEX, average: bool = False) -> Tensor:
     """hidden [B, T, H], weight [V, H] -> [B]: the full logits hidden @ weight.T + bias, then
     sequence_logps (what an eager trainer does)."""
     logits = hidden @ weight.T
@@ -81,7 +83,7 @@ def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_str
 
 
 def fused_dpo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-                   label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                   label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
                    average: bool | None = None) -> tuple[Tensor, Tensor]:
     """logits [2B, T, V] ([chosen; rejected]) -> (loss, sequence log-probs [2B]), eagerly."""
     average = (loss_type == "ipo") if average is None else average
@@ -94,7 +96,7 @@ def fused_dpo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, beta: floa
 
 def fused_epa_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, num_candidates: int, beta: float = 0.1,
                    num_strong: int | None = None, weak_weight: float = 1.0, mask: Tensor | None = None,
-                   ignore_index: int = -100, reduction: str = "mean",
+                   ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
                    average: bool = False) -> tuple[Tensor, Tensor]:
     """logits [C*B, T, V] candidate-major -> (loss, sequence log-probs [C*B]), eagerly."""
     seq = sequence_logps(logits, labels, ignore_index, average)
