@@ -1,6 +1,7 @@
 // The one place where the schemas of all epa_ext ops are declared. Backends register their
 // kernels with TORCH_LIBRARY_IMPL next to the kernels; autograd and fake (meta) kernels are
-// registered from Python (epa_ext/logps.py, epa_ext/losses.py).
+// registered from Python (epa_ext/logps.py, epa_ext/losses.py, epa_ext/linear.py,
+// epa_ext/linear_losses.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -28,7 +29,8 @@ TORCH_LIBRARY(epa_ext, m) {
 
   // --- log-probs from hidden states and the lm_head, chunked over tokens (linear_logps.cpp) ---
   // hidden [N, H], weight [V, H], bias [V] or None, labels [N]. Rows whose label is ignore_index
-  // are dropped before any matmul; the rest go through chunk_size rows at a time (0: automatic),
+  // are dropped before any matmul; the rest go through chunk_size rows at a time (0: automatic,
+  // max(H, 512); negative: an error),
   // so at most [chunk_size, V] logits exist at once. Returns (logps, lse) [N], fp32 (fp64 for
   // fp64 inputs), 0 on ignored rows. fp32_weight_grad is for the autograd backward.
   m.def(
@@ -41,6 +43,30 @@ TORCH_LIBRARY(epa_ext, m) {
       "linear_token_logps_backward(Tensor grad_logps, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor labels, Tensor lse, Tensor logps, int ignore_index, int chunk_size, bool[3] output_mask, "
       "bool fp32_weight_grad) -> (Tensor, Tensor, Tensor)");
+
+  // --- preference losses from hidden states and the lm_head, gradient formed in the forward
+  // (linear_losses.cpp) ---
+  // hidden [C*B, T, H] candidate-major (row c*B + b: candidate c of prompt b), weight [V, H], bias
+  // [V] or None, labels [C*B, T], ref_logps [C*B] (summed; averaged with ref_logps_averaged).
+  // Whole prompt groups are packed into chunks of at most max_chunk_tokens kept tokens (0:
+  // automatic, max(H, 512)); a larger group is processed in pieces, recomputing its logits.
+  // Returns (loss: 0-d, fp32 (fp64 for fp64 input), reduction 'mean' over B or 'sum';
+  // policy_logps [C*B], summed or averaged as the loss used them; grad_hidden, grad_weight,
+  // grad_bias: d(loss)/d(input) for an upstream gradient of 1, in the inputs' dtypes, computed as
+  // output_mask asks for hidden, weight, bias and [0]-shaped otherwise). sft_weight adds
+  // sft_weight * the chosen answers' NLL over all their tokens. The autograd backward scales the
+  // gradients by the upstream gradient (epa_ext/linear_losses.py).
+  m.def(
+      "linear_dpo_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor ref_logps, float beta, "
+      "str loss_type, float label_smoothing, float sft_weight, bool average, bool ref_logps_averaged, "
+      "str reduction, int ignore_index, int max_chunk_tokens, bool[3] output_mask, bool fp32_weight_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same for EPA: mask [B, C] bool or None, num_candidates C, num_strong K, weak_weight alpha.
+  m.def(
+      "linear_epa_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor ref_logps, Tensor? mask, "
+      "int num_candidates, float beta, int num_strong, float weak_weight, float sft_weight, bool average, "
+      "bool ref_logps_averaged, str reduction, int ignore_index, int max_chunk_tokens, bool[3] output_mask, "
+      "bool fp32_weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // --- preference losses (losses_cpu.cpp, losses_cuda.cu); math in losses_math.h ---
   // Inputs [B]. Returns (losses [B], slopes [B] = d loss / d delta), delta = h_chosen - h_rejected.

@@ -8,6 +8,14 @@ single pass over them, each row scaled by its sequence's loss gradient (with
 inplace_backward=True into the logits' own storage, so the step allocates no second
 logits-sized buffer); for hidden states, goes through the chunked linear backward.
 
+From hidden states, two paths (docs/losses.md, "Fused-linear path"):
+- three matmuls (the default): with reduction "mean" or "sum", a constant reference and
+  ``differentiable_logps=False``, the op epa_ext::linear_{dpo,epa}_loss forms the gradient in the
+  forward, whole prompt groups at a time, and the returned policy log-probs are detached;
+- recomputing (linear_token_logps, 4 matmuls): for reduction="none", for ref_logps that require
+  grad, and for ``differentiable_logps=True`` (policy log-probs that the caller differentiates
+  further, e.g. in a term of their own).
+
 Reference log-probs: ``ref_logps`` are SUMMED sequence log-probs, what ``sequence_logps`` and
 ``linear_sequence_logps`` return by default. When the loss is taken on length-averaged log-probs
 (``average=True``, or loss_type="ipo" by default), these functions divide the policy's and the
@@ -18,11 +26,15 @@ precomputed IPO columns are). See docs/losses.md.
 
 from __future__ import annotations
 
+import numbers
+
+import torch
 from torch import Tensor
 
 from .linear import linear_token_logps
+from .linear_losses import output_mask
 from .logps import IGNORE_INDEX, token_logps
-from .losses import check_sft_weight, dpo_loss, epa_loss
+from .losses import check_loss_options, check_sft_weight, dpo_loss, epa_loss
 
 
 def _check_stacking(name: str, stacked: Tensor, ref_logps: Tensor, num_candidates: int) -> int:
@@ -57,6 +69,28 @@ def _check_options(labels: Tensor, mask: Tensor | None, average: bool, ref_logps
         raise ValueError("ref_logps_averaged=True says ref_logps are length-averaged, but this loss is taken on "
                          "summed log-probs (average=False): pass summed ref_logps, or average=True")
     check_sft_weight(sft_weight)
+
+
+def _check_budget(max_chunk_tokens: int | None) -> int:
+    """max_chunk_tokens as the op takes it (0: automatic)."""
+    if max_chunk_tokens is None:
+        return 0
+    if isinstance(max_chunk_tokens, bool) or not isinstance(max_chunk_tokens, numbers.Integral):
+        raise TypeError(f"max_chunk_tokens must be an int or None; got {type(max_chunk_tokens).__name__}")
+    if max_chunk_tokens <= 0:
+        raise ValueError(f"max_chunk_tokens must be a positive number of tokens or None (automatic: max(H, 512)); "
+                         f"got {max_chunk_tokens}")
+    return int(max_chunk_tokens)
+
+
+def _forms_gradient_in_forward(reduction: str, differentiable_logps: bool, ref_logps: Tensor) -> bool:
+    """The three-matmul path applies: a reduced loss, a constant reference, and policy log-probs
+    that nobody differentiates further."""
+    return reduction != "none" and not differentiable_logps and not (torch.is_grad_enabled() and ref_logps.requires_grad)
+
+
+def _long(labels: Tensor) -> Tensor:
+    return labels.long() if labels.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8) else labels
 
 
 def _sequences(token: Tensor, labels: Tensor, ref_logps: Tensor, ignore_index: int, average: bool,
@@ -185,23 +219,40 @@ def fused_linear_dpo_loss(
     ref_logps_averaged: bool = False,
     max_chunk_tokens: int | None = None,
     fp32_weight_grad: bool = True,
+    differentiable_logps: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """DPO loss from the final hidden states of [chosen; rejected] and the lm_head.
 
     Args:
         hidden: [2B, T, H], rows 0..B-1 the chosen answers, B..2B-1 the rejected ones.
-        weight: [V, H] lm_head weight; bias: optional [V].
+        weight: [V, H] lm_head weight (may be tied to the embedding); bias: optional [V].
         labels, ref_logps (summed), average, sft_weight, ref_logps_averaged and the loss options:
             as in ``fused_dpo_loss``.
-        max_chunk_tokens: tokens per chunk (None: max(H, 512)); fp32_weight_grad: as in
-            ``linear_sequence_logps``.
+        max_chunk_tokens: the token budget of a chunk (None: max(H, 512), so that a chunk's
+            [n, V] logits take about the memory of the [V, H] lm_head). Whole prompt groups are
+            packed into a chunk; a group over the budget goes in pieces with recomputed logits.
+        fp32_weight_grad: accumulate the weight and bias gradients in fp32 for bf16/fp16 weights.
+        differentiable_logps: return policy_seq_logps that carry gradients (the recomputing
+            path, 4 matmuls instead of 3).
 
     Returns:
-        (loss, policy_seq_logps [2B] fp32); no [2B*T, V] logits are ever formed.
+        (loss, policy_seq_logps [2B] fp32, summed or averaged as the loss used them); no
+        [2B*T, V] logits are ever formed. On the three-matmul path (reduction "mean"/"sum", a
+        reference that needs no gradient, differentiable_logps=False) policy_seq_logps are
+        detached, the gradient exists after the forward and backward only scales it; a second
+        backward through the same graph raises.
     """
     batch = _check_stacking("hidden", hidden, ref_logps, 2)
     average = (loss_type == "ipo") if average is None else average
     _check_options(labels, None, average, ref_logps_averaged, sft_weight)
+    budget = _check_budget(max_chunk_tokens)
+    if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
+        check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
+        loss, seq, *_ = torch.ops.epa_ext.linear_dpo_loss(
+            hidden, weight, bias, _long(labels), ref_logps, float(beta), loss_type, float(label_smoothing),
+            float(sft_weight), bool(average), bool(ref_logps_averaged), reduction, ignore_index, budget,
+            output_mask(hidden, weight, bias), fp32_weight_grad)
+        return loss, seq
     token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
@@ -229,6 +280,7 @@ def fused_linear_epa_loss(
     ref_logps_averaged: bool = False,
     max_chunk_tokens: int | None = None,
     fp32_weight_grad: bool = True,
+    differentiable_logps: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """EPA loss from the final hidden states of C candidates per prompt and the lm_head.
 
@@ -236,14 +288,24 @@ def fused_linear_epa_loss(
         hidden: [C*B, T, H] candidate-major (as the logits of ``fused_epa_loss``).
         weight: [V, H] lm_head weight; bias: optional [V].
         labels, ref_logps (summed), num_candidates, mask, average, sft_weight, ref_logps_averaged
-            and the loss options: as in ``fused_epa_loss``. max_chunk_tokens, fp32_weight_grad:
-            as in ``fused_linear_dpo_loss``.
+            and the loss options: as in ``fused_epa_loss``. max_chunk_tokens, fp32_weight_grad,
+            differentiable_logps: as in ``fused_linear_dpo_loss``.
 
     Returns:
-        (loss, policy_seq_logps [C*B] fp32); no [C*B*T, V] logits are ever formed.
+        (loss, policy_seq_logps [C*B] fp32); no [C*B*T, V] logits are ever formed. On the
+        three-matmul path policy_seq_logps are detached (see ``fused_linear_dpo_loss``).
     """
     batch = _check_stacking("hidden", hidden, ref_logps, num_candidates)
     _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
+    budget = _check_budget(max_chunk_tokens)
+    if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
+        check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
+        num_strong = num_candidates - 1 if num_strong is None else num_strong
+        loss, seq, *_ = torch.ops.epa_ext.linear_epa_loss(
+            hidden, weight, bias, _long(labels), ref_logps, mask, num_candidates, float(beta), num_strong,
+            float(weak_weight), float(sft_weight), bool(average), bool(ref_logps_averaged), reduction, ignore_index,
+            budget, output_mask(hidden, weight, bias), fp32_weight_grad)
+        return loss, seq
     token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)

@@ -5,7 +5,9 @@
 
 The op (csrc/linear_logps.cpp) drops ignored rows before any matmul and goes through the rest
 ``chunk_size`` rows at a time: at most [chunk_size, V] logits exist at once, in forward and in
-backward. The backward recomputes each chunk's logits (one extra matmul) instead of storing them.
+backward. The backward recomputes each chunk's logits (one extra matmul) instead of storing them:
+4 matmuls of 2*N*H*V per training step. The preference losses have a 3-matmul path of their own
+(epa_ext/linear_losses.py); this one is for log-probs that callers differentiate further.
 """
 
 from __future__ import annotations
@@ -17,28 +19,58 @@ from .logps import _SUPPORTED_LOGITS_DTYPES, IGNORE_INDEX, _accumulate_dtype
 
 
 def _check_linear(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
-    """The checks of csrc/linear_logps.cpp, for fake tensors (torch.compile, meta)."""
-    torch._check(hidden.dim() == 2, lambda: f"{op}: hidden must have shape [N, H]; got {list(hidden.shape)}")
-    torch._check(weight.dim() == 2, lambda: f"{op}: weight must have shape [V, H] (the lm_head); got {list(weight.shape)}")
-    torch._check(hidden.dtype in _SUPPORTED_LOGITS_DTYPES,
-                 lambda: f"{op}: hidden must be float32, bfloat16, float16 or float64; got {hidden.dtype}")
-    torch._check(weight.dtype == hidden.dtype,
-                 lambda: f"{op}: weight and hidden must have the same dtype; got {weight.dtype} and {hidden.dtype}")
-    torch._check(weight.shape[1] == hidden.shape[1],
-                 lambda: f"{op}: weight must have H = {hidden.shape[1]} columns (the hidden size); got shape {list(weight.shape)}")
-    torch._check(weight.device == hidden.device,
-                 lambda: f"{op}: weight must be on the device of hidden ({hidden.device}); got {weight.device}")
+    """The checks of csrc/linear_common.h, for fake tensors (torch.compile, meta)."""
+    torch._check_value(hidden.dim() >= 2,
+                       lambda: f"{op}: hidden must have shape [N, H] or [R, T, H]; got {list(hidden.shape)}")
+    torch._check_value(weight.dim() == 2,
+                       lambda: f"{op}: weight must have shape [V, H] (the lm_head); got {list(weight.shape)}")
+    torch._check_type(hidden.dtype in _SUPPORTED_LOGITS_DTYPES,
+                      lambda: f"{op}: hidden must be float32, bfloat16, float16 or float64; got {hidden.dtype}")
+    torch._check_type(weight.dtype == hidden.dtype,
+                      lambda: f"{op}: weight and hidden must have the same dtype; got {weight.dtype} and {hidden.dtype}")
+    torch._check_value(weight.shape[1] == hidden.shape[-1],
+                       lambda: f"{op}: weight must have H = {hidden.shape[-1]} columns (the hidden size); "
+                       f"got shape {list(weight.shape)}")
+    torch._check_value(weight.shape[0] != 0, lambda: f"{op}: weight has an empty vocabulary dimension (V = 0)")
+    torch._check_value(weight.device == hidden.device,
+                       lambda: f"{op}: weight must be on the device of hidden ({hidden.device}); got {weight.device}")
     if bias is not None:
-        torch._check(bias.shape == weight.shape[:1],
-                     lambda: f"{op}: bias must have shape [V] = [{weight.shape[0]}]; got {list(bias.shape)}")
-    torch._check(labels.dtype == torch.long, lambda: f"{op}: labels must be int64 (torch.long); got {labels.dtype}")
-    torch._check(labels.shape == hidden.shape[:1],
-                 lambda: f"{op}: labels must have shape [N] = [{hidden.shape[0]}]; got {list(labels.shape)}")
+        torch._check_value(bias.shape == weight.shape[:1],
+                           lambda: f"{op}: bias must have shape [V] = [{weight.shape[0]}]; got {list(bias.shape)}")
+        torch._check_type(bias.dtype == hidden.dtype,
+                          lambda: f"{op}: bias must have the dtype of hidden ({hidden.dtype}); got {bias.dtype}")
+        torch._check_value(bias.device == hidden.device,
+                           lambda: f"{op}: bias must be on the device of hidden ({hidden.device}); got {bias.device}")
+    torch._check_type(labels.dtype == torch.long, lambda: f"{op}: labels must be int64 (torch.long); got {labels.dtype}")
+    torch._check_value(labels.shape == hidden.shape[:-1],
+                       lambda: f"{op}: labels must have the shape of hidden without its last dimension "
+                       f"({list(hidden.shape[:-1])}); got {list(labels.shape)}")
+    torch._check_value(labels.device == hidden.device,
+                       lambda: f"{op}: labels must be on the device of hidden ({hidden.device}); got {labels.device}")
+
+
+def _check_chunk_size(op: str, hidden: Tensor, chunk_size: int) -> None:
+    torch._check_value(hidden.dim() == 2, lambda: f"{op}: hidden must have shape [N, H]; got {list(hidden.shape)}")
+    torch._check_value(chunk_size >= 0, lambda: f"{op}: chunk_size must be a positive number of tokens (0: "
+                       f"automatic, max(H, 512)); got {chunk_size}")
+
+
+def refuse_second_order(op: str) -> None:
+    """Raises when a backward runs under create_graph=True (a double backward, a Hessian-vector
+    product, torch.func transforms). These backwards are not built of differentiable operations:
+    the gradients they return would carry no graph, and a second derivative through them would
+    silently miss this op's part."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: second-order gradients are not supported (the backward ran with create_graph=True: a double "
+            "backward, a Hessian-vector product or a torch.func transform); compute them with the plain-torch "
+            "definitions in epa_ext.eager")
 
 
 @torch.library.register_fake("epa_ext::linear_token_logps")
 def _linear_token_logps_fake(hidden, weight, bias, labels, ignore_index, chunk_size, fp32_weight_grad=True):
     _check_linear("linear_token_logps", hidden, weight, bias, labels)
+    _check_chunk_size("linear_token_logps", hidden, chunk_size)
     out = hidden.new_empty(hidden.shape[:1], dtype=_accumulate_dtype(hidden))
     return out, torch.empty_like(out)
 
@@ -47,6 +79,7 @@ def _linear_token_logps_fake(hidden, weight, bias, labels, ignore_index, chunk_s
 def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, lse, logps, ignore_index, chunk_size,
                                       output_mask, fp32_weight_grad):
     _check_linear("linear_token_logps_backward", hidden, weight, bias, labels)
+    _check_chunk_size("linear_token_logps_backward", hidden, chunk_size)
     need_hidden, need_weight, need_bias = output_mask
     return (
         torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None,
@@ -69,6 +102,7 @@ def _linear_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | None):
     output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     if grad_logps is None or not any(output_mask):
         return (None,) * 7
+    refuse_second_order("linear_token_logps")
     grad_hidden, grad_weight, grad_bias = torch.ops.epa_ext.linear_token_logps_backward(
         grad_logps, hidden, weight, bias, labels, lse, logps, *ctx.options, output_mask, ctx.fp32_weight_grad
     )
@@ -88,8 +122,8 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         weight: [V, H] lm_head weight (may be tied to the input embedding), hidden's dtype.
         labels: [B, T] or [N] aligned labels; ignored positions skip every matmul.
         bias: optional [V].
-        chunk_size: rows per chunk (None: about H rows, so a chunk's logits are about the size
-            of the lm_head).
+        chunk_size: rows per chunk (None: max(H, 512) rows, so a chunk's logits are about the
+            size of the lm_head).
         fp32_weight_grad: accumulate the weight and bias gradients over chunks in fp32 for
             bf16/fp16 weights (one rounding at the end instead of one per chunk).
 

@@ -55,3 +55,14 @@ def assert_close_to_truth(actual: Tensor, truth: Tensor, *, dtype: torch.dtype, 
     error = max_error(actual, truth)
     bound = LOW_PRECISION_FACTOR * max_error(plain.detach().cpu(), truth) + slack_ulps * LOW_PRECISION_SLACK[dtype] * scale
     assert error <= bound, f"{what} ({dtype}): max error {error:.3g} > {bound:.3g} (2x plain torch + slack)"
+
+
+def assert_paths_agree(actual: Tensor, expected: Tensor, *, what: str = "result") -> None:
+    """Two epa_ext paths of the same fp32 computation (the fused-linear op against the logits
+    path, the three-matmul path against the recomputing one, compiled against eager): each lies
+    within the fp32 tolerance of the float64 truth, so they agree within twice that tolerance."""
+    rtol, atol = TOLERANCES[torch.float32]
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=2 * rtol, atol=2 * atol * scale, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")

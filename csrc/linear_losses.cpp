@@ -1,0 +1,356 @@
+// DPO and EPA losses from hidden states and the lm_head in three matmuls: the gradient is formed
+// during the forward, one prompt group at a time.
+//
+// With the reference log-probs given, the loss of prompt b depends only on its C candidate
+// sequences (rows c*B + b, candidate-major). So the kept tokens (label != ignore_index) are
+// ordered prompt group by prompt group, whole groups are packed into chunks of at most
+// max_chunk_tokens tokens (planned on the host from the labels, the op's one synchronization),
+// and per chunk:
+//   logits = h W^T (+ b)                        matmul 1
+//   row kernel: logsumexp and log-probs         (token_logps)
+//   exact segment sums: sequence log-probs      (segment_reduce over each sequence's tokens)
+//   loss kernel: each sequence's dL/dlogp       (dpo_loss / epa_loss(_backward); mean over the global B)
+//   in-place row kernel: logits -> G            (token_logps_backward_)
+//   d(hidden)[rows] = G W                       matmul 2
+//   d(weight) += G^T h                          matmul 3 (fp32 accumulation for bf16/fp16)
+//   d(bias) += sum of G's rows
+// A group larger than the budget is processed in pieces: a first pass for its log-probs, then
+// a second that recomputes each piece's logits (4 matmuls for that group only), so memory stays
+// bounded whatever the sequence length. Gradients that are not asked for cost nothing: a frozen
+// head skips d(weight) (2 matmuls), no gradient at all leaves 1 matmul and no buffers.
+//
+// The op returns the gradients of the loss (for an upstream gradient of 1) next to the loss; the
+// autograd registration (epa_ext/linear_losses.py) only scales them. Device-generic host code
+// (ATen ops and dispatcher calls), registered for CPU and CUDA.
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <functional>
+#include <string>
+
+#include "linear_common.h"
+
+namespace epa_ext {
+namespace {
+
+constexpr const char* kDpo = "linear_dpo_loss";
+constexpr const char* kEpa = "linear_epa_loss";
+
+// The prompt groups of a batch of R = C*B sequences: rows c*B + b hold candidate c of prompt b.
+struct GroupPlan {
+  int64_t prompts = 0, candidates = 0;
+  at::Tensor token_positions;         // [K] flat positions r*T + t of the kept tokens, in (b, c, t) order
+  at::Tensor sequence_counts;         // [B*C] kept tokens of sequence (b, c), in (b, c) order
+  at::Tensor sequence_rows;           // [B*C] row c*B + b of sequence (b, c)
+  std::vector<int64_t> group_offsets; // [B + 1] each group's first token in token_positions
+  int64_t chosen_tokens = 0;          // kept tokens of the chosen answers (c = 0) in the batch
+};
+
+GroupPlan plan_groups(const char* op, const at::Tensor& labels, int64_t candidates, int64_t vocab,
+                      int64_t ignore_index) {
+  const at::Tensor host = linear::host_labels(op, labels, vocab, ignore_index);
+  const int64_t* y = host.const_data_ptr<int64_t>();
+  const int64_t rows = labels.size(0), steps = labels.size(1);
+  GroupPlan plan;
+  plan.prompts = rows / candidates;
+  plan.candidates = candidates;
+  std::vector<int64_t> positions, counts, sequence_rows;
+  plan.group_offsets.push_back(0);
+  for (int64_t b = 0; b < plan.prompts; ++b) {
+    for (int64_t c = 0; c < candidates; ++c) {
+      const int64_t row = c * plan.prompts + b;
+      int64_t count = 0;
+      for (int64_t t = 0; t < steps; ++t) {
+        if (y[row * steps + t] == ignore_index) continue;
+        positions.push_back(row * steps + t);
+        ++count;
+      }
+      counts.push_back(count);
+      sequence_rows.push_back(row);
+      if (c == 0) plan.chosen_tokens += count;
+    }
+    plan.group_offsets.push_back(static_cast<int64_t>(positions.size()));
+  }
+  plan.token_positions = linear::to_device(positions, labels.device());
+  plan.sequence_counts = linear::to_device(counts, labels.device());
+  plan.sequence_rows = linear::to_device(sequence_rows, labels.device());
+  return plan;
+}
+
+// Consecutive prompt groups [first_group, end_group) and their tokens [first_token, end_token).
+struct Span {
+  int64_t first_group, end_group, first_token, end_token;
+  int64_t tokens() const { return end_token - first_token; }
+};
+
+// Whole groups packed greedily up to the budget; a group over the budget gets a span of its own.
+std::vector<Span> plan_spans(const std::vector<int64_t>& offsets, int64_t budget) {
+  std::vector<Span> spans;
+  const int64_t groups = static_cast<int64_t>(offsets.size()) - 1;
+  for (int64_t b = 0; b < groups; ++b) {
+    if (spans.empty() || offsets[b + 1] - spans.back().first_token > budget) {
+      spans.push_back({b, b, offsets[b], offsets[b]});
+    }
+    spans.back().end_group = b + 1;
+    spans.back().end_token = offsets[b + 1];
+  }
+  return spans;
+}
+
+// The loss of a span of prompt groups. values, ref: [g, C] sequence log-probs in the form the
+// loss is taken on (accumulation dtype). Returns the g losses and, when asked, the gradient of
+// scale * sum(losses) with respect to values ([g, C]).
+using GroupLoss = std::function<std::pair<at::Tensor, at::Tensor>(const at::Tensor& values, const at::Tensor& ref,
+                                                                  int64_t first_group, int64_t end_group,
+                                                                  double scale, bool with_grad)>;
+
+struct LossOptions {
+  double sft_weight;
+  bool average, ref_logps_averaged;
+  c10::string_view reduction;
+  int64_t ignore_index, max_chunk_tokens;
+  std::array<bool, 3> output_mask;  // gradients wanted for hidden, weight, bias
+  bool fp32_weight_grad;
+};
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_loss_inputs(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& ref_logps,
+                       int64_t candidates, const LossOptions& o) {
+  linear::check_linear_inputs(op, hidden, weight, bias, labels);
+  TORCH_CHECK_VALUE(hidden.dim() == 3, op, ": hidden must have shape [C*B, T, H]; got ", hidden.sizes());
+  const int64_t rows = hidden.size(0);
+  TORCH_CHECK_VALUE(candidates >= 2 && rows % candidates == 0, op, ": hidden must stack num_candidates = ",
+                    candidates, " candidates of each prompt (C*B rows, candidate-major); got ", rows, " rows");
+  TORCH_CHECK_TYPE(ref_logps.is_floating_point(), op, ": ref_logps must be a floating-point tensor; got ",
+                   ref_logps.scalar_type());
+  TORCH_CHECK_VALUE(ref_logps.dim() == 1 && ref_logps.size(0) == rows, op, ": ref_logps must have shape [C*B] = [",
+                    rows, "]; got ", ref_logps.sizes());
+  TORCH_CHECK_VALUE(ref_logps.device() == hidden.device(), op, ": ref_logps must be on the device of hidden (",
+                    hidden.device(), "); got ", ref_logps.device());
+  TORCH_CHECK_VALUE(o.reduction == "mean" || o.reduction == "sum", op,
+                    ": reduction must be 'mean' or 'sum' (reduction='none' takes the recomputing path of "
+                    "fused_linear_*_loss); got '", std::string(o.reduction), "'");
+  TORCH_CHECK_VALUE(std::isfinite(o.sft_weight) && o.sft_weight >= 0, op,
+                    ": sft_weight must be a finite number >= 0; got ", o.sft_weight);
+  TORCH_CHECK_VALUE(o.average || !o.ref_logps_averaged, op,
+                    ": ref_logps_averaged=True says ref_logps are length-averaged, but this loss is taken on "
+                    "summed log-probs (average=False)");
+}
+
+at::Tensor empty_gradient(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& ref_logps,
+                    int64_t candidates, const LossOptions& o, const GroupLoss& group_loss) {
+  check_loss_inputs(op, hidden, weight, bias, labels, ref_logps, candidates, o);
+  const int64_t hidden_size = hidden.size(2);
+  const int64_t budget = linear::chunk_tokens(op, "max_chunk_tokens", o.max_chunk_tokens, hidden_size);
+  const GroupPlan plan = plan_groups(op, labels, candidates, weight.size(0), o.ignore_index);
+  const int64_t prompts = plan.prompts;
+  const at::ScalarType acc = accumulate_dtype(hidden);
+  const auto acc_options = hidden.options().dtype(acc);
+
+  const auto [need_hidden, need_weight, need_bias_mask] = o.output_mask;
+  const bool need_bias = need_bias_mask && bias.has_value();
+  const bool with_grad = need_hidden || need_weight || need_bias;
+  const bool reduced = hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf;
+  const at::ScalarType param_acc = o.fp32_weight_grad && reduced ? at::kFloat : weight.scalar_type();
+  at::Tensor grad_hidden = need_hidden ? at::zeros(hidden.sizes(), hidden.options()) : empty_gradient(hidden);
+  at::Tensor grad_weight = need_weight ? at::zeros(weight.sizes(), weight.options().dtype(param_acc))
+                                       : empty_gradient(weight);
+  at::Tensor grad_bias = need_bias ? at::zeros({weight.size(0)}, weight.options().dtype(param_acc))
+                                   : empty_gradient(weight);
+  at::Tensor grad_hidden_rows = need_hidden ? grad_hidden.view({-1, hidden_size}) : at::Tensor();
+
+  const at::Tensor hidden_rows = hidden.reshape({-1, hidden_size});
+  const at::Tensor flat_labels = labels.reshape(-1);
+  const at::Tensor ref_by_group = ref_logps.to(acc).view({candidates, prompts}).t();  // [B, C]
+  at::Tensor policy = at::zeros({hidden.size(0)}, acc_options);
+  at::Tensor loss_sum = at::zeros({}, acc_options), chosen_sum = at::zeros({}, acc_options);
+  // d(loss)/d(loss_b) and, for the SFT term, d(loss)/d(summed log-prob of a chosen answer).
+  const double scale = o.reduction == "mean" ? 1.0 / static_cast<double>(prompts) : 1.0;
+  const double sft_scale = o.sft_weight * scale * static_cast<double>(prompts);
+  const bool with_sft = o.sft_weight > 0 && plan.chosen_tokens > 0;
+
+  for (const Span& span : plan_spans(plan.group_offsets, budget)) {
+    const int64_t n = span.tokens(), groups = span.end_group - span.first_group;
+    const at::Tensor positions = plan.token_positions.slice(0, span.first_token, span.end_token);
+    const at::Tensor span_labels = flat_labels.index_select(0, positions);
+    const at::Tensor counts = plan.sequence_counts.slice(0, span.first_group * candidates, span.end_group * candidates);
+    // A span within the budget keeps its logits (and hidden rows) from the forward to the
+    // gradient; a larger one goes in pieces of `budget` tokens and recomputes their logits.
+    const bool one_piece = n <= budget;
+    at::Tensor piece_hidden, piece_logits, logps, lse;
+    if (one_piece) {
+      piece_hidden = hidden_rows.index_select(0, positions);
+      piece_logits = linear::chunk_logits(piece_hidden, weight, bias);
+      std::tie(logps, lse) = linear::call_token_logps(piece_logits, span_labels, o.ignore_index);
+    } else {
+      logps = at::empty({n}, acc_options);
+      lse = at::empty({n}, acc_options);
+      for (int64_t start = 0; start < n; start += budget) {
+        const int64_t end = std::min(start + budget, n);
+        const at::Tensor logits = linear::chunk_logits(hidden_rows.index_select(0, positions.slice(0, start, end)),
+                                                       weight, bias);
+        auto [piece_logps, piece_lse] = linear::call_token_logps(logits, span_labels.slice(0, start, end),
+                                                                 o.ignore_index);
+        logps.slice(0, start, end).copy_(piece_logps);
+        lse.slice(0, start, end).copy_(piece_lse);
+      }
+    }
+
+    // Sequence log-probs, exactly: each sequence's tokens are contiguous in the span.
+    const at::Tensor sums = at::segment_reduce(logps, "sum", counts, {}, {}, 0, false, at::Scalar(0.0))
+                                .view({groups, candidates});
+    at::Tensor values = sums, ref = ref_by_group.slice(0, span.first_group, span.end_group), divisor;
+    if (o.average) {
+      divisor = counts.view({groups, candidates}).clamp_min(1).to(acc);
+      values = sums / divisor;
+      if (!o.ref_logps_averaged) ref = ref / divisor;
+    }
+    policy.index_copy_(0, plan.sequence_rows.slice(0, span.first_group * candidates, span.end_group * candidates),
+                       values.reshape(-1));
+    if (with_sft) chosen_sum.add_(sums.select(1, 0).sum());
+    auto [losses, grad_values] = group_loss(values, ref, span.first_group, span.end_group, scale, with_grad);
+    loss_sum.add_(losses.sum());
+    if (!with_grad || n == 0) continue;
+
+    // d(loss)/d(each sequence's summed log-prob), then one number per token.
+    at::Tensor grad_sums = o.average ? grad_values / divisor : grad_values.clone();
+    if (with_sft) grad_sums.select(1, 0).sub_(sft_scale / static_cast<double>(plan.chosen_tokens));
+    const at::Tensor grad_tokens = grad_sums.reshape(-1).repeat_interleave(counts, 0, n);
+
+    for (int64_t start = 0; start < n; start += budget) {
+      const int64_t end = std::min(start + budget, n);
+      const at::Tensor rows = positions.slice(0, start, end);
+      const at::Tensor h = one_piece ? piece_hidden : hidden_rows.index_select(0, rows);
+      at::Tensor g = one_piece ? piece_logits : linear::chunk_logits(h, weight, bias);  // logits, then G in place
+      linear::call_token_logps_backward_(grad_tokens.slice(0, start, end), g, span_labels.slice(0, start, end),
+                                         lse.slice(0, start, end), logps.slice(0, start, end), o.ignore_index);
+      if (need_hidden) grad_hidden_rows.index_copy_(0, rows, at::mm(g, weight));
+      if (need_weight) linear::accumulate_weight_grad(grad_weight, g, h);
+      if (need_bias) grad_bias.add_(g.sum(0, /*keepdim=*/false, param_acc));
+    }
+  }
+
+  at::Tensor loss = loss_sum.mul(scale);
+  if (with_sft) loss.add_(chosen_sum.mul(-sft_scale / static_cast<double>(plan.chosen_tokens)));
+  if (need_weight) grad_weight = grad_weight.to(weight.scalar_type());
+  if (need_bias) grad_bias = grad_bias.to(weight.scalar_type());
+  return {loss, policy, grad_hidden, grad_weight, grad_bias};
+}
+
+// --- the two losses, through the loss ops -------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> call_dpo_loss(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
+                                                 const at::Tensor& ref_chosen, const at::Tensor& ref_rejected,
+                                                 double beta, c10::string_view loss_type, double label_smoothing) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epa_ext::dpo_loss", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, const at::Tensor&, double,
+                                                                       c10::string_view, double)>();
+  return op.call(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_epa_loss(const at::Tensor& policy, const at::Tensor& ref,
+                                                 const std::optional<at::Tensor>& mask, double beta,
+                                                 int64_t num_strong, double weak_weight) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epa_ext::epa_loss", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const std::optional<at::Tensor>&, double,
+                                                                       int64_t, double)>();
+  return op.call(policy, ref, mask, beta, num_strong, weak_weight);
+}
+
+at::Tensor call_epa_loss_backward(const at::Tensor& grad_losses, const at::Tensor& policy, const at::Tensor& ref,
+                                  const std::optional<at::Tensor>& mask, const at::Tensor& lse, double beta,
+                                  int64_t num_strong, double weak_weight) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epa_ext::epa_loss_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, const at::Tensor&, double, int64_t,
+                                               double)>();
+  return op.call(grad_losses, policy, ref, mask, lse, beta, num_strong, weak_weight);
+}
+
+Outputs linear_dpo_loss(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
+                        c10::string_view loss_type, double label_smoothing, double sft_weight, bool average,
+                        bool ref_logps_averaged, c10::string_view reduction, int64_t ignore_index,
+                        int64_t max_chunk_tokens, std::array<bool, 3> output_mask, bool fp32_weight_grad) {
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, kDpo, ": beta must be a finite number > 0; got ", beta);
+  TORCH_CHECK_VALUE(loss_type == "sigmoid" || loss_type == "robust" || loss_type == "hinge" || loss_type == "ipo",
+                    kDpo, ": loss_type must be one of 'sigmoid', 'robust', 'hinge', 'ipo'; got '",
+                    std::string(loss_type), "'");
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 0.5, kDpo,
+                    ": label_smoothing must lie in [0, 0.5); got ", label_smoothing);
+  const LossOptions options{sft_weight, average, ref_logps_averaged, reduction, ignore_index, max_chunk_tokens,
+                            output_mask, fp32_weight_grad};
+  const GroupLoss loss = [&](const at::Tensor& values, const at::Tensor& ref, int64_t, int64_t, double scale,
+                             bool with_grad) -> std::pair<at::Tensor, at::Tensor> {
+    auto [losses, slopes] = call_dpo_loss(values.select(1, 0), values.select(1, 1), ref.select(1, 0),
+                                          ref.select(1, 1), beta, loss_type, label_smoothing);
+    if (!with_grad) return {losses, at::Tensor()};
+    const at::Tensor chosen = slopes * scale;  // d/d policy_chosen; d/d policy_rejected is its negative
+    return {losses, at::stack({chosen, -chosen}, 1)};
+  };
+  return linear_loss(kDpo, hidden, weight, bias, labels, ref_logps, 2, options, loss);
+}
+
+Outputs linear_epa_loss(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& labels, const at::Tensor& ref_logps, const std::optional<at::Tensor>& mask,
+                        int64_t num_candidates, double beta, int64_t num_strong, double weak_weight,
+                        double sft_weight, bool average, bool ref_logps_averaged, c10::string_view reduction,
+                        int64_t ignore_index, int64_t max_chunk_tokens, std::array<bool, 3> output_mask,
+                        bool fp32_weight_grad) {
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, kEpa, ": beta must be a finite number > 0; got ", beta);
+  TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= num_candidates - 1, kEpa,
+                    ": num_strong must lie in [1, C - 1] = [1, ", num_candidates - 1, "]; got ", num_strong);
+  TORCH_CHECK_VALUE(std::isfinite(weak_weight) && weak_weight >= 0, kEpa,
+                    ": weak_weight must be a finite number >= 0; got ", weak_weight);
+  const int64_t prompts = num_candidates > 0 ? hidden.size(0) / num_candidates : 0;
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, kEpa, ": mask must be a bool tensor; got ",
+                     mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == prompts && mask->size(1) == num_candidates, kEpa,
+                      ": mask must have shape [B, C] = [", prompts, ", ", num_candidates, "]; got ", mask->sizes());
+    TORCH_CHECK_VALUE(mask->device() == hidden.device(), kEpa, ": mask must be on the device of hidden (",
+                      hidden.device(), "); got ", mask->device());
+    if (mask->is_cpu() && prompts > 0) {  // on CUDA the loss kernel asserts it, as in epa_loss
+      const at::Tensor absent = mask->select(1, 0).logical_not();
+      TORCH_CHECK_VALUE(!absent.any().item<bool>(), kEpa, ": mask[:, 0] must be True (the chosen answer is always ",
+                        "present); it is False in row ", absent.nonzero().min().item<int64_t>());
+    }
+  }
+  const LossOptions options{sft_weight, average, ref_logps_averaged, reduction, ignore_index, max_chunk_tokens,
+                            output_mask, fp32_weight_grad};
+  const GroupLoss loss = [&](const at::Tensor& values, const at::Tensor& ref, int64_t first, int64_t end,
+                             double scale, bool with_grad) -> std::pair<at::Tensor, at::Tensor> {
+    const std::optional<at::Tensor> span_mask =
+        mask.has_value() ? std::optional<at::Tensor>(mask->slice(0, first, end)) : std::nullopt;
+    auto [losses, lse] = call_epa_loss(values, ref, span_mask, beta, num_strong, weak_weight);
+    if (!with_grad) return {losses, at::Tensor()};
+    const at::Tensor grad_losses = at::full({end - first}, scale, values.options());
+    return {losses, call_epa_loss_backward(grad_losses, values, ref, span_mask, lse, beta, num_strong, weak_weight)};
+  };
+  return linear_loss(kEpa, hidden, weight, bias, labels, ref_logps, num_candidates, options, loss);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(epa_ext, CPU, m) {
+  m.impl("linear_dpo_loss", &linear_dpo_loss);
+  m.impl("linear_epa_loss", &linear_epa_loss);
+}
+
+TORCH_LIBRARY_IMPL(epa_ext, CUDA, m) {
+  m.impl("linear_dpo_loss", &linear_dpo_loss);
+  m.impl("linear_epa_loss", &linear_epa_loss);
+}
+
+}  // namespace epa_ext
