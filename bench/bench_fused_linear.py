@@ -1,18 +1,39 @@
-"""Benchmark of sequence log-probs from hidden states and the lm_head: the eager path (full
-logits, log_softmax, gather, masked sum; autograd) against epa_ext.linear_sequence_logps.
+"""Benchmark of the preference losses from hidden states and the lm_head, side by side:
 
-    python bench/bench_fused_linear.py          # CPU: N = 8192 tokens, H = 512, V = 65536, fp32
+- eager: full logits h @ W^T, log_softmax, gather, masked sum, the loss (epa_ext.eager); autograd;
+- liger: Liger-Kernel's LigerFusedLinearDPOLoss (chunked, torch.compile'd, gradient in the
+  forward; DPO only);
+- recompute: epa_ext.fused_linear_*_loss(differentiable_logps=True), the recomputing path
+  (4 matmuls: the backward recomputes each chunk's logits);
+- epa_ext: epa_ext.fused_linear_*_loss, the three-matmul path (gradient formed in the forward,
+  whole prompt groups per chunk).
+
+    python bench/bench_fused_linear.py          # CPU: 4096 tokens, H = 512, V = 32000 and 65536, fp32
     python bench/bench_fused_linear.py --device cuda --tokens 16384 --hidden 4096 --vocab 128256 --dtype bf16
 
-Modes: forward (no grad), full (forward + backward for hidden and weight). Each case runs with all
-labels kept and with half of them ignored (prompt tokens). Work is counted as 2*N*H*V flops
-forward and 6*N*H*V forward + backward; on CUDA it is set against a measured bf16/fp32 matmul
-rate on the same card.
+DPO takes pairs of 256-token sequences, EPA groups of 4 candidates of 128 tokens (so a prompt
+group, C x T = 512 tokens, fits the default chunk budget max(H, 512)); with half of the labels
+ignored, the first half of every sequence is the prompt. Mode "full" is forward + backward for
+hidden and weight, "forward" the loss alone without gradients (reference scoring).
+
+Conventions: Liger computes the reference's log-probs itself from the reference's hidden states
+and weight (one more matmul per chunk, under no_grad); epa_ext's ops take precomputed reference
+log-probs (epa-train computes them with the reference model or from its cache). For one loss for
+all, Liger runs with use_ref_model=False and every provider gets reference log-probs of 0; the
+losses then agree, and the table gives each provider's largest deviation from eager in the loss
+and in the gradients (same dtype). Liger chunks by pairs (chunk_size=1, its default) and computes
+the logits of every position, ignored ones included.
+
+On CUDA each case is also timed with a torch.cuda._sleep queued before the start event, so that
+the host has enqueued the work before the device reaches it: "queued_ms" is then the device's
+time without the host's per-call overhead, except where an op itself waits for the device (the
+fused-linear ops read the labels on the host once per call).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
@@ -21,6 +42,36 @@ import epa_ext
 from epa_ext import eager
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAYOUTS = {"dpo": (2, 256), "epa": (4, 128)}  # candidates per prompt, tokens per sequence
+
+
+def liger_dpo():
+    """Liger's fused linear DPO loss, or None where liger-kernel is not installed."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False, compiled=True)
+
+
+def providers(loss: str, candidates: int) -> dict:
+    """name -> fn(hidden, weight, labels, ref) -> loss."""
+    if loss == "dpo":
+        table = {
+            "eager": lambda h, w, y, r: eager.fused_dpo_loss(h @ w.T, y, r)[0],
+            "recompute": lambda h, w, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r, differentiable_logps=True)[0],
+            "epa_ext": lambda h, w, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r)[0],
+        }
+        liger = liger_dpo()
+        if liger is not None:
+            table["liger"] = lambda h, w, y, r: liger(w, h, y)[0]
+        return table
+    return {
+        "eager": lambda h, w, y, r: eager.fused_epa_loss(h @ w.T, y, r, candidates)[0],
+        "recompute": lambda h, w, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=candidates,
+                                                                      differentiable_logps=True)[0],
+        "epa_ext": lambda h, w, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=candidates)[0],
+    }
 
 
 def matmul_tflops(hidden_size: int, vocab: int, dtype, device: str, reps: int) -> float:
@@ -31,56 +82,99 @@ def matmul_tflops(hidden_size: int, vocab: int, dtype, device: str, reps: int) -
     return 2 * 4096 * hidden_size * vocab / timing["median_ms"] / 1e9
 
 
+def queued_ms(fn, reps: int) -> float:
+    """Median device time of fn with the host's launches hidden behind a queued sleep (CUDA)."""
+    samples = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(50_000_000)  # ~20-40 ms of device time, long enough to enqueue a step
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def deviations(result, baseline) -> dict:
+    """Largest |loss - eager's| and largest gradient deviation relative to eager's largest entry."""
+    (loss, grads), (base_loss, base_grads) = result, baseline
+    out = {"loss_value": loss.item(), "loss_dev": abs(loss.item() - base_loss.item())}
+    for name, g, b in zip(("d_hidden", "d_weight"), grads, base_grads):
+        out[f"{name}_rel_dev"] = ((g.double() - b.double()).abs().max() / b.double().abs().max()).item()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (sequences x sequence length)")
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=65536)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 65536])
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--modes", nargs="+", default=["forward", "full"])
+    parser.add_argument("--losses", nargs="+", default=["dpo", "epa"], choices=list(LAYOUTS))
+    parser.add_argument("--providers", nargs="+", default=["eager", "liger", "recompute", "epa_ext"])
+    parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "forward"])
     parser.add_argument("--ignored", nargs="+", type=float, default=[0.0, 0.5], help="shares of ignored labels")
     parser.add_argument("--reps", type=int, default=None, help="timed runs (default: 3 on CPU, 10 on CUDA)")
     parser.add_argument("--out", default=None, help="directory for the JSON report (default bench/results)")
     args = parser.parse_args()
     reps = args.reps or (10 if args.device == "cuda" else 3)
     dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-
-    batch = max(args.tokens // args.seq_len, 1)
-    hidden = torch.randn(batch, args.seq_len, args.hidden, dtype=dtype, device=args.device).requires_grad_()
-    weight = (torch.randn(args.vocab, args.hidden, dtype=dtype, device=args.device) / args.hidden**0.5).requires_grad_()
-    tokens = batch * args.seq_len
-    providers = {"eager": eager.linear_sequence_logps, "epa_ext": epa_ext.linear_sequence_logps}
-    rate = matmul_tflops(args.hidden, args.vocab, dtype, args.device, reps) if args.device == "cuda" else None
+    if "liger" in args.providers and liger_dpo() is None:
+        print("liger-kernel is not installed: the liger provider is left out")
 
     rows = []
-    for ignored in args.ignored:
-        labels = torch.randint(0, args.vocab, (batch, args.seq_len), device=args.device)
-        labels[:, : int(args.seq_len * ignored)] = epa_ext.IGNORE_INDEX  # the prompt comes first
-        for mode in args.modes:
-            for name, fn in providers.items():
-                def run(fn=fn, mode=mode):
-                    if mode == "forward":
-                        with torch.no_grad():
-                            return fn(hidden, weight, labels)
-                    return torch.autograd.grad(fn(hidden, weight, labels).sum(), [hidden, weight])
+    for vocab in args.vocab:
+        rate = matmul_tflops(args.hidden, vocab, dtype, args.device, reps) if args.device == "cuda" else None
+        for loss in args.losses:
+            candidates, seq_len = LAYOUTS[loss]
+            sequences = max(args.tokens // seq_len // candidates, 1) * candidates
+            torch.manual_seed(0)
+            hidden = torch.randn(sequences, seq_len, args.hidden, dtype=dtype, device=args.device).requires_grad_()
+            weight = (torch.randn(vocab, args.hidden, dtype=dtype, device=args.device)
+                      / args.hidden**0.5).requires_grad_()
+            ref = torch.zeros(sequences, device=args.device)
+            table = {k: v for k, v in providers(loss, candidates).items() if k in args.providers}
+            for ignored in args.ignored:
+                labels = torch.randint(0, vocab, (sequences, seq_len), device=args.device)
+                labels[:, : int(seq_len * ignored)] = epa_ext.IGNORE_INDEX  # the prompt comes first
+                kept = int((labels != epa_ext.IGNORE_INDEX).sum())
+                baseline = None
+                for mode in args.modes:
+                    for name, fn in table.items():
+                        def run(fn=fn, mode=mode):
+                            if mode == "forward":
+                                with torch.no_grad():
+                                    return fn(hidden, weight, labels, ref)
+                            value = fn(hidden, weight, labels, ref)
+                            return value.detach(), torch.autograd.grad(value, [hidden, weight])
 
-                timing = time_ms(run, args.device, reps=reps, warmup=1)
-                flops = (2 if mode == "forward" else 6) * tokens * args.hidden * args.vocab
-                row = {"ignored": ignored, "mode": mode, "provider": name, **timing,
-                       "peak_extra_mib": peak_extra_mib(run, args.device),
-                       "tflops": flops / timing["median_ms"] / 1e9}
-                if rate:
-                    row["fraction_of_matmul"] = row["tflops"] / rate
-                rows.append(row)
-    add_ratios_to_eager(rows, ("mode", "ignored"))
-    print(f"N = {tokens} tokens, H = {args.hidden}, V = {args.vocab}, {args.dtype}"
-          + (f"; matmul rate {rate:.0f} TFLOP/s" if rate else ""))
-    columns = ["ignored", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager", "peak_extra_mib",
-               "memory_vs_eager", "tflops"] + (["fraction_of_matmul"] if rate else [])
-    finish("fused_linear", args.device, rows, columns, {"args": vars(args), "matmul_tflops": rate}, args.out)
+                        result = run()
+                        row = {"vocab": vocab, "loss": loss, "ignored": ignored, "mode": mode, "provider": name,
+                               "tokens": sequences * seq_len, "kept_tokens": kept}
+                        if mode == "full":
+                            baseline = result if name == "eager" else baseline
+                            if baseline is not None:
+                                row.update(deviations(result, baseline))
+                        del result
+                        row.update(time_ms(run, args.device, reps=reps, warmup=1))
+                        row["peak_extra_mib"] = peak_extra_mib(run, args.device)
+                        flops = (2 if mode == "forward" else 6) * kept * args.hidden * vocab
+                        row["tflops_kept"] = flops / row["median_ms"] / 1e9
+                        if args.device == "cuda":
+                            row["queued_ms"] = queued_ms(run, reps)
+                            row["fraction_of_matmul"] = row["tflops_kept"] / rate
+                        rows.append(row)
+                        print(f"V={vocab} {loss} ignored={ignored} {mode} {name}: {row['median_ms']:.1f} ms, "
+                              f"{row['peak_extra_mib']} MiB", flush=True)
+    add_ratios_to_eager(rows, ("vocab", "loss", "ignored", "mode"))
+    print(f"{args.dtype}, H = {args.hidden}, {args.tokens} tokens per step")
+    columns = ["vocab", "loss", "ignored", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager",
+               "peak_extra_mib", "memory_vs_eager", "loss_dev", "d_hidden_rel_dev", "d_weight_rel_dev",
+               "tflops_kept"] + (["queued_ms", "fraction_of_matmul"] if args.device == "cuda" else [])
+    finish("fused_linear", args.device, rows, columns, {"args": vars(args)}, args.out)
 
 
 if __name__ == "__main__":

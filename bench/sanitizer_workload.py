@@ -1,6 +1,7 @@
 """A small CUDA workload for compute-sanitizer (memcheck, racecheck): every kernel of epa_ext
 (log-probs on odd shapes, ignored rows, strided views and each dtype; the losses with and without
-masks; the chunked linear path), checked against the reference so that a sanitizer run also fails
+masks; the chunked linear path; the three-matmul fused-linear losses with packed and oversized
+prompt groups), checked against the reference so that a sanitizer run also fails
 on wrong answers. Run by bench/gpu_check.sh; needs a GPU."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
             torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=tol, atol=tol)
     check_losses()
     check_linear()
+    check_linear_losses()
     torch.cuda.synchronize()
     print("sanitizer workload: ok")
 
@@ -72,6 +74,29 @@ def check_linear() -> None:
     truth = eager.linear_sequence_logps(*ref_in, labels)
     truth_grads = torch.autograd.grad(truth.sum(), ref_in)
     torch.testing.assert_close(ours.double(), truth, rtol=2e-2, atol=0.5)
+    for g, t in zip(grads, truth_grads):
+        torch.testing.assert_close(g.double(), t, rtol=5e-2, atol=5e-2)
+
+
+def check_linear_losses() -> None:
+    """The three-matmul losses: groups packed into chunks, one group over the budget (pieces),
+    an all-ignored sequence, bf16 weights with fp32 accumulation."""
+    prompts, candidates, steps = 5, 4, 13
+    hidden = torch.randn(candidates * prompts, steps, 40, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(301, 40, device="cuda", dtype=torch.bfloat16) / 6).requires_grad_()
+    labels = torch.randint(0, 301, (candidates * prompts, steps), device="cuda")
+    labels[:, :3] = epa_ext.IGNORE_INDEX
+    labels[prompts + 1] = epa_ext.IGNORE_INDEX
+    ref = -torch.rand(candidates * prompts, device="cuda") * 50
+    mask = torch.rand(prompts, candidates, device="cuda") > 0.2
+    mask[:, 0] = True
+    options = dict(num_candidates=candidates, num_strong=2, weak_weight=0.5, mask=mask, sft_weight=0.3)
+    loss, _ = epa_ext.fused_linear_epa_loss(hidden, weight, labels, ref, max_chunk_tokens=30, **options)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    ref_in = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    truth, _ = eager.fused_epa_loss(ref_in[0] @ ref_in[1].T, labels, ref.double(), **options)
+    truth_grads = torch.autograd.grad(truth, ref_in)
+    torch.testing.assert_close(loss.double(), truth, rtol=2e-2, atol=2e-2)
     for g, t in zip(grads, truth_grads):
         torch.testing.assert_close(g.double(), t, rtol=5e-2, atol=5e-2)
 

@@ -95,9 +95,27 @@ inline at::Tensor to_device(const std::vector<int64_t>& values, const at::Device
   return pinned ? host.to(device, /*non_blocking=*/true) : host;
 }
 
-inline at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
-}
+// The logits of one chunk after another in one buffer of [rows, V]: a fresh [n, V] tensor per
+// chunk would have the allocator hand out (and, on the CPU, the OS fault in) that many bytes for
+// every chunk.
+class ChunkLogits {
+ public:
+  ChunkLogits(int64_t rows, const at::Tensor& weight) : buffer_(at::empty({rows, weight.size(0)}, weight.options())) {}
+
+  // h [n, H], n <= rows: a view of the buffer holding h W^T (+ bias).
+  at::Tensor compute(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+    at::Tensor out = buffer_.narrow(0, 0, h.size(0));
+    if (bias.has_value()) {
+      at::addmm_out(out, *bias, h, weight.t());
+    } else {
+      at::mm_out(out, h, weight.t());
+    }
+    return out;
+  }
+
+ private:
+  at::Tensor buffer_;
+};
 
 inline std::tuple<at::Tensor, at::Tensor> call_token_logps(const at::Tensor& logits, const at::Tensor& labels,
                                                            int64_t ignore_index) {

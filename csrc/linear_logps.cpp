@@ -20,7 +20,6 @@ namespace epa_ext {
 namespace {
 
 using linear::call_token_logps;
-using linear::chunk_logits;
 
 constexpr const char* kForward = "linear_token_logps";
 constexpr const char* kBackward = "linear_token_logps_backward";
@@ -48,9 +47,10 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logps(const at::Tensor& hidden, 
   at::Tensor lse = at::zeros({hidden.size(0)}, options);
   const at::Tensor kept = kept_rows(kForward, labels, weight.size(0), ignore_index);
   const int64_t num_kept = kept.size(0);
+  linear::ChunkLogits chunk_buffer(std::min(chunk, num_kept), weight);
   for (int64_t start = 0; start < num_kept; start += chunk) {
     const at::Tensor rows = kept.slice(0, start, std::min(start + chunk, num_kept));
-    const at::Tensor logits = chunk_logits(hidden.index_select(0, rows), weight, bias);
+    const at::Tensor logits = chunk_buffer.compute(hidden.index_select(0, rows), weight, bias);
     auto [chunk_logps, chunk_lse] = call_token_logps(logits, labels.index_select(0, rows), ignore_index);
     logps.index_copy_(0, rows, chunk_logps);
     lse.index_copy_(0, rows, chunk_lse);
@@ -82,10 +82,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logps_backward(
   const at::Tensor kept = kept_rows(kBackward, labels, weight.size(0), ignore_index);
   const int64_t num_kept = kept.size(0);
   const at::Tensor acc_grad = grad_logps.to(lse.scalar_type());
+  linear::ChunkLogits chunk_buffer(std::min(chunk, num_kept), weight);
   for (int64_t start = 0; start < num_kept; start += chunk) {
     const at::Tensor rows = kept.slice(0, start, std::min(start + chunk, num_kept));
     const at::Tensor h = hidden.index_select(0, rows);
-    at::Tensor g = chunk_logits(h, weight, bias);  // logits now, their gradient G below
+    at::Tensor g = chunk_buffer.compute(h, weight, bias);  // logits now, their gradient G below
     linear::call_token_logps_backward_(acc_grad.index_select(0, rows), g, labels.index_select(0, rows),
                                        lse.index_select(0, rows), logps.index_select(0, rows), ignore_index);
     if (grad_hidden.defined()) grad_hidden.index_copy_(0, rows, at::mm(g, weight));

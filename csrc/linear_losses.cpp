@@ -43,6 +43,7 @@ struct GroupPlan {
   at::Tensor token_positions;         // [K] flat positions r*T + t of the kept tokens, in (b, c, t) order
   at::Tensor sequence_counts;         // [B*C] kept tokens of sequence (b, c), in (b, c) order
   at::Tensor sequence_rows;           // [B*C] row c*B + b of sequence (b, c)
+  at::Tensor token_sequences;         // [K] each kept token's sequence (b, c) as b*C + c
   std::vector<int64_t> group_offsets; // [B + 1] each group's first token in token_positions
   int64_t chosen_tokens = 0;          // kept tokens of the chosen answers (c = 0) in the batch
 };
@@ -55,7 +56,7 @@ GroupPlan plan_groups(const char* op, const at::Tensor& labels, int64_t candidat
   GroupPlan plan;
   plan.prompts = rows / candidates;
   plan.candidates = candidates;
-  std::vector<int64_t> positions, counts, sequence_rows;
+  std::vector<int64_t> positions, token_sequences, counts, sequence_rows;
   plan.group_offsets.push_back(0);
   for (int64_t b = 0; b < plan.prompts; ++b) {
     for (int64_t c = 0; c < candidates; ++c) {
@@ -64,6 +65,7 @@ GroupPlan plan_groups(const char* op, const at::Tensor& labels, int64_t candidat
       for (int64_t t = 0; t < steps; ++t) {
         if (y[row * steps + t] == ignore_index) continue;
         positions.push_back(row * steps + t);
+        token_sequences.push_back(b * candidates + c);
         ++count;
       }
       counts.push_back(count);
@@ -75,6 +77,7 @@ GroupPlan plan_groups(const char* op, const at::Tensor& labels, int64_t candidat
   plan.token_positions = linear::to_device(positions, labels.device());
   plan.sequence_counts = linear::to_device(counts, labels.device());
   plan.sequence_rows = linear::to_device(sequence_rows, labels.device());
+  plan.token_sequences = linear::to_device(token_sequences, labels.device());
   return plan;
 }
 
@@ -174,8 +177,14 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
   const double scale = o.reduction == "mean" ? 1.0 / static_cast<double>(prompts) : 1.0;
   const double sft_scale = o.sft_weight * scale * static_cast<double>(prompts);
   const bool with_sft = o.sft_weight > 0 && plan.chosen_tokens > 0;
+  // d(loss)/d(each sequence's summed log-prob), in (b, c) order, filled span by span.
+  at::Tensor grad_sequences = with_grad ? at::zeros({prompts * candidates}, acc_options) : at::Tensor();
 
-  for (const Span& span : plan_spans(plan.group_offsets, budget)) {
+  const std::vector<Span> spans = plan_spans(plan.group_offsets, budget);
+  int64_t widest = 0;
+  for (const Span& span : spans) widest = std::max(widest, std::min(span.tokens(), budget));
+  linear::ChunkLogits chunk(widest, weight);
+  for (const Span& span : spans) {
     const int64_t n = span.tokens(), groups = span.end_group - span.first_group;
     const at::Tensor positions = plan.token_positions.slice(0, span.first_token, span.end_token);
     const at::Tensor span_labels = flat_labels.index_select(0, positions);
@@ -186,15 +195,15 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
     at::Tensor piece_hidden, piece_logits, logps, lse;
     if (one_piece) {
       piece_hidden = hidden_rows.index_select(0, positions);
-      piece_logits = linear::chunk_logits(piece_hidden, weight, bias);
+      piece_logits = chunk.compute(piece_hidden, weight, bias);
       std::tie(logps, lse) = linear::call_token_logps(piece_logits, span_labels, o.ignore_index);
     } else {
       logps = at::empty({n}, acc_options);
       lse = at::empty({n}, acc_options);
       for (int64_t start = 0; start < n; start += budget) {
         const int64_t end = std::min(start + budget, n);
-        const at::Tensor logits = linear::chunk_logits(hidden_rows.index_select(0, positions.slice(0, start, end)),
-                                                       weight, bias);
+        const at::Tensor logits = chunk.compute(hidden_rows.index_select(0, positions.slice(0, start, end)),
+                                                weight, bias);
         auto [piece_logps, piece_lse] = linear::call_token_logps(logits, span_labels.slice(0, start, end),
                                                                  o.ignore_index);
         logps.slice(0, start, end).copy_(piece_logps);
@@ -202,8 +211,11 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
       }
     }
 
-    // Sequence log-probs, exactly: each sequence's tokens are contiguous in the span.
-    const at::Tensor sums = at::segment_reduce(logps, "sum", counts, {}, {}, 0, false, at::Scalar(0.0))
+    // Sequence log-probs: each sequence's tokens are contiguous in the span; summed in fp64
+    // (a few thousand numbers), so the sum carries one rounding to fp32 whatever its length.
+    const at::Tensor sums = at::segment_reduce(logps.to(at::kDouble), "sum", counts, {}, {}, 0, false,
+                                               at::Scalar(0.0))
+                                .to(acc)
                                 .view({groups, candidates});
     at::Tensor values = sums, ref = ref_by_group.slice(0, span.first_group, span.end_group), divisor;
     if (o.average) {
@@ -219,15 +231,22 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
     if (!with_grad || n == 0) continue;
 
     // d(loss)/d(each sequence's summed log-prob), then one number per token.
-    at::Tensor grad_sums = o.average ? grad_values / divisor : grad_values.clone();
+    at::Tensor grad_sums = grad_sequences.slice(0, span.first_group * candidates, span.end_group * candidates)
+                               .view({groups, candidates});
+    if (o.average) {
+      at::div_out(grad_sums, grad_values, divisor);
+    } else {
+      grad_sums.copy_(grad_values);
+    }
     if (with_sft) grad_sums.select(1, 0).sub_(sft_scale / static_cast<double>(plan.chosen_tokens));
-    const at::Tensor grad_tokens = grad_sums.reshape(-1).repeat_interleave(counts, 0, n);
+    const at::Tensor grad_tokens =
+        grad_sequences.index_select(0, plan.token_sequences.slice(0, span.first_token, span.end_token));
 
     for (int64_t start = 0; start < n; start += budget) {
       const int64_t end = std::min(start + budget, n);
       const at::Tensor rows = positions.slice(0, start, end);
       const at::Tensor h = one_piece ? piece_hidden : hidden_rows.index_select(0, rows);
-      at::Tensor g = one_piece ? piece_logits : linear::chunk_logits(h, weight, bias);  // logits, then G in place
+      at::Tensor g = one_piece ? piece_logits : chunk.compute(h, weight, bias);  // logits, then G in place
       linear::call_token_logps_backward_(grad_tokens.slice(0, start, end), g, span_labels.slice(0, start, end),
                                          lse.slice(0, start, end), logps.slice(0, start, end), o.ignore_index);
       if (need_hidden) grad_hidden_rows.index_copy_(0, rows, at::mm(g, weight));

@@ -46,6 +46,8 @@ def _check_stacking(name: str, stacked: Tensor, ref_logps: Tensor, num_candidate
     if stacked.dim() != 3:
         last = "V" if name == "logits" else "H"
         raise ValueError(f"{name} must have shape [C*B, T, {last}]; got {list(stacked.shape)}")
+    if isinstance(num_candidates, bool) or not isinstance(num_candidates, numbers.Integral):
+        raise TypeError(f"num_candidates must be an int; got {type(num_candidates).__name__}")
     rows = stacked.shape[0]
     if num_candidates < 2 or rows % num_candidates:
         raise ValueError(
@@ -69,6 +71,17 @@ def _check_options(labels: Tensor, mask: Tensor | None, average: bool, ref_logps
         raise ValueError("ref_logps_averaged=True says ref_logps are length-averaged, but this loss is taken on "
                          "summed log-probs (average=False): pass summed ref_logps, or average=True")
     check_sft_weight(sft_weight)
+
+
+def _num_strong(num_strong: int | None, num_candidates: int) -> int:
+    """K, checked: an int in [1, C - 1] (None: all C - 1 negatives are strong)."""
+    if num_strong is None:
+        return num_candidates - 1
+    if isinstance(num_strong, bool) or not isinstance(num_strong, numbers.Integral):
+        raise TypeError(f"num_strong must be an int or None; got {type(num_strong).__name__}")
+    if not 1 <= num_strong <= num_candidates - 1:
+        raise ValueError(f"num_strong must lie in [1, C - 1] = [1, {num_candidates - 1}]; got {num_strong}")
+    return int(num_strong)
 
 
 def _check_budget(max_chunk_tokens: int | None) -> int:
@@ -194,6 +207,7 @@ def fused_epa_loss(
         (loss, policy_seq_logps [C*B] fp32, summed or averaged as the loss used them).
     """
     batch = _check_stacking("logits", logits, ref_logps, num_candidates)
+    num_strong = _num_strong(num_strong, num_candidates)
     _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
     token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
@@ -296,11 +310,11 @@ def fused_linear_epa_loss(
         three-matmul path policy_seq_logps are detached (see ``fused_linear_dpo_loss``).
     """
     batch = _check_stacking("hidden", hidden, ref_logps, num_candidates)
+    num_strong = _num_strong(num_strong, num_candidates)
     _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
     budget = _check_budget(max_chunk_tokens)
     if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
         check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
-        num_strong = num_candidates - 1 if num_strong is None else num_strong
         loss, seq, *_ = torch.ops.epa_ext.linear_epa_loss(
             hidden, weight, bias, _long(labels), ref_logps, mask, num_candidates, float(beta), num_strong,
             float(weak_weight), float(sft_weight), bool(average), bool(ref_logps_averaged), reduction, ignore_index,

@@ -187,3 +187,63 @@ def test_fused_losses_equal_their_composition(prompts, candidates, steps, vocab,
         lambda x: eager.fused_epa_loss(x, labels, ref, num_candidates=candidates, beta=0.5)[0], logits)
     torch.testing.assert_close(value.double(), truth, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-4, atol=1e-6)
+
+
+@st.composite
+def linear_loss_cases(draw):
+    """Prompt groups of random lengths (0 included: all-ignored sequences) for the three-matmul
+    fused-linear losses, with a random chunk budget (so groups pack, split or go in pieces)."""
+    kind = draw(st.sampled_from(["dpo", "epa"]))
+    candidates = 2 if kind == "dpo" else draw(st.integers(2, 5))
+    prompts = draw(st.integers(1, 4))
+    lengths = draw(st.lists(st.integers(0, 9), min_size=prompts * candidates, max_size=prompts * candidates))
+    hidden_size, vocab = draw(st.integers(1, 24)), draw(st.sampled_from([1, 2, 17, 64]))
+    gen = seeded(draw(st.integers(0, 2**31 - 1)))
+    steps = max(lengths) + 1
+    labels = torch.full((prompts * candidates, steps), -100)
+    for row, length in enumerate(lengths):
+        labels[row, 1: 1 + length] = torch.randint(0, vocab, (length,), generator=gen)
+    hidden = torch.randn(prompts * candidates, steps, hidden_size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) / hidden_size**0.5
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if draw(st.booleans()) else None
+    ref = (-torch.rand(prompts * candidates, generator=gen, dtype=torch.float64) * 3 * torch.tensor(lengths)).float()
+    options = dict(sft_weight=draw(st.sampled_from([0.0, 0.5])), average=draw(st.booleans()),
+                   reduction=draw(st.sampled_from(["mean", "sum"])), beta=draw(st.sampled_from([0.1, 1.0])))
+    if kind == "dpo":
+        options["loss_type"] = draw(st.sampled_from(["sigmoid", "robust", "hinge", "ipo"]))
+    else:
+        options.update(num_candidates=candidates, num_strong=draw(st.integers(1, candidates - 1)),
+                       weak_weight=draw(st.sampled_from([0.0, 0.5, 1.0])))
+        if draw(st.booleans()):
+            mask = torch.rand(prompts, candidates, generator=gen) > 0.3
+            mask[:, 0] = True
+            options["mask"] = mask
+    budget = draw(st.sampled_from([None, 1, 3, 8, 20]))
+    return kind, hidden, weight, bias, labels, ref, options, budget, draw(DTYPES)
+
+
+@SETTINGS
+@given(case=linear_loss_cases())
+def test_three_matmul_linear_losses(case):
+    kind, hidden, weight, bias, labels, ref, options, budget, dtype = case
+    params = [hidden, weight] + ([bias] if bias is not None else [])
+
+    def run(fn, tensors):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        return out.detach(), torch.autograd.grad(out, leaves, torch.tensor(1.7, dtype=out.dtype))
+
+    def ours(h, w, b=None):
+        fn = epa_ext.fused_linear_dpo_loss if kind == "dpo" else epa_ext.fused_linear_epa_loss
+        return fn(h, w, labels, ref, bias=b, max_chunk_tokens=budget, **options)[0]
+
+    def plain(h, w, b=None):
+        fn = eager.fused_dpo_loss if kind == "dpo" else eager.fused_epa_loss
+        return fn(h @ w.T + (0 if b is None else b), labels, ref.to(h.dtype), **options)[0]
+
+    value, grads = run(ours, [t.to(dtype) for t in params])
+    truth, truth_grads = run(plain, params)
+    in_dtype, in_dtype_grads = run(plain, [t.to(dtype) for t in params])
+    assert_close_to_truth(value, truth, dtype=dtype, plain=in_dtype, what=f"{kind} loss", slack_ulps=4)
+    for name, a, t, p in zip(("hidden", "weight", "bias"), grads, truth_grads, in_dtype_grads):
+        assert_close_to_truth(a, t, dtype=dtype, plain=p, what=f"{kind} d({name})", slack_ulps=4)
