@@ -141,7 +141,7 @@ def test_fused_bad_input():
         epa_ext.fused_epa_loss(logits, labels, ref[:5], num_candidates=3)
     with pytest.raises(ValueError, match=r"logits must have shape \[C\*B, T, V\]"):
         epa_ext.fused_epa_loss(logits[0], labels[0], ref, num_candidates=3)
-    with pytest.raises(RuntimeError, match=r"num_strong must lie in \[1, C - 1\] = \[1, 2\]; got 3"):
+    with pytest.raises(ValueError, match=r"num_strong must lie in \[1, C - 1\] = \[1, 2\]; got 3"):
         epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=3, num_strong=3)
     with pytest.raises(ValueError, match="ref_logps must be on the device of logits"):
         epa_ext.fused_epa_loss(logits, labels, ref.to("meta"), num_candidates=3)

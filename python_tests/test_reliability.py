@@ -195,3 +195,33 @@ def test_no_memory_growth_over_thousands_of_calls(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path)
     growth = float(result.stdout.strip())
     assert growth < 16, f"resident memory grew by {growth:.1f} MiB over 3000 steps"
+
+
+def test_fused_logits_losses_second_order_match_plain_torch():
+    """fused_dpo_loss / fused_epa_loss compose token_logps and the loss ops: their second
+    derivatives (gradgradcheck, float64) and a Hessian-vector product match plain torch."""
+    logits = torch.randn(6, 3, 7, dtype=torch.float64)
+    labels = torch.randint(0, 7, (6, 3))
+    labels[0, 0] = -100
+    ref = -torch.rand(6, dtype=torch.float64) * 3
+    cases = {
+        "dpo": (lambda x: epa_ext.fused_dpo_loss(x, labels, ref, beta=0.5)[0],
+                lambda x: eager.fused_dpo_loss(x, labels, ref, beta=0.5)[0]),
+        "epa": (lambda x: epa_ext.fused_epa_loss(x, labels, ref, num_candidates=3, num_strong=1, weak_weight=0.5)[0],
+                lambda x: eager.fused_epa_loss(x, labels, ref, num_candidates=3, num_strong=1, weak_weight=0.5)[0]),
+    }
+    v = torch.randn_like(logits)
+    for name, (ours, plain) in cases.items():
+        assert torch.autograd.gradgradcheck(ours, (logits.clone().requires_grad_(),)), name
+        hvps = []
+        for fn in (ours, plain):
+            x = logits.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(fn(x), [x], create_graph=True)
+            hvps.append(torch.autograd.grad((grad * v).sum(), [x])[0])
+        assert_close_to_truth(hvps[0], hvps[1], dtype=torch.float64, what=f"fused {name} Hessian-vector product")
+
+
+def test_fused_logits_losses_refuse_torch_func_grad():
+    logits, labels, ref = torch.randn(4, 3, 7), torch.randint(0, 7, (4, 3)), torch.zeros(4)
+    with pytest.raises(NotImplementedError, match="does not support torch.func's differentiating transforms"):
+        torch.func.grad(lambda x: epa_ext.fused_dpo_loss(x, labels, ref)[0])(logits)
