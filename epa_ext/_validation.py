@@ -113,8 +113,3 @@ def check_same_device(name: str, tensor: Tensor, like_name: str, like: Tensor) -
                 if "meta" in (tensor.device.type, like.device.type) else "")
         raise ValueError(f"{name} must be on the device of {like_name} ({like.device}); got {tensor.device}{hint}")
 
-
-def check_floating(name: str, tensor: Tensor) -> None:
-    """TypeError unless ``tensor`` holds floating-point numbers."""
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got {tensor.dtype}")

@@ -162,14 +162,14 @@ def test_sequence_logps_of_2d_logits_is_one_sequence():
     torch.testing.assert_close(total, epa_ext.token_logps(logits, labels).sum())
 
 
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("average", [False, True])
-def test_gradcheck_float64(average, device):
+def test_gradcheck_float64(average, check, device):
+    """First and second derivatives (the second through create_graph=True) against finite differences."""
     logits, labels = make_inputs((2, 4, 7), torch.float64, device)
     x = logits.clone().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda t: epa_ext.sequence_logps(t, labels, average=average), (x,), eps=1e-6, atol=1e-8
-    )
-    assert torch.autograd.gradcheck(lambda t: epa_ext.token_logps(t, labels), (x,), eps=1e-6, atol=1e-8)
+    assert check(lambda t: epa_ext.sequence_logps(t, labels, average=average), (x,), eps=1e-6, atol=1e-8)
+    assert check(lambda t: epa_ext.token_logps(t, labels), (x,), eps=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -365,27 +365,21 @@ def test_sequence_logps_composes_with_completion_labels():
     logits = torch.randn(2, 10, 50)
     labels = epa_ext.completion_labels(input_ids, mask)
     expected = torch.log_softmax(logits.double(), -1)[:, 5:9].gather(-1, input_ids[:, 6:10, None]).sum((1, 2))
-    torch.testing.assert_close(epa_ext.sequence_logps(logits, labels).double(), expected, rtol=1e-5, atol=1e-5)
+    assert_close_to_truth(epa_ext.sequence_logps(logits, labels), expected, dtype=torch.float32)
 
 
 def test_default_cpu_capability_path_matches_reference():
     """The non-AVX2 build of the CPU loops, forced through the environment in a fresh process."""
     script = textwrap.dedent(
-        """
-        import torch, epa_ext
-        from epa_ext import eager
+        f"""
+        import sys, torch, epa_ext
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_logps import check_against_reference, make_inputs
         assert epa_ext.cpu_capability() == "default", epa_ext.cpu_capability()
         torch.manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            logits = (torch.randn(3, 5, 2053) * 3).to(dtype).requires_grad_()
-            labels = torch.randint(0, 2053, (3, 5)); labels[0, :2] = -100
-            out = epa_ext.token_logps(logits, labels)
-            out.sum().backward()
-            x = logits.detach().double().requires_grad_()
-            truth = eager.token_logps(x, labels); truth.sum().backward()
-            tol = 1e-5 if dtype == torch.float32 else 1e-2
-            torch.testing.assert_close(out.double(), truth, rtol=tol, atol=tol)
-            torch.testing.assert_close(logits.grad.double(), x.grad, rtol=tol, atol=tol)
+            logits, labels = make_inputs((3, 5, 2053), dtype, "cpu")
+            check_against_reference(logits, labels, what="default capability")
         print("ok")
         """
     )
@@ -445,14 +439,6 @@ def test_a_second_copy_of_the_extension_is_a_python_error(tmp_path):
 
 
 # --- second and higher derivatives ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize("average", [False, True])
-def test_gradgradcheck_float64(average, device):
-    logits, labels = make_inputs((2, 4, 7), torch.float64, device)
-    x = logits.clone().requires_grad_()
-    assert torch.autograd.gradgradcheck(lambda t: epa_ext.sequence_logps(t, labels, average=average), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: epa_ext.token_logps(t, labels), (x,))
 
 
 def hessian_vector_product(fn, x, v):

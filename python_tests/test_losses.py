@@ -9,14 +9,11 @@ import torch
 
 import epa_ext
 from epa_ext import eager
-from numerics import assert_close_to_truth
+from numerics import assert_close_to_truth, assert_rounded_once
 
 LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo"]
 REDUCTIONS = ["mean", "sum", "none"]
 INPUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# The kernels upcast their inputs exactly and compute in fp32, so values match float64 to fp32
-# precision for every input dtype; gradients are returned in the input dtype and carry its rounding.
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float64: 1e-10}
 
 
 def random_logps(*shape, dtype=torch.float32, device="cpu", scale=20.0):
@@ -24,7 +21,9 @@ def random_logps(*shape, dtype=torch.float32, device="cpu", scale=20.0):
 
 
 def compare(ours_fn, ref_fn, inputs, *, dtype, what):
-    """Value and input gradients of ours_fn against ref_fn on float64 copies of the same inputs."""
+    """Value and input gradients of ours_fn against ref_fn on float64 copies of the same inputs. The
+    kernels upcast their inputs exactly and compute in fp32, so values match float64 to fp32
+    precision for every input dtype; gradients are returned in the input dtype, rounded once."""
     ours_in = [t.clone().requires_grad_() for t in inputs]
     truth_in = [t.double().requires_grad_() for t in inputs]
     ours, truth = ours_fn(*ours_in), ref_fn(*truth_in)
@@ -36,8 +35,7 @@ def compare(ours_fn, ref_fn, inputs, *, dtype, what):
                           what=f"{what} value")
     for i, (a, b) in enumerate(zip(ours_in, truth_in)):
         assert a.grad.dtype == dtype
-        torch.testing.assert_close(a.grad.double(), b.grad, rtol=GRAD_RTOL[dtype], atol=GRAD_RTOL[dtype] * 1e-2,
-                                   msg=lambda m: f"{what} grad of input {i}: {m}")
+        assert_rounded_once(a.grad, b.grad, dtype=dtype, what=f"{what} grad of input {i}")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -83,31 +81,40 @@ def test_epa_matches_reference(case, reduction, dtype, device):
 
 
 def test_epa_with_one_strong_negative_is_dpo_sigmoid(device):
-    chosen, rejected, ref_chosen, ref_rejected = [random_logps(64, device=device).requires_grad_() for _ in range(4)]
-    dpo = epa_ext.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3, reduction="none")
+    """Both ops against DPO's float64 definition, so each other within fp32 precision."""
+    inputs = [random_logps(64, device=device) for _ in range(4)]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    truth_leaves = [t.double().requires_grad_() for t in inputs]
+    chosen, rejected, ref_chosen, ref_rejected = leaves
+    truth = eager.dpo_loss(*truth_leaves, beta=0.3, reduction="none")
+    truth_grads = torch.autograd.grad(truth.sum(), truth_leaves[:2])
+    dpo = epa_ext.dpo_loss(*leaves, beta=0.3, reduction="none")
     epa = epa_ext.epa_loss(torch.stack([chosen, rejected], 1), torch.stack([ref_chosen, ref_rejected], 1), beta=0.3,
                            reduction="none")
-    torch.testing.assert_close(epa, dpo, rtol=1e-6, atol=1e-6)
-    grads_dpo = torch.autograd.grad(dpo.sum(), [chosen, rejected])
-    grads_epa = torch.autograd.grad(epa.sum(), [chosen, rejected])
-    for a, b in zip(grads_epa, grads_dpo):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for name, loss in (("dpo", dpo), ("epa", epa)):
+        assert_close_to_truth(loss, truth, dtype=torch.float32, what=f"{name} value")
+        for grad, truth_grad in zip(torch.autograd.grad(loss.sum(), [chosen, rejected]), truth_grads):
+            assert_close_to_truth(grad, truth_grad, dtype=torch.float32, what=f"{name} gradient")
 
 
 def test_epa_row_shift_invariance_and_zero_sum_gradient(device):
     policy, ref = random_logps(16, 7, device=device), random_logps(16, 7, device=device)
     shift = torch.randn(16, 1, device=device) * 50
     mask = make_mask(16, 7, device)
-    results = []
-    for p in (policy, policy + shift):
+    options = dict(beta=0.5, num_strong=3, weak_weight=0.7, mask=mask, reduction="none")
+    p = policy.double().requires_grad_()
+    truth = eager.epa_loss(p, ref.double(), **options)
+    (truth_grad,) = torch.autograd.grad(truth.sum(), [p])
+    for p in (policy, policy + shift):  # the shifted rows have scores in the tens: their fp32 error
         p = p.clone().requires_grad_()
-        loss = epa_ext.epa_loss(p, ref, beta=0.5, num_strong=3, weak_weight=0.7, mask=mask, reduction="none")
-        loss.sum().backward()
-        results.append((loss.detach(), p.grad))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
-    # each row of d loss / d policy is beta * (softmax - onehot): it sums to zero
-    torch.testing.assert_close(results[0][1].sum(1), torch.zeros(16, device=device), rtol=0, atol=1e-6)
+        loss = epa_ext.epa_loss(p, ref, **options)
+        (grad,) = torch.autograd.grad(loss.sum(), [p])
+        inputs_scale = 0.5 * float((p - ref).abs().max())
+        assert_close_to_truth(loss, truth, dtype=torch.float32, inputs_scale=inputs_scale, what="loss")
+        assert_close_to_truth(grad, truth_grad, dtype=torch.float32, inputs_scale=inputs_scale, what="gradient")
+        # each row of d loss / d policy is beta * (softmax - onehot): it sums to zero
+        assert_close_to_truth(grad.sum(1), torch.zeros(16), dtype=torch.float32, inputs_scale=inputs_scale,
+                              what="row sums of the gradient")
 
 
 def test_epa_masked_candidates_contribute_nothing(device):
@@ -133,7 +140,7 @@ def test_epa_masked_candidates_contribute_nothing(device):
             expected = torch.logsumexp(scores, 0) - scores[0]
         else:
             expected = epa_ext.epa_loss(policy[i, keep][None], ref[i, keep][None], **sub_options)
-        torch.testing.assert_close(losses[i], expected, rtol=1e-6, atol=1e-6)
+        assert_close_to_truth(losses[i], expected, dtype=torch.float32, what=f"row {i}")
 
 
 def test_epa_unit_weak_weight_is_cross_entropy(device):
@@ -154,13 +161,13 @@ def test_large_rewards_stay_finite(device):
         assert torch.isfinite(loss) and torch.isfinite(p.grad).all(), loss_type
         truth = eager.dpo_loss(*(t.double() for t in (p[:, 0], p[:, 1], ref[:, 0], ref[:, 1])), beta=0.2,
                                    loss_type=loss_type, reduction="sum")
-        torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-5)
+        assert_close_to_truth(loss, truth, dtype=torch.float32, inputs_scale=0.2 * 4000, what=loss_type)
     p = policy.clone().requires_grad_()
     loss = epa_ext.epa_loss(p, ref, beta=0.2, num_strong=1, reduction="sum")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(p.grad).all()
-    torch.testing.assert_close(loss.double(), eager.epa_loss(policy.double(), ref.double(), beta=0.2, num_strong=1,
-                                                                 reduction="sum"), rtol=1e-6, atol=1e-4)
+    assert_close_to_truth(loss, eager.epa_loss(policy.double(), ref.double(), beta=0.2, num_strong=1, reduction="sum"),
+                          dtype=torch.float32, inputs_scale=0.2 * 4000, what="epa")
 
 
 def test_two_disjoint_pairs_dpo_is_flat_epa_is_not():
@@ -183,20 +190,26 @@ def test_two_disjoint_pairs_dpo_is_flat_epa_is_not():
     assert 0 < int(epa_values.argmin()) < len(shifts) - 1  # an interior, unique minimum
 
 
+# First and second derivatives (the second through create_graph=True) against finite differences.
+CHECKS = [torch.autograd.gradcheck, torch.autograd.gradgradcheck]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_dpo_gradcheck(loss_type, device):
+def test_dpo_gradcheck(loss_type, check, device):
     inputs = [random_logps(6, dtype=torch.float64, device=device, scale=3.0).requires_grad_() for _ in range(4)]
     smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
-    assert torch.autograd.gradcheck(
+    assert check(
         lambda *t: epa_ext.dpo_loss(*t, beta=0.7, loss_type=loss_type, label_smoothing=smoothing, reduction="none"),
         inputs,
     )
 
 
-def test_epa_gradcheck(device):
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_epa_gradcheck(check, device):
     policy, ref = (random_logps(5, 6, dtype=torch.float64, device=device, scale=3.0).requires_grad_() for _ in range(2))
     mask = make_mask(5, 6, device)
-    assert torch.autograd.gradcheck(
+    assert check(
         lambda p, r: epa_ext.epa_loss(p, r, beta=0.7, num_strong=2, weak_weight=0.3, mask=mask, reduction="none"),
         (policy, ref),
     )
@@ -406,25 +419,6 @@ def test_epa_devices_must_match():
 # --- second and higher derivatives ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_dpo_gradgradcheck(loss_type, device):
-    inputs = [random_logps(6, dtype=torch.float64, device=device, scale=3.0).requires_grad_() for _ in range(4)]
-    smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
-    assert torch.autograd.gradgradcheck(
-        lambda *t: epa_ext.dpo_loss(*t, beta=0.7, loss_type=loss_type, label_smoothing=smoothing, reduction="none"),
-        inputs,
-    )
-
-
-def test_epa_gradgradcheck(device):
-    policy, ref = (random_logps(5, 6, dtype=torch.float64, device=device, scale=3.0).requires_grad_() for _ in range(2))
-    mask = make_mask(5, 6, device)
-    assert torch.autograd.gradgradcheck(
-        lambda p, r: epa_ext.epa_loss(p, r, beta=0.7, num_strong=2, weak_weight=0.3, mask=mask, reduction="none"),
-        (policy, ref),
-    )
-
-
 def second_derivative(loss_fn, inputs, a0):
     """d2/da2 of loss_fn(a * inputs) + a^2 (a scalar), through create_graph=True."""
     a = torch.tensor(a0, dtype=inputs[0].dtype, requires_grad=True)
@@ -442,29 +436,33 @@ def test_second_derivative_matches_plain_torch(dtype):
         options = dict(beta=0.7, loss_type=loss_type)
         ours = second_derivative(lambda *t: epa_ext.dpo_loss(*t, **options), inputs, 0.8)
         truth = second_derivative(lambda *t: eager.dpo_loss(*t, **options), [t.double() for t in inputs], 0.8)
-        torch.testing.assert_close(ours.double(), truth, rtol=GRAD_RTOL[dtype], atol=0, msg=loss_type)
+        assert_close_to_truth(ours, truth, dtype=dtype, what=loss_type)
     twice = second_derivative(lambda p, r: epa_ext.dpo_loss(p, p, r, r * 2), inputs[:2], 0.8)
     twice_truth = second_derivative(lambda p, r: eager.dpo_loss(p, p, r, r * 2), [t.double() for t in inputs[:2]], 0.8)
-    torch.testing.assert_close(twice.double(), twice_truth, rtol=GRAD_RTOL[dtype], atol=0)
+    assert_close_to_truth(twice, twice_truth, dtype=dtype, what="one tensor passed twice")
     policy, ref = random_logps(5, 4, dtype=dtype, scale=3.0), random_logps(5, 4, dtype=dtype, scale=3.0)
     options = dict(beta=0.5, num_strong=2, weak_weight=0.5)
     ours = second_derivative(lambda p, r: epa_ext.epa_loss(p, r, **options), [policy, ref], 1.2)
     truth = second_derivative(lambda p, r: eager.epa_loss(p, r, **options), [policy.double(), ref.double()], 1.2)
-    torch.testing.assert_close(ours.double(), truth, rtol=GRAD_RTOL[dtype], atol=0)
+    assert_close_to_truth(ours, truth, dtype=dtype, what="epa")
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
 def test_losses_first_derivative_is_the_same_under_create_graph(dtype):
     """create_graph=True takes the differentiable path; its first derivative is the kernel's, in
-    the input's dtype."""
+    the input's dtype, rounded once."""
     policy, ref = random_logps(6, 5, dtype=dtype), random_logps(6, 5, dtype=dtype)
-    grads = []
+
+    def loss_fn(module, p, r):
+        return module.epa_loss(p, r, num_strong=2) + module.dpo_loss(p[:, 0], p[:, 1], r[:, 0], r[:, 1])
+
+    p = policy.double().requires_grad_()
+    (truth,) = torch.autograd.grad(loss_fn(eager, p, ref.double()), [p])
     for create_graph in (False, True):
         p = policy.clone().requires_grad_()
-        loss = epa_ext.epa_loss(p, ref, num_strong=2) + epa_ext.dpo_loss(p[:, 0], p[:, 1], ref[:, 0], ref[:, 1])
-        grads.append(torch.autograd.grad(loss, [p], create_graph=create_graph)[0].detach())
-    assert grads[1].dtype == dtype
-    torch.testing.assert_close(grads[1].double(), grads[0].double(), rtol=GRAD_RTOL[dtype], atol=GRAD_RTOL[dtype] * 1e-2)
+        (grad,) = torch.autograd.grad(loss_fn(epa_ext, p, ref), [p], create_graph=create_graph)
+        assert grad.dtype == dtype
+        assert_rounded_once(grad, truth, dtype=dtype, what=f"create_graph={create_graph}")
 
 
 def test_losses_refuse_torch_func_grad():
