@@ -1,6 +1,7 @@
 // Which build of the vectorized CPU loops runs: the best one this processor supports, or the one
 // named by the environment variable EPA_EXT_CPU_CAPABILITY ("default" or "avx2"), which the tests
-// use to exercise both. Read once, at the first call.
+// use to exercise both. Read at the first call; a bad value raises ValueError (c10::ValueError)
+// there, and again at every later call, since a static whose initializer throws stays unset.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -26,8 +27,10 @@ inline CpuCapability detect_cpu_capability() {
   if (forced != nullptr && *forced != '\0') {
     const std::string name(forced);
     if (name == "default") return CpuCapability::Default;
-    TORCH_CHECK(name == "avx2", "EPA_EXT_CPU_CAPABILITY must be 'default' or 'avx2'; got '", name, "'");
-    TORCH_CHECK(processor_has_avx2(), "EPA_EXT_CPU_CAPABILITY=avx2, but this processor lacks AVX2/FMA/F16C");
+    TORCH_CHECK_VALUE(name == "avx2", "the environment variable EPA_EXT_CPU_CAPABILITY must be 'default' or ",
+                      "'avx2' (or unset, to choose from the processor); got '", name, "'");
+    TORCH_CHECK_VALUE(processor_has_avx2(), "the environment variable EPA_EXT_CPU_CAPABILITY is 'avx2', but this ",
+                      "processor lacks AVX2/FMA/F16C: set it to 'default' or unset it");
     return CpuCapability::Avx2;
   }
   return processor_has_avx2() ? CpuCapability::Avx2 : CpuCapability::Default;

@@ -51,9 +51,9 @@ at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
 
 std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
                                                    const at::Tensor& labels,
-                                                   int64_t ignore_index,
-                                                   bool /*inplace_backward: autograd only*/) {
+                                                   int64_t ignore_index, bool inplace_backward) {
   check_logits_and_labels("token_logps", logits, labels);
+  if (inplace_backward) check_rows_writable("token_logps", logits);
   const auto options = labels.options().dtype(accumulate_dtype(logits));
   at::Tensor logps = at::empty(labels.sizes(), options);
   at::Tensor lse = at::empty(labels.sizes(), options);
@@ -73,7 +73,7 @@ void run_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d, con
 at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
                                     const at::Tensor& labels, const at::Tensor& lse,
                                     const at::Tensor& logps, int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse, logps);
+  check_backward_inputs("token_logps_backward", grad_logps, logits, labels, lse, logps);
   at::Tensor grad_logits = empty_on_huge_pages(logits.sizes(), logits.scalar_type());
   at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
   run_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, grad_3d);
@@ -83,7 +83,8 @@ at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tens
 void token_logps_backward_inplace_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
                                       const at::Tensor& labels, const at::Tensor& lse,
                                       const at::Tensor& logps, int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse, logps);
+  check_backward_inputs("token_logps_backward_", grad_logps, logits, labels, lse, logps);
+  check_rows_writable("token_logps_backward_", logits);
   at::Tensor logits_3d = as_batch_time_vocab(logits);
   run_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, logits_3d);
 }

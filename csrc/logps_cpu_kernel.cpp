@@ -18,6 +18,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "logps_checks.h"
 #include "logps_math.h"
 
 namespace epa_ext::cpu::CPU_CAPABILITY {
@@ -31,10 +32,6 @@ constexpr int64_t kBlock = 2048;
 
 template <typename scalar_t>
 constexpr bool kIsFloatVectorPath = !std::is_same_v<scalar_t, double>;
-
-RowLayout layout_of(const at::Tensor& t) {  // t: [B, T, V]
-  return RowLayout{t.size(1), t.stride(0), t.stride(1)};
-}
 
 // Returns block [p, p + n) as fp32: the input itself for float, else converted into scratch.
 template <typename scalar_t>
@@ -166,7 +163,7 @@ void row_grad_vectorized(const scalar_t* row, scalar_t* out, int64_t vocab, int6
 }
 
 void check_label(int64_t label, int64_t vocab, int64_t ignore_index, int64_t row) {
-  TORCH_CHECK(label == ignore_index || (label >= 0 && label < vocab),
+  TORCH_CHECK_VALUE(label == ignore_index || (label >= 0 && label < vocab),
               "epa_ext: labels must lie in [0, V) or equal ignore_index (", ignore_index,
               "); found ", label, " at flat position ", row, " with V = ", vocab);
 }
@@ -180,11 +177,11 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
                          at::Tensor& logps, at::Tensor& lse) {
   const int64_t num_rows = labels.numel();
   const int64_t vocab = logits.size(2);
-  const RowLayout layout = layout_of(logits);
+  const RowLayout layout = row_layout(logits);
   const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "epa_ext_token_logps_forward_cpu", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using acc_t = accumulate_t<scalar_t>;
         const scalar_t* base = logits.const_data_ptr<scalar_t>();
         acc_t* logp_ptr = logps.data_ptr<acc_t>();
         acc_t* lse_ptr = lse.data_ptr<acc_t>();
@@ -212,12 +209,12 @@ void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits
                           int64_t ignore_index, at::Tensor& grad_logits) {
   const int64_t num_rows = labels.numel();
   const int64_t vocab = logits.size(2);
-  const RowLayout in_layout = layout_of(logits);
-  const RowLayout out_layout = layout_of(grad_logits);
+  const RowLayout in_layout = row_layout(logits);
+  const RowLayout out_layout = row_layout(grad_logits);
   const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "epa_ext_token_logps_backward_cpu", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using acc_t = accumulate_t<scalar_t>;
         const scalar_t* in_base = logits.const_data_ptr<scalar_t>();
         scalar_t* out_base = grad_logits.data_ptr<scalar_t>();
         const acc_t* grad_ptr = grad_logps.const_data_ptr<acc_t>();

@@ -192,19 +192,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-RowLayout layout_of(const at::Tensor& t) {  // t: [B, T, V]
-  return RowLayout{t.size(1), t.stride(0), t.stride(1)};
-}
-
 unsigned grid_for(int64_t num_rows) {
   return static_cast<unsigned>(std::min(num_rows, kMaxBlocks));
 }
 
 std::tuple<at::Tensor, at::Tensor> token_logps_cuda(const at::Tensor& logits,
                                                     const at::Tensor& labels,
-                                                    int64_t ignore_index,
-                                                    bool /*inplace_backward: autograd only*/) {
+                                                    int64_t ignore_index, bool inplace_backward) {
   check_logits_and_labels("token_logps", logits, labels);
+  if (inplace_backward) check_rows_writable("token_logps", logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto options = labels.options().dtype(accumulate_dtype(logits));
   at::Tensor logps = at::empty(labels.sizes(), options);
@@ -216,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cuda(const at::Tensor& logits,
   const auto stream = c10::cuda::getCurrentCUDAStream(logits.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "epa_ext_token_logps_forward_cuda", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using acc_t = accumulate_t<scalar_t>;
         token_logps_forward_kernel<scalar_t, acc_t><<<grid_for(num_rows), kThreads, 0, stream>>>(
-            logits_3d.const_data_ptr<scalar_t>(), layout_of(logits_3d),
+            logits_3d.const_data_ptr<scalar_t>(), row_layout(logits_3d),
             flat_labels.const_data_ptr<int64_t>(), num_rows, logits_3d.size(2), ignore_index,
             logps.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -239,10 +235,10 @@ void launch_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d,
   const auto stream = c10::cuda::getCurrentCUDAStream(logits_3d.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits_3d.scalar_type(), "epa_ext_token_logps_backward_cuda", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using acc_t = accumulate_t<scalar_t>;
         token_logps_backward_kernel<scalar_t, acc_t><<<grid_for(num_rows), kThreads, 0, stream>>>(
             flat_grad.const_data_ptr<acc_t>(), logits_3d.const_data_ptr<scalar_t>(),
-            layout_of(logits_3d), grad_3d.data_ptr<scalar_t>(), layout_of(grad_3d),
+            row_layout(logits_3d), grad_3d.data_ptr<scalar_t>(), row_layout(grad_3d),
             flat_labels.const_data_ptr<int64_t>(), flat_lse.const_data_ptr<acc_t>(),
             flat_logps.const_data_ptr<acc_t>(), num_rows, logits_3d.size(2), ignore_index);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -252,7 +248,7 @@ void launch_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d,
 at::Tensor token_logps_backward_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
                                      const at::Tensor& labels, const at::Tensor& lse,
                                      const at::Tensor& logps, int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse, logps);
+  check_backward_inputs("token_logps_backward", grad_logps, logits, labels, lse, logps);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad_logits =
       at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
@@ -264,7 +260,8 @@ at::Tensor token_logps_backward_cuda(const at::Tensor& grad_logps, const at::Ten
 void token_logps_backward_inplace_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
                                        const at::Tensor& labels, const at::Tensor& lse,
                                        const at::Tensor& logps, int64_t ignore_index) {
-  check_backward_inputs(grad_logps, logits, labels, lse, logps);
+  check_backward_inputs("token_logps_backward_", grad_logps, logits, labels, lse, logps);
+  check_rows_writable("token_logps_backward_", logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor logits_3d = as_batch_time_vocab(logits);
   launch_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, logits_3d);

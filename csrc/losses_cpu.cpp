@@ -48,7 +48,7 @@ int64_t rows_per_task(const EpaInputs& in) {
 std::tuple<at::Tensor, at::Tensor> epa_loss_cpu(const at::Tensor& policy, const at::Tensor& ref,
                                                 const std::optional<at::Tensor>& mask, double beta,
                                                 int64_t num_strong, double weak_weight) {
-  const EpaInputs in = prepare_epa_inputs(policy, ref, mask, beta, num_strong, weak_weight);
+  const EpaInputs in = prepare_epa_inputs("epa_loss", policy, ref, mask, beta, num_strong, weak_weight);
   at::Tensor losses = at::empty({in.batch}, in.policy.options()), lse = at::empty({in.batch}, in.policy.options());
   AT_DISPATCH_FLOATING_TYPES(losses.scalar_type(), "epa_ext_epa_loss_cpu", [&] {
     const scalar_t *p = in.policy.const_data_ptr<scalar_t>(), *r = in.ref.const_data_ptr<scalar_t>();
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> epa_loss_cpu(const at::Tensor& policy, const 
       for (int64_t i = begin; i < end; ++i) {
         const int64_t offset = i * in.row.num_candidates;
         const bool* row_mask = m ? m + offset : nullptr;
-        TORCH_CHECK(row_mask == nullptr || row_mask[0], "epa_loss: mask[:, 0] must be True (the positive is ",
+        TORCH_CHECK_VALUE(row_mask == nullptr || row_mask[0], "epa_loss: mask[:, 0] must be True (the positive is ",
                     "always present); it is False in row ", i);
         const scalar_t row_lse = in.row.logsumexp(p + offset, r + offset, row_mask, scalar_t(beta), log_weak);
         lse_out[i] = row_lse;
@@ -73,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor> epa_loss_cpu(const at::Tensor& policy, const 
 at::Tensor epa_loss_backward_cpu(const at::Tensor& grad_losses, const at::Tensor& policy, const at::Tensor& ref,
                                  const std::optional<at::Tensor>& mask, const at::Tensor& lse, double beta,
                                  int64_t num_strong, double weak_weight) {
-  const EpaInputs in = prepare_epa_inputs(policy, ref, mask, beta, num_strong, weak_weight);
-  const auto [g, l] = prepare_epa_backward(in, grad_losses, lse);
+  const auto [in, g, l] = prepare_epa_backward_inputs(grad_losses, policy, ref, mask, lse, beta, num_strong,
+                                                      weak_weight);
   at::Tensor grad_policy = at::empty_like(in.policy);
   AT_DISPATCH_FLOATING_TYPES(grad_policy.scalar_type(), "epa_ext_epa_loss_backward_cpu", [&] {
     const scalar_t *p = in.policy.const_data_ptr<scalar_t>(), *r = in.ref.const_data_ptr<scalar_t>();

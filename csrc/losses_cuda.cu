@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> epa_loss_cuda(const at::Tensor& policy, const
                                                  const std::optional<at::Tensor>& mask, double beta,
                                                  int64_t num_strong, double weak_weight) {
   const c10::cuda::CUDAGuard guard(policy.device());
-  const EpaInputs in = prepare_epa_inputs(policy, ref, mask, beta, num_strong, weak_weight);
+  const EpaInputs in = prepare_epa_inputs("epa_loss", policy, ref, mask, beta, num_strong, weak_weight);
   at::Tensor losses = at::empty({in.batch}, in.policy.options()), lse = at::empty({in.batch}, in.policy.options());
   if (in.batch == 0) return {losses, lse};
   const auto stream = c10::cuda::getCurrentCUDAStream(losses.device().index());
@@ -100,8 +100,8 @@ at::Tensor epa_loss_backward_cuda(const at::Tensor& grad_losses, const at::Tenso
                                   const std::optional<at::Tensor>& mask, const at::Tensor& lse, double beta,
                                   int64_t num_strong, double weak_weight) {
   const c10::cuda::CUDAGuard guard(policy.device());
-  const EpaInputs in = prepare_epa_inputs(policy, ref, mask, beta, num_strong, weak_weight);
-  const auto [g, l] = prepare_epa_backward(in, grad_losses, lse);
+  const auto [in, g, l] = prepare_epa_backward_inputs(grad_losses, policy, ref, mask, lse, beta, num_strong,
+                                                      weak_weight);
   at::Tensor grad_policy = at::empty_like(in.policy);
   if (in.batch == 0) return grad_policy;
   const auto stream = c10::cuda::getCurrentCUDAStream(grad_policy.device().index());

@@ -44,8 +44,8 @@ EPA_HD LossAndSlope<acc_t> dpo_pair_loss(acc_t delta, acc_t beta, DpoLossType ty
       return {(-(acc_t(1) - smoothing) * log_sigmoid(z) + smoothing * log_sigmoid(-z)) * scale,
               beta * (-(acc_t(1) - smoothing) * sigmoid(-z) - smoothing * sigmoid(z)) * scale};
     }
-    case DpoLossType::Hinge:
-      return {z < acc_t(1) ? acc_t(1) - z : acc_t(0), z < acc_t(1) ? -beta : acc_t(0)};
+    case DpoLossType::Hinge:  // relu(1 - z), written so that a NaN z gives a NaN loss, as relu does
+      return {z >= acc_t(1) ? acc_t(0) : acc_t(1) - z, z >= acc_t(1) ? acc_t(0) : -beta};
     case DpoLossType::Ipo: {
       const acc_t gap = delta - acc_t(1) / (acc_t(2) * beta);
       return {gap * gap, acc_t(2) * gap};
@@ -70,12 +70,25 @@ struct EpaRow {
     return j > num_strong ? reward + log_weak_weight : reward;
   }
 
+  // logsumexp_j s_j with torch.logsumexp's values for non-finite scores: NaN if any score is
+  // NaN, else +inf if any is +inf (a policy log-prob of +inf, or a reference one of -inf), else
+  // -inf if all are. The loss of a row is then what plain torch computes for it, and so is its
+  // gradient beta * (exp(s_j - lse) - 1[j == 0]).
   template <typename acc_t>
   EPA_HD acc_t logsumexp(const acc_t* policy, const acc_t* ref, const bool* mask, acc_t beta,
                          acc_t log_weak_weight) const {
     LogSumExp<acc_t> acc;
-    for (int64_t j = 0; j < num_candidates; ++j) acc.add(score(policy, ref, mask, j, beta, log_weak_weight));
-    return acc.value();
+    bool any_plus_inf = false;
+    for (int64_t j = 0; j < num_candidates; ++j) {
+      const acc_t s = score(policy, ref, mask, j, beta, log_weak_weight);
+      if (s == acc_t(INFINITY)) {
+        any_plus_inf = true;
+      } else {
+        acc.add(s);
+      }
+    }
+    const acc_t total = acc.value();
+    return any_plus_inf && total == total ? acc_t(INFINITY) : total;
   }
 
   template <typename acc_t>

@@ -1,13 +1,35 @@
-// The one place where the schemas of all epa_ext ops are declared. Backends register their
-// kernels with TORCH_LIBRARY_IMPL next to the kernels; autograd and fake (meta) kernels are
-// registered from Python (epa_ext/logps.py, epa_ext/losses.py, epa_ext/linear.py,
-// epa_ext/linear_losses.py).
+// The one place where the schemas of all epa_ext ops are declared, and the Python module _C.
+//
+// Who registers what for the ops declared here:
+//   - backend kernels: TORCH_LIBRARY_IMPL next to them (logps_cpu.cpp, logps_cuda.cu,
+//     losses_cpu.cpp, losses_cuda.cu, linear_logps.cpp, linear_losses.cpp), and the
+//     ADInplaceOrView kernel of token_logps_backward_ below;
+//   - autograd (torch.library.register_autograd) and fake/meta kernels
+//     (torch.library.register_fake), from Python: epa_ext/logps.py (token_logps,
+//     token_logps_backward, token_logps_backward_), epa_ext/losses.py (dpo_loss, epa_loss,
+//     epa_loss_backward), epa_ext/linear.py (linear_token_logps, linear_token_logps_backward) and
+//     epa_ext/linear_losses.py (linear_dpo_loss, linear_epa_loss, linear_loss_backward).
+//
+// No C++ exception may reach a caller that cannot translate it (a static initializer, a
+// PyCFunction, PyInit): it would end the process with std::terminate. So the schemas are
+// declared from PyInit__C, inside a try block, instead of by a TORCH_LIBRARY static initializer
+// (which throws, for instance, when a second copy of this library is loaded), and the module's
+// functions turn exceptions into Python errors. Kernels and ops need nothing of the kind: the
+// dispatcher translates c10::ValueError to ValueError, c10::TypeError to TypeError.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
 #include <torch/library.h>
+
+#include <exception>
+#include <memory>
 
 #include "cpu_capability.h"
 
-TORCH_LIBRARY(epa_ext, m) {
+namespace {
+
+void define_ops(torch::Library& m) {
   // --- log-probs (logps_cpu.cpp, logps_cuda.cu) ---
   // logits [N, V] or [B, T, V] (fp32/bf16/fp16/fp64, last dim contiguous, other strides free),
   // labels int64 of logits' shape without V. Returns (logps, lse), each of labels' shape, fp32
@@ -85,10 +107,44 @@ TORCH_LIBRARY(epa_ext, m) {
       "Tensor lse, float beta, int num_strong, float weak_weight) -> Tensor");
 }
 
-namespace {
+// token_logps_backward_ writes into logits: bump its version counter, as PyTorch's own in-place
+// ops do, so that autograd refuses to use a saved copy of logits that no longer holds its values
+// (a second backward through an inplace_backward=True graph, logits saved by another node).
+void token_logps_backward_inplace_ad(c10::DispatchKeySet keys, const at::Tensor& grad_logps, const at::Tensor& logits,
+                                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
+                                     int64_t ignore_index) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epa_ext::token_logps_backward_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, int64_t)>();
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, grad_logps, logits, labels, lse, logps, ignore_index);
+  }
+  logits.unsafeGetTensorImpl()->bump_version();
+}
+
+const char* message_of(const std::exception& error) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+  return c10_error != nullptr ? c10_error->what_without_backtrace() : error.what();
+}
+
+// Raises a Python exception for a C++ one: ValueError for c10::ValueError, TypeError for
+// c10::TypeError, RuntimeError otherwise. Returns nullptr, the PyCFunction error result.
+PyObject* set_python_error(const std::exception& error) {
+  PyObject* type = PyExc_RuntimeError;
+  if (dynamic_cast<const c10::ValueError*>(&error) != nullptr) type = PyExc_ValueError;
+  if (dynamic_cast<const c10::TypeError*>(&error) != nullptr) type = PyExc_TypeError;
+  PyErr_SetString(type, message_of(error));
+  return nullptr;
+}
 
 PyObject* cpu_capability(PyObject*, PyObject*) {
-  return PyUnicode_FromString(epa_ext::cpu::cpu_capability_name());
+  try {
+    return PyUnicode_FromString(epa_ext::cpu::cpu_capability_name());
+  } catch (const std::exception& error) {
+    return set_python_error(error);
+  }
 }
 
 PyMethodDef module_methods[] = {
@@ -100,8 +156,29 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                           "epa_ext's compiled ops; importing it registers torch.ops.epa_ext.*",
                           -1, module_methods};
 
+// Lives as long as the process: the ops stay declared after import.
+std::unique_ptr<torch::Library> op_library;
+
 }  // namespace
 
-// Ops are registered by the static initializers above when the library loads; the Python module
-// itself only carries small helpers.
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+TORCH_LIBRARY_IMPL(epa_ext, ADInplaceOrView, m) {
+  m.impl("token_logps_backward_", TORCH_FN(token_logps_backward_inplace_ad));
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  try {
+    if (!op_library) {
+      auto library = std::make_unique<torch::Library>(torch::Library::DEF, "epa_ext", std::nullopt, __FILE__,
+                                                      __LINE__);
+      define_ops(*library);
+      op_library = std::move(library);
+    }
+  } catch (const std::exception& error) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "epa_ext's compiled extension could not declare its ops (is another copy of epa_ext already "
+                 "loaded in this process? import only one): %s",
+                 message_of(error));
+    return nullptr;
+  }
+  return PyModule_Create(&module_def);
+}

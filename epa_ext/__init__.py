@@ -11,7 +11,9 @@ Public functions (tensor shapes and formulas in their docstrings):
 - ``linear_sequence_logps`` and ``fused_linear_dpo_loss``, ``fused_linear_epa_loss``: the same
   from hidden states and the lm_head, chunked over tokens so the logits are never formed.
 
-The compiled ops live in ``torch.ops.epa_ext`` (declared in csrc/registration.cpp).
+The compiled ops live in ``torch.ops.epa_ext`` (declared in csrc/registration.cpp). Errors follow one
+convention: TypeError for an argument of the wrong type, ValueError for a bad value, each naming the
+argument.
 """
 
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
@@ -36,7 +38,9 @@ def cpu_capability() -> str:
     """Instruction set of the CPU kernels in use: ``"avx2"`` or ``"default"``.
 
     Chosen from the processor at the first call, or forced with the environment variable
-    ``EPA_EXT_CPU_CAPABILITY`` (``default`` or ``avx2``) set before it.
+    ``EPA_EXT_CPU_CAPABILITY`` (``default`` or ``avx2``) set before it. Any other value of the
+    variable, or ``avx2`` on a processor without it, raises ValueError here and in the first CPU
+    kernel that runs.
     """
     return _C.cpu_capability()
 

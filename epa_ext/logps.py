@@ -15,38 +15,86 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import check_autograd_support
+from ._validation import check_bool, check_int, check_same_device, check_tensor
+
 IGNORE_INDEX = -100
 """The label of positions that are not scored (prompt, padding), as in PyTorch's cross_entropy and TRL."""
 
 _SUPPORTED_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _accumulate_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def _accumulate_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the kernels accumulate in and return sums and log-probs in (csrc/accumulate.h):
+    float64 for float64 input, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
     """The checks of csrc/logps_checks.h, for fake tensors (torch.compile, meta)."""
-    torch._check(
+    torch._check_value(
         logits.dim() in (2, 3),
         lambda: f"{op}: logits must have shape [N, V] or [B, T, V]; got shape {list(logits.shape)}",
     )
-    torch._check(
+    torch._check_type(
         logits.dtype in _SUPPORTED_LOGITS_DTYPES,
         lambda: f"{op}: logits must be float32, bfloat16, float16 or float64; got {logits.dtype}",
     )
-    torch._check(logits.shape[-1] != 0, lambda: f"{op}: logits has an empty vocabulary dimension (V = 0)")
-    torch._check(labels.dtype == torch.long, lambda: f"{op}: labels must be int64 (torch.long); got {labels.dtype}")
-    torch._check(
+    torch._check_value(logits.shape[-1] != 0, lambda: f"{op}: logits has an empty vocabulary dimension (V = 0)")
+    torch._check_type(labels.dtype == torch.long,
+                      lambda: f"{op}: labels must be int64 (torch.long); got {labels.dtype}")
+    torch._check_value(
         labels.shape == logits.shape[:-1],
         lambda: f"{op}: labels must have the shape of logits without its last dimension "
         f"({list(logits.shape[:-1])}); got {list(labels.shape)}",
     )
-    torch._check(
+    torch._check_value(
         labels.device == logits.device,
         lambda: f"{op}: labels and logits must be on the same device; got labels on "
         f"{labels.device} and logits on {logits.device}",
     )
+
+
+def _rows_may_overlap(logits: Tensor) -> bool:
+    """csrc/logps_checks.h's rows_may_overlap: may two rows of logits share memory?"""
+    extent = logits.shape[-1]
+    for stride, size in sorted(zip(logits.stride()[:-1], logits.shape[:-1])):
+        if size == 1:
+            continue
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def _check_rows_writable(op: str, logits: Tensor) -> None:
+    torch._check_value(
+        not _rows_may_overlap(logits),
+        lambda: f"{op}: inplace_backward=True writes the gradient over logits, whose rows share memory (an "
+        f"expanded or overlapping view; strides {list(logits.stride())}). Pass inplace_backward=False, or "
+        "logits.contiguous()",
+    )
+
+
+def _check_backward_inputs(op: str, grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
+                           logps: Tensor) -> None:
+    """csrc/logps_checks.h's check_backward_inputs."""
+    _check_logits_and_labels(op, logits, labels)
+    torch._check_type(grad_logps.is_floating_point(),
+                      lambda: f"{op}: grad_logps must be a floating-point tensor; got {grad_logps.dtype}")
+    torch._check_value(
+        grad_logps.shape == labels.shape and grad_logps.device == logits.device,
+        lambda: f"{op}: grad_logps must have the shape and device of labels ({list(labels.shape)} on "
+        f"{logits.device}); got {list(grad_logps.shape)} on {grad_logps.device}",
+    )
+    acc = _accumulate_dtype(logits)
+    for name, t in (("lse", lse), ("logps", logps)):
+        torch._check_type(t.dtype == acc, lambda: f"{op}: {name} must be the forward's {acc} output; got {t.dtype}")
+        torch._check_value(
+            t.shape == labels.shape and t.device == logits.device,
+            lambda: f"{op}: {name} must be the forward's output of shape {list(labels.shape)} on {logits.device}; "
+            f"got {list(t.shape)} on {t.device}",
+        )
 
 
 @torch.library.register_fake("epa_ext::token_logps")
@@ -54,6 +102,8 @@ def _token_logps_fake(
     logits: Tensor, labels: Tensor, ignore_index: int, inplace_backward: bool = False
 ) -> tuple[Tensor, Tensor]:
     _check_logits_and_labels("token_logps", logits, labels)
+    if inplace_backward:
+        _check_rows_writable("token_logps", logits)
     dtype = _accumulate_dtype(logits)
     return labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype)
 
@@ -62,7 +112,7 @@ def _token_logps_fake(
 def _token_logps_backward_fake(
     grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, logps: Tensor, ignore_index: int
 ) -> Tensor:
-    _check_logits_and_labels("token_logps_backward", logits, labels)
+    _check_backward_inputs("token_logps_backward", grad_logps, logits, labels, lse, logps)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -70,7 +120,11 @@ def _token_logps_backward_fake(
 def _token_logps_backward_inplace_fake(
     grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, logps: Tensor, ignore_index: int
 ) -> None:
-    _check_logits_and_labels("token_logps_backward", logits, labels)
+    _check_backward_inputs("token_logps_backward_", grad_logps, logits, labels, lse, logps)
+    _check_rows_writable("token_logps_backward_", logits)
+
+
+# --- autograd of token_logps ---------------------------------------------------------------------
 
 
 def _token_logps_setup_context(ctx, inputs, output) -> None:
@@ -79,16 +133,29 @@ def _token_logps_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(logits, labels, lse, logps)
     ctx.ignore_index = ignore_index
     ctx.inplace_backward = bool(inplace and inplace[0])
+    ctx.logits_consumed = False
     ctx.mark_non_differentiable(lse)
 
 
 def _token_logps_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | None):
-    logits, labels, lse, logps = ctx.saved_tensors
     if grad_logps is None or not ctx.needs_input_grad[0]:
         return None, None, None, None
-    if ctx.inplace_backward:
-        # The caller promised not to read logits again: their storage becomes their gradient.
+    # Under create_graph=True the gradient must stay differentiable (token_logps_backward has a
+    # double backward, below), and it needs the logits: the in-place variant would destroy them.
+    in_place = ctx.inplace_backward and not torch.is_grad_enabled()
+    if in_place and ctx.logits_consumed:
+        raise RuntimeError(
+            "token_logps: this graph was built with inplace_backward=True, and an earlier backward through it "
+            "already overwrote the logits with their gradient, so it cannot be differentiated again "
+            "(retain_graph=True does not keep the logits). Pass inplace_backward=False to backpropagate more "
+            "than once."
+        )
+    logits, labels, lse, logps = ctx.saved_tensors
+    if in_place:
+        # The caller promised not to read logits again: their storage becomes their gradient. The op
+        # bumps logits' version, so any other node that saved them refuses to run on the result.
         torch.ops.epa_ext.token_logps_backward_(grad_logps, logits, labels, lse, logps, ctx.ignore_index)
+        ctx.logits_consumed = True
         return logits, None, None, None
     grad_logits = torch.ops.epa_ext.token_logps_backward(grad_logps, logits, labels, lse, logps, ctx.ignore_index)
     return grad_logits, None, None, None
@@ -99,20 +166,74 @@ torch.library.register_autograd(
 )
 
 
-def _prepare(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Argument types and the two conversions the kernels leave to the caller."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor; got {type(logits).__name__}")
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+# --- double backward: autograd of token_logps_backward ----------------------------------------------
+#
+# With G = g * (onehot(y) - p), p = softmax(z), and U the gradient flowing into G:
+#     d/dg = U_y - <U, p>
+#     d/dz = -g * p * (U - <U, p>)
+# (0 on ignored rows). Written with torch ops, so it is itself differentiable. lse and logps are
+# functions of z whose effect on G the d/dz above already holds in full: they get no gradient.
+
+
+def _token_logps_backward_setup_context(ctx, inputs, output) -> None:
+    grad_logps, logits, labels, _lse, _logps, ignore_index = inputs
+    ctx.save_for_backward(grad_logps, logits, labels)
+    ctx.ignore_index = ignore_index
+
+
+def _token_logps_double_backward(ctx, grad_grad_logits: Tensor):
+    grad_logps, logits, labels = ctx.saved_tensors
+    acc = _accumulate_dtype(logits)
+    kept = labels != ctx.ignore_index
+    # Ignored rows are never read by the kernels and may hold anything: keep them out of softmax.
+    probs = torch.softmax(torch.where(kept.unsqueeze(-1), logits, 0).to(acc), dim=-1)
+    upstream = grad_grad_logits.to(acc)
+    inner = (upstream * probs).sum(-1)
+    target = upstream.gather(-1, labels.masked_fill(~kept, 0).unsqueeze(-1)).squeeze(-1)
+    grad_g = torch.where(kept, target - inner, 0).to(grad_logps.dtype) if ctx.needs_input_grad[0] else None
+    grad_z = None
+    if ctx.needs_input_grad[1]:
+        scale = torch.where(kept, grad_logps.to(acc), 0).unsqueeze(-1)
+        grad_z = (-scale * probs * (upstream - inner.unsqueeze(-1))).to(logits.dtype)
+    return grad_g, grad_z, None, None, None, None
+
+
+torch.library.register_autograd(
+    "epa_ext::token_logps_backward", _token_logps_double_backward, setup_context=_token_logps_backward_setup_context
+)
+
+
+# --- public functions --------------------------------------------------------------------------------
+
+
+def _prepare(function: str, logits: object, labels: object, ignore_index: object,
+             inplace_backward: object) -> tuple[Tensor, Tensor]:
+    """Argument checks and the two conversions the kernels leave to the caller."""
+    logits = check_tensor("logits", logits)
+    labels = check_tensor("labels", labels)
+    check_int("ignore_index", ignore_index)
+    check_bool("inplace_backward", inplace_backward)
+    check_autograd_support(function, logits)
+    check_same_device("labels", labels, "logits", logits)
     if labels.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
         labels = labels.long()
+    if inplace_backward and logits.requires_grad:
+        _check_not_a_leaf(logits)
     if logits.dim() > 0 and logits.stride(-1) != 1:
         # The kernels need unit stride along V; any other stride pattern is read in place.
         logits = logits.contiguous()
     return logits, labels
+
+
+def _check_not_a_leaf(logits: Tensor) -> None:
+    """inplace_backward=True overwrites logits' storage: refuse when it is (a view of) a leaf."""
+    base = logits if logits._base is None else logits._base
+    if base.is_leaf:
+        what = "a leaf tensor" if base is logits else "a view of a leaf tensor"
+        raise ValueError(
+            f"inplace_backward=True would overwrite logits, {what} (a parameter or a tensor you created), with "
+            "its gradient. Pass inplace_backward=False, or logits computed by the model (e.g. its lm_head output)"
+        )
 
 
 def token_logps(
@@ -126,14 +247,22 @@ def token_logps(
         labels: [N] or [B, T] integer class ids aligned with logits (see ``completion_labels``);
             positions equal to ``ignore_index`` are skipped and never read.
         inplace_backward: write d(logits) into logits' own storage during backward instead of
-            a new [.., V] buffer. Only for callers that do not read logits after the backward
-            (and whose logits are not saved by another autograd node, e.g. a softcapping tanh).
+            a new [.., V] buffer, for callers that never read logits after the backward. Refused
+            (ValueError) for a leaf tensor or a view of one, and for logits whose rows share
+            memory (an expanded view). A second backward through the same graph raises, and so
+            does any other autograd node that saved logits and runs after this backward (their
+            version counter is bumped). Not detectable: reading logits yourself after the backward
+            (you get the gradient), or another view of the same storage that autograd did not save.
+            Under ``create_graph=True`` the backward writes a new buffer instead (the graph of
+            the gradient needs the logits).
 
     Returns:
         [N] or [B, T] float32 (float64 for float64 logits):
-        ``logits[..., y] - logsumexp(logits[...])``, 0 where ignored. Differentiable in logits.
+        ``logits[..., y] - logsumexp(logits[...])``, 0 where ignored. Differentiable in logits,
+        twice and more (``torch.autograd.grad(..., create_graph=True)``); not under torch.func's
+        differentiating transforms or forward-mode AD (NotImplementedError), see epa_ext._autograd.
     """
-    logits, labels = _prepare(logits, labels, ignore_index)
+    logits, labels = _prepare("token_logps", logits, labels, ignore_index, inplace_backward)
     logps, _ = torch.ops.epa_ext.token_logps(logits, labels, ignore_index, inplace_backward)
     return logps
 
@@ -159,7 +288,8 @@ def sequence_logps(
         [B] float32 (a scalar for [N, V] logits):
         ``sum_t logp[b, t]`` or ``sum_t logp[b, t] / #{t : labels[b, t] != ignore_index}``.
     """
-    logits, labels = _prepare(logits, labels, ignore_index)
+    check_bool("average", average)
+    logits, labels = _prepare("sequence_logps", logits, labels, ignore_index, inplace_backward)
     total = torch.ops.epa_ext.token_logps(logits, labels, ignore_index, inplace_backward)[0].sum(-1)
     if average:
         counts = (labels != ignore_index).sum(-1).clamp_min(1)
@@ -183,8 +313,9 @@ def completion_labels(input_ids: Tensor, completion_mask: Tensor, *, ignore_inde
     Returns:
         [B, T] (or [T]) int64, to pass with the model's logits to ``sequence_logps``.
     """
-    if not isinstance(input_ids, Tensor) or not isinstance(completion_mask, Tensor):
-        raise TypeError("input_ids and completion_mask must be torch.Tensors")
+    input_ids = check_tensor("input_ids", input_ids)
+    completion_mask = check_tensor("completion_mask", completion_mask)
+    check_int("ignore_index", ignore_index)
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must hold integer token ids; got {input_ids.dtype}")
     if completion_mask.is_floating_point() or completion_mask.is_complex():
@@ -196,11 +327,7 @@ def completion_labels(input_ids: Tensor, completion_mask: Tensor, *, ignore_inde
             f"completion_mask must have the shape of input_ids ({list(input_ids.shape)}); "
             f"got {list(completion_mask.shape)}"
         )
-    if completion_mask.device != input_ids.device:
-        raise ValueError(
-            f"completion_mask and input_ids must be on the same device; got {completion_mask.device} "
-            f"and {input_ids.device}"
-        )
+    check_same_device("completion_mask", completion_mask, "input_ids", input_ids)
     next_ids = input_ids[..., 1:].long()
     shifted = torch.where(completion_mask[..., 1:].bool(), next_ids, torch.full_like(next_ids, ignore_index))
     last = torch.full_like(input_ids[..., :1], ignore_index, dtype=torch.long)

@@ -24,29 +24,35 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from ._autograd import check_autograd_support, gradients_by_definition
+from ._validation import (check_bool, check_choice, check_float, check_int, check_optional_tensor,
+                          check_positive_float, check_same_device, check_tensor)
+from .logps import _accumulate_dtype
+
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _accumulate_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def check_loss_options(*, beta: float, reduction: str, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                        weak_weight: float = 1.0) -> None:
-    """Raises ValueError naming the first bad option."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0; got {beta}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}; got {loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5); got {label_smoothing}")
+    """Raises TypeError (wrong type) or ValueError (bad value) naming the first bad option."""
+    check_positive_float("beta", beta)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    check_float("label_smoothing", label_smoothing, at_least=0.0, below=0.5)
     if label_smoothing and loss_type not in ("sigmoid", "robust"):
         raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' and 'robust' only; got {loss_type!r}")
-    if not weak_weight >= 0:
-        raise ValueError(f"weak_weight must be >= 0; got {weak_weight}")
+    check_float("weak_weight", weak_weight, at_least=0.0)
+
+
+def _check_num_strong(num_strong: object, candidates: int) -> int:
+    """K in [1, C - 1] (None: C - 1, every negative strong)."""
+    if num_strong is None:
+        return candidates - 1
+    number = check_int("num_strong", num_strong)
+    if not 1 <= number <= candidates - 1:
+        raise ValueError(f"num_strong must lie in [1, C - 1] = [1, {candidates - 1}]; got {number}")
+    return number
 
 
 def check_sft_weight(sft_weight: float) -> None:
@@ -66,14 +72,11 @@ def check_sft_options(sft_weight: float, chosen_token_counts: Tensor | None, pol
         raise ValueError("chosen_token_counts is required when sft_weight > 0: the SFT term averages the chosen "
                          "answers' negative log-likelihood over their completion tokens ([B] counts, e.g. "
                          "(labels != IGNORE_INDEX).sum(-1) of the chosen rows)")
-    if not isinstance(chosen_token_counts, Tensor):
-        raise TypeError(f"chosen_token_counts must be a torch.Tensor; got {type(chosen_token_counts).__name__}")
+    check_tensor("chosen_token_counts", chosen_token_counts)
     if chosen_token_counts.shape != policy_chosen.shape[:1]:
         raise ValueError(f"chosen_token_counts must have shape [B] = [{policy_chosen.shape[0]}]; "
                          f"got {list(chosen_token_counts.shape)}")
-    if chosen_token_counts.device != policy_chosen.device:
-        raise ValueError(f"chosen_token_counts must be on the device of the log-probs ({policy_chosen.device}); "
-                         f"got {chosen_token_counts.device}")
+    check_same_device("chosen_token_counts", chosen_token_counts, "the log-probs", policy_chosen)
 
 
 def sft_nll(policy_chosen: Tensor, chosen_token_counts: Tensor, averaged: bool) -> Tensor:
@@ -99,14 +102,28 @@ def _check_same_shape(op: str, reference_name: str, reference: Tensor, **others:
     for name, t in others.items():
         if t is None:
             continue
-        torch._check(
+        torch._check_value(
             t.shape == reference.shape,
             lambda: f"{op}: {name} must have the shape of {reference_name} ({list(reference.shape)}); got {list(t.shape)}",
         )
-        torch._check(
+        torch._check_value(
             t.device == reference.device,
             lambda: f"{op}: {name} must be on the device of {reference_name} ({reference.device}); got {t.device}",
         )
+
+
+def _check_floating(op: str, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        torch._check_type(t.is_floating_point(),
+                          lambda: f"{op}: {name} must be a floating-point tensor; got {t.dtype}")
+
+
+def _check_beta(op: str, beta: float) -> None:
+    torch._check_value(0 < beta < float("inf"), lambda: f"{op}: beta must be finite and > 0; got {beta}")
+
+
+def _upcast(tensors, dtype: torch.dtype) -> list[Tensor | None]:
+    return [t if t is None else t.to(dtype) for t in tensors]
 
 
 # --- DPO ---------------------------------------------------------------------------------------
@@ -114,27 +131,41 @@ def _check_same_shape(op: str, reference_name: str, reference: Tensor, **others:
 
 @torch.library.register_fake("epa_ext::dpo_loss")
 def _dpo_loss_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
-    torch._check(policy_chosen.dim() == 1, lambda: f"dpo_loss: policy_chosen must have shape [B]; got {list(policy_chosen.shape)}")
+    torch._check_value(policy_chosen.dim() == 1,
+                       lambda: f"dpo_loss: policy_chosen must have shape [B]; got {list(policy_chosen.shape)}")
+    _check_floating("dpo_loss", policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen,
+                    ref_rejected=ref_rejected)
     _check_same_shape("dpo_loss", "policy_chosen", policy_chosen, policy_rejected=policy_rejected,
                       ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    _check_beta("dpo_loss", beta)
+    torch._check_value(0 <= label_smoothing < 0.5,
+                       lambda: f"dpo_loss: label_smoothing must lie in [0, 0.5); got {label_smoothing}")
     out = policy_chosen.new_empty(policy_chosen.shape, dtype=_accumulate_dtype(policy_chosen))
     return out, torch.empty_like(out)
 
 
 def _dpo_setup_context(ctx, inputs, output) -> None:
-    ctx.input_dtypes = [t.dtype for t in inputs[:4]]
+    *logps, beta, loss_type, label_smoothing = inputs
     _, slopes = output
-    ctx.save_for_backward(slopes)
+    ctx.save_for_backward(*logps, slopes)
+    ctx.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     ctx.mark_non_differentiable(slopes)
 
 
 def _dpo_backward(ctx, grad_losses: Tensor, _grad_slopes: Tensor | None):
-    (slopes,) = ctx.saved_tensors
+    *logps, slopes = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
+        from . import eager
+
+        acc = _accumulate_dtype(logps[0])
+        grads = gradients_by_definition(
+            lambda *t: eager.dpo_loss(*_upcast(t, acc), **ctx.options, reduction="none"), logps, needs, grad_losses)
+        return (*grads, None, None, None)
     grad_chosen = grad_losses * slopes  # d loss / d h_chosen; h_rejected and the refs get +-1 times it
     signs = (1, -1, -1, 1)
     grads = tuple(
-        (sign * grad_chosen).to(dtype) if needed else None
-        for sign, dtype, needed in zip(signs, ctx.input_dtypes, ctx.needs_input_grad[:4])
+        (sign * grad_chosen).to(t.dtype) if needed else None for sign, t, needed in zip(signs, logps, needs)
     )
     return (*grads, None, None, None)
 
@@ -162,8 +193,9 @@ def dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: [B] sequence log-probs of the
             chosen and rejected answers under the policy and the reference, all four in the
             form the loss is taken on: ipo is defined on length-averaged ones (sum / token
-            count; ``fused_dpo_loss`` averages for it), the other types on sums.
-        beta: KL strength (> 0). loss_type: "sigmoid" | "robust" | "hinge" | "ipo".
+            count; ``fused_dpo_loss`` averages for it), the other types on sums; on one device,
+            any floating dtype.
+        beta: KL strength, finite and > 0. loss_type: "sigmoid" | "robust" | "hinge" | "ipo".
         label_smoothing: eps in [0, 0.5) for "sigmoid" (cDPO) and "robust".
         reduction: "mean" (over B) | "sum" | "none" ([B]).
         sft_weight: lambda >= 0; adds lambda * NLL to every pair's loss, with
@@ -177,13 +209,21 @@ def dpo_loss(
             SFT term then takes ``policy_chosen * chosen_token_counts`` as the chosen sums.
 
     Returns:
-        The loss (fp32; [B] for reduction="none"), differentiable in all four inputs.
+        The loss (fp32, fp64 for fp64 policy_chosen; [B] for reduction="none"), differentiable in
+        all four inputs, to any order (``create_graph=True``).
+
+    Non-finite log-probs (a reference log-prob of +-inf, a NaN) affect only their pair: its loss
+    and gradient are what plain torch gives for the formula (``epa_ext.eager.dpo_loss``), e.g.
+    +inf for ``ref_chosen = +inf`` with the sigmoid loss, NaN where it is undefined (inf - inf).
     """
     check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
+    tensors = {name: check_tensor(name, t) for name, t in (("policy_chosen", policy_chosen),
+                                                            ("policy_rejected", policy_rejected),
+                                                            ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected))}
     check_sft_options(sft_weight, chosen_token_counts, policy_chosen)
-    losses, _ = torch.ops.epa_ext.dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, float(beta), loss_type, float(label_smoothing)
-    )
+    check_bool("averaged", averaged)
+    check_autograd_support("dpo_loss", *tensors.values())
+    losses, _ = torch.ops.epa_ext.dpo_loss(*tensors.values(), float(beta), loss_type, float(label_smoothing))
     if sft_weight:
         losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, averaged)
     return reduce_losses(losses, reduction)
@@ -192,29 +232,47 @@ def dpo_loss(
 # --- EPA ---------------------------------------------------------------------------------------
 
 
-def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None, num_strong: int) -> None:
-    torch._check(
+def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None, beta: float, num_strong: int,
+               weak_weight: float) -> None:
+    """The checks of csrc/losses_checks.h's check_epa_inputs, for fake tensors."""
+    torch._check_value(
         policy_logps.dim() == 2,
         lambda: f"{op}: policy_logps must have shape [B, C] (C = 1 + strong + weak candidates); got {list(policy_logps.shape)}",
     )
-    _check_same_shape(op, "policy_logps", policy_logps, ref_logps=ref_logps, mask=mask)
+    _check_floating(op, policy_logps=policy_logps, ref_logps=ref_logps)
     candidates = policy_logps.shape[1]
-    torch._check(
+    torch._check_value(candidates >= 2, lambda: f"{op}: policy_logps needs at least 2 candidates (a positive and a "
+                       f"negative); got C = {candidates}")
+    _check_same_shape(op, "policy_logps", policy_logps, ref_logps=ref_logps, mask=mask)
+    if mask is not None:
+        torch._check_type(mask.dtype == torch.bool, lambda: f"{op}: mask must be a bool tensor; got {mask.dtype}")
+    _check_beta(op, beta)
+    torch._check_value(
         1 <= num_strong <= candidates - 1,
         lambda: f"{op}: num_strong must lie in [1, C - 1] = [1, {candidates - 1}]; got {num_strong}",
     )
+    torch._check_value(0 <= weak_weight < float("inf"),
+                       lambda: f"{op}: weak_weight must be finite and >= 0; got {weak_weight}")
 
 
 @torch.library.register_fake("epa_ext::epa_loss")
 def _epa_loss_fake(policy_logps, ref_logps, mask, beta, num_strong, weak_weight):
-    _check_epa("epa_loss", policy_logps, ref_logps, mask, num_strong)
+    _check_epa("epa_loss", policy_logps, ref_logps, mask, beta, num_strong, weak_weight)
     out = policy_logps.new_empty(policy_logps.shape[:1], dtype=_accumulate_dtype(policy_logps))
     return out, torch.empty_like(out)
 
 
 @torch.library.register_fake("epa_ext::epa_loss_backward")
 def _epa_loss_backward_fake(grad_losses, policy_logps, ref_logps, mask, lse, beta, num_strong, weak_weight):
-    _check_epa("epa_loss_backward", policy_logps, ref_logps, mask, num_strong)
+    op = "epa_loss_backward"
+    _check_epa(op, policy_logps, ref_logps, mask, beta, num_strong, weak_weight)
+    _check_floating(op, grad_losses=grad_losses, lse=lse)
+    for name, t in (("grad_losses", grad_losses), ("lse", lse)):
+        torch._check_value(
+            t.shape == policy_logps.shape[:1] and t.device == policy_logps.device,
+            lambda: f"{op}: {name} must have shape [B] = [{policy_logps.shape[0]}] on {policy_logps.device}; got "
+            f"{list(t.shape)} on {t.device}",
+        )
     return policy_logps.new_empty(policy_logps.shape, dtype=_accumulate_dtype(policy_logps))
 
 
@@ -223,17 +281,26 @@ def _epa_setup_context(ctx, inputs, output) -> None:
     _, lse = output
     ctx.save_for_backward(policy_logps, ref_logps, mask, lse)
     ctx.options = (beta, num_strong, weak_weight)
-    ctx.input_dtypes = (policy_logps.dtype, ref_logps.dtype)
     ctx.mark_non_differentiable(lse)
 
 
 def _epa_backward(ctx, grad_losses: Tensor, _grad_lse: Tensor | None):
     policy_logps, ref_logps, mask, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:2]
+    if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
+        from . import eager
+
+        acc = _accumulate_dtype(policy_logps)
+        beta, num_strong, weak_weight = ctx.options
+        grads = gradients_by_definition(
+            lambda p, r: eager.epa_loss(*_upcast((p, r), acc), beta=beta, num_strong=num_strong,
+                                        weak_weight=weak_weight, mask=mask, reduction="none"),
+            (policy_logps, ref_logps), needs, grad_losses)
+        return (*grads, None, None, None, None)
     grad_policy = torch.ops.epa_ext.epa_loss_backward(grad_losses, policy_logps, ref_logps, mask, lse, *ctx.options)
-    grad_ref = -grad_policy if ctx.needs_input_grad[1] else None
     return (
-        grad_policy.to(ctx.input_dtypes[0]) if ctx.needs_input_grad[0] else None,
-        grad_ref.to(ctx.input_dtypes[1]) if grad_ref is not None else None,
+        grad_policy.to(policy_logps.dtype) if needs[0] else None,
+        (-grad_policy).to(ref_logps.dtype) if needs[1] else None,
         None, None, None, None,
     )
 
@@ -259,8 +326,9 @@ def epa_loss(
     Args:
         policy_logps, ref_logps: [B, C] sequence log-probs; column 0 the chosen answer, columns
             1..num_strong strong negatives, the remaining columns weak negatives.
-        beta: KL strength (> 0). num_strong: K (None: all C - 1 negatives are strong).
-        weak_weight: alpha >= 0, the weight of each weak negative in the partition sum.
+        beta: KL strength, finite and > 0. num_strong: K, an int in [1, C - 1] (None: all C - 1
+            negatives are strong).
+        weak_weight: alpha, finite and >= 0, the weight of each weak negative in the partition sum.
         mask: [B, C] bool, False for absent candidates (column 0 must be True); they contribute
             nothing to the value or the gradient.
         reduction: "mean" (over B) | "sum" | "none" ([B]).
@@ -269,18 +337,27 @@ def epa_loss(
 
     Returns:
         ``mean_i [logsumexp_j (beta h_ij + omega_j) - beta h_i0]`` (+ lambda * NLL) (fp32),
-        differentiable in policy_logps and ref_logps. K = 1 with no weak negatives is DPO's
-        sigmoid loss.
+        differentiable in policy_logps and ref_logps, to any order (``create_graph=True``). K = 1
+        with no weak negatives is DPO's sigmoid loss.
+
+    Non-finite log-probs affect only their row, whose loss and gradient are plain torch's
+    (``epa_ext.eager.epa_loss``, with torch.logsumexp): a candidate score beta h_ij of +inf
+    (policy +inf or reference -inf) makes the row's logsumexp +inf, so the loss is +inf when that
+    candidate is a negative and NaN (inf - inf) when it is the chosen one; a score of -inf (policy
+    -inf or reference +inf) drops the candidate as a mask does, so a chosen answer at -inf gives
+    +inf; a NaN makes the row NaN.
     """
     check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
+    policy_logps = check_tensor("policy_logps", policy_logps)
+    ref_logps = check_tensor("ref_logps", ref_logps)
+    mask = check_optional_tensor("mask", mask)
     if policy_logps.dim() != 2:
         raise ValueError(f"policy_logps must have shape [B, C]; got {list(policy_logps.shape)}")
-    if num_strong is None:
-        num_strong = policy_logps.shape[1] - 1
-    if mask is not None and mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor; got {mask.dtype}")
+    num_strong = _check_num_strong(num_strong, policy_logps.shape[1])
     check_sft_options(sft_weight, chosen_token_counts, policy_logps)
-    losses, _ = torch.ops.epa_ext.epa_loss(policy_logps, ref_logps, mask, float(beta), int(num_strong), float(weak_weight))
+    check_bool("averaged", averaged)
+    check_autograd_support("epa_loss", policy_logps, ref_logps)
+    losses, _ = torch.ops.epa_ext.epa_loss(policy_logps, ref_logps, mask, float(beta), num_strong, float(weak_weight))
     if sft_weight:
         losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, averaged)
     return reduce_losses(losses, reduction)
@@ -318,6 +395,8 @@ class EPALoss(nn.Module):
                  reduction: str = "mean", sft_weight: float = 0.0):
         super().__init__()
         check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
+        if num_strong is not None:
+            check_int("num_strong", num_strong, at_least=1)
         check_sft_weight(sft_weight)
         self.beta, self.num_strong, self.weak_weight, self.reduction = beta, num_strong, weak_weight, reduction
         self.sft_weight = sft_weight
@@ -342,9 +421,15 @@ def preference_metrics(policy_logps: Tensor, ref_logps: Tensor, *, beta: float =
     negative they are TRL's. Weak negatives, when present, add "rewards/weak". Values are 0-d
     fp32 tensors (no host synchronization); masked candidates are left out.
     """
-    policy, ref = policy_logps.float(), ref_logps.float()
+    check_positive_float("beta", beta)
+    policy = check_tensor("policy_logps", policy_logps).float()
+    ref = check_tensor("ref_logps", ref_logps).float()
+    mask = check_optional_tensor("mask", mask)
+    if policy.dim() != 2 or ref.shape != policy.shape:
+        raise ValueError(f"policy_logps and ref_logps must have one shape [B, C]; got {list(policy.shape)} and "
+                         f"{list(ref.shape)}")
     candidates = policy.shape[1]
-    num_strong = candidates - 1 if num_strong is None else num_strong
+    num_strong = _check_num_strong(num_strong, candidates)
     present = torch.ones_like(policy, dtype=torch.bool) if mask is None else mask
     rewards = beta * (policy - ref)
     strong = slice(1, 1 + num_strong)

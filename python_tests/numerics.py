@@ -9,6 +9,14 @@ thing in that dtype, plus one ulp of that dtype at the scale of max|truth| (its 
 epsilon): a result returned in bf16/fp16 is rounded once, and so are the bf16/fp16 inputs of any
 matmul after the kernel, whatever the kernel does; and on tiny tensors plain torch's own error
 can be near zero by luck.
+
+Two refinements, each for a bound the caller can state:
+- inputs_scale: a result computed in fp32 from inputs of magnitude M carries an absolute error of
+  about eps32 * M whatever its own size (a log-ratio or a logsumexp minus one of its terms cancels),
+  so the fp32/fp64 atol is taken relative to max(max|truth|, inputs_scale, 1).
+- assert_rounded_once: results that the kernels compute in fp32 and round once to a bf16/fp16
+  output (the loss gradients): within half an ulp of that dtype, relative; a tighter bound than
+  the low-precision rule above, which is for results whose computation itself is in that dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +31,14 @@ TOLERANCES = {
 }
 LOW_PRECISION_FACTOR = 2.0
 LOW_PRECISION_SLACK = {torch.bfloat16: torch.finfo(torch.bfloat16).eps, torch.float16: torch.finfo(torch.float16).eps}
+# dtype -> rtol of one rounding to that dtype of an fp32 (fp64) result: half its machine epsilon for
+# bf16/fp16; for fp32/fp64 the rtol of TOLERANCES (the computation's own error dominates).
+ONE_ROUNDING_RTOL = {
+    torch.float64: TOLERANCES[torch.float64][0],
+    torch.float32: TOLERANCES[torch.float32][0],
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps / 2,
+    torch.float16: torch.finfo(torch.float16).eps / 2,
+}
 
 
 def max_error(actual: Tensor, truth: Tensor) -> float:
@@ -33,11 +49,13 @@ def max_error(actual: Tensor, truth: Tensor) -> float:
 
 
 def assert_close_to_truth(actual: Tensor, truth: Tensor, *, dtype: torch.dtype, plain: Tensor | None = None,
-                          what: str = "result", extra_rtol: float = 0.0, slack_ulps: float = 1.0) -> None:
+                          what: str = "result", extra_rtol: float = 0.0, slack_ulps: float = 1.0,
+                          inputs_scale: float = 0.0) -> None:
     """actual: the epa_ext result; truth: float64 reference; plain: plain torch in `dtype`.
 
     extra_rtol widens the fp32/fp64 rtol by an error the caller can bound; slack_ulps widens the
-    bf16/fp16 slack for results that are sums of many rounded terms (see their uses).
+    bf16/fp16 slack for results that are sums of many rounded terms (see their uses);
+    inputs_scale is the magnitude of the inputs the result is computed from (see above).
     """
     actual = actual.detach().cpu()
     truth = truth.detach().cpu().double()
@@ -48,7 +66,8 @@ def assert_close_to_truth(actual: Tensor, truth: Tensor, *, dtype: torch.dtype, 
     if dtype in TOLERANCES:
         rtol, atol = TOLERANCES[dtype]
         rtol += extra_rtol
-        torch.testing.assert_close(actual.double(), truth, rtol=rtol, atol=atol * max(scale, 1.0), equal_nan=True,
+        torch.testing.assert_close(actual.double(), truth, rtol=rtol, atol=atol * max(scale, inputs_scale, 1.0),
+                                   equal_nan=True,
                                    msg=lambda m: f"{what} ({dtype}): {m}")
         return
     assert plain is not None, "low-precision checks compare against plain torch in that dtype"
@@ -66,3 +85,12 @@ def assert_paths_agree(actual: Tensor, expected: Tensor, *, what: str = "result"
     scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=2 * rtol, atol=2 * atol * scale, equal_nan=True,
                                msg=lambda m: f"{what}: {m}")
+
+
+def assert_rounded_once(actual: Tensor, truth: Tensor, *, dtype: torch.dtype, what: str = "result") -> None:
+    """actual: an fp32 (fp64) computation returned in `dtype`; truth: float64. Relative error at
+    most ONE_ROUNDING_RTOL[dtype]; the atol (1% of it, at unit scale) only covers values near 0,
+    where the fp32 computation's own absolute error (~1e-7) dominates the rounding."""
+    rtol = ONE_ROUNDING_RTOL[dtype]
+    torch.testing.assert_close(actual.detach().cpu().double(), truth.detach().cpu().double(), rtol=rtol,
+                               atol=rtol * 1e-2, equal_nan=True, msg=lambda m: f"{what} ({dtype}): {m}")

@@ -9,14 +9,11 @@ import torch
 
 import epa_ext
 from epa_ext import eager
-from numerics import assert_close_to_truth
+from numerics import assert_close_to_truth, assert_rounded_once
 
 LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo"]
 REDUCTIONS = ["mean", "sum", "none"]
 INPUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# The kernels upcast their inputs exactly and compute in fp32, so values match float64 to fp32
-# precision for every input dtype; gradients are returned in the input dtype and carry its rounding.
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float64: 1e-10}
 
 
 def random_logps(*shape, dtype=torch.float32, device="cpu", scale=20.0):
@@ -24,7 +21,9 @@ def random_logps(*shape, dtype=torch.float32, device="cpu", scale=20.0):
 
 
 def compare(ours_fn, ref_fn, inputs, *, dtype, what):
-    """Value and input gradients of ours_fn against ref_fn on float64 copies of the same inputs."""
+    """Value and input gradients of ours_fn against ref_fn on float64 copies of the same inputs. The
+    kernels upcast their inputs exactly and compute in fp32, so values match float64 to fp32
+    precision for every input dtype; gradients are returned in the input dtype, rounded once."""
     ours_in = [t.clone().requires_grad_() for t in inputs]
     truth_in = [t.double().requires_grad_() for t in inputs]
     ours, truth = ours_fn(*ours_in), ref_fn(*truth_in)
@@ -36,8 +35,7 @@ def compare(ours_fn, ref_fn, inputs, *, dtype, what):
                           what=f"{what} value")
     for i, (a, b) in enumerate(zip(ours_in, truth_in)):
         assert a.grad.dtype == dtype
-        torch.testing.assert_close(a.grad.double(), b.grad, rtol=GRAD_RTOL[dtype], atol=GRAD_RTOL[dtype] * 1e-2,
-                                   msg=lambda m: f"{what} grad of input {i}: {m}")
+        assert_rounded_once(a.grad, b.grad, dtype=dtype, what=f"{what} grad of input {i}")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -83,31 +81,40 @@ def test_epa_matches_reference(case, reduction, dtype, device):
 
 
 def test_epa_with_one_strong_negative_is_dpo_sigmoid(device):
-    chosen, rejected, ref_chosen, ref_rejected = [random_logps(64, device=device).requires_grad_() for _ in range(4)]
-    dpo = epa_ext.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3, reduction="none")
+    """Both ops against DPO's float64 definition, so each other within fp32 precision."""
+    inputs = [random_logps(64, device=device) for _ in range(4)]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    truth_leaves = [t.double().requires_grad_() for t in inputs]
+    chosen, rejected, ref_chosen, ref_rejected = leaves
+    truth = eager.dpo_loss(*truth_leaves, beta=0.3, reduction="none")
+    truth_grads = torch.autograd.grad(truth.sum(), truth_leaves[:2])
+    dpo = epa_ext.dpo_loss(*leaves, beta=0.3, reduction="none")
     epa = epa_ext.epa_loss(torch.stack([chosen, rejected], 1), torch.stack([ref_chosen, ref_rejected], 1), beta=0.3,
                            reduction="none")
-    torch.testing.assert_close(epa, dpo, rtol=1e-6, atol=1e-6)
-    grads_dpo = torch.autograd.grad(dpo.sum(), [chosen, rejected])
-    grads_epa = torch.autograd.grad(epa.sum(), [chosen, rejected])
-    for a, b in zip(grads_epa, grads_dpo):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for name, loss in (("dpo", dpo), ("epa", epa)):
+        assert_close_to_truth(loss, truth, dtype=torch.float32, what=f"{name} value")
+        for grad, truth_grad in zip(torch.autograd.grad(loss.sum(), [chosen, rejected]), truth_grads):
+            assert_close_to_truth(grad, truth_grad, dtype=torch.float32, what=f"{name} gradient")
 
 
 def test_epa_row_shift_invariance_and_zero_sum_gradient(device):
     policy, ref = random_logps(16, 7, device=device), random_logps(16, 7, device=device)
     shift = torch.randn(16, 1, device=device) * 50
     mask = make_mask(16, 7, device)
-    results = []
-    for p in (policy, policy + shift):
+    options = dict(beta=0.5, num_strong=3, weak_weight=0.7, mask=mask, reduction="none")
+    p = policy.double().requires_grad_()
+    truth = eager.epa_loss(p, ref.double(), **options)
+    (truth_grad,) = torch.autograd.grad(truth.sum(), [p])
+    for p in (policy, policy + shift):  # the shifted rows have scores in the tens: their fp32 error
         p = p.clone().requires_grad_()
-        loss = epa_ext.epa_loss(p, ref, beta=0.5, num_strong=3, weak_weight=0.7, mask=mask, reduction="none")
-        loss.sum().backward()
-        results.append((loss.detach(), p.grad))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
-    # each row of d loss / d policy is beta * (softmax - onehot): it sums to zero
-    torch.testing.assert_close(results[0][1].sum(1), torch.zeros(16, device=device), rtol=0, atol=1e-6)
+        loss = epa_ext.epa_loss(p, ref, **options)
+        (grad,) = torch.autograd.grad(loss.sum(), [p])
+        inputs_scale = 0.5 * float((p - ref).abs().max())
+        assert_close_to_truth(loss, truth, dtype=torch.float32, inputs_scale=inputs_scale, what="loss")
+        assert_close_to_truth(grad, truth_grad, dtype=torch.float32, inputs_scale=inputs_scale, what="gradient")
+        # each row of d loss / d policy is beta * (softmax - onehot): it sums to zero
+        assert_close_to_truth(grad.sum(1), torch.zeros(16), dtype=torch.float32, inputs_scale=inputs_scale,
+                              what="row sums of the gradient")
 
 
 def test_epa_masked_candidates_contribute_nothing(device):
@@ -133,7 +140,7 @@ def test_epa_masked_candidates_contribute_nothing(device):
             expected = torch.logsumexp(scores, 0) - scores[0]
         else:
             expected = epa_ext.epa_loss(policy[i, keep][None], ref[i, keep][None], **sub_options)
-        torch.testing.assert_close(losses[i], expected, rtol=1e-6, atol=1e-6)
+        assert_close_to_truth(losses[i], expected, dtype=torch.float32, what=f"row {i}")
 
 
 def test_epa_unit_weak_weight_is_cross_entropy(device):
@@ -154,13 +161,13 @@ def test_large_rewards_stay_finite(device):
         assert torch.isfinite(loss) and torch.isfinite(p.grad).all(), loss_type
         truth = eager.dpo_loss(*(t.double() for t in (p[:, 0], p[:, 1], ref[:, 0], ref[:, 1])), beta=0.2,
                                    loss_type=loss_type, reduction="sum")
-        torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-5)
+        assert_close_to_truth(loss, truth, dtype=torch.float32, inputs_scale=0.2 * 4000, what=loss_type)
     p = policy.clone().requires_grad_()
     loss = epa_ext.epa_loss(p, ref, beta=0.2, num_strong=1, reduction="sum")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(p.grad).all()
-    torch.testing.assert_close(loss.double(), eager.epa_loss(policy.double(), ref.double(), beta=0.2, num_strong=1,
-                                                                 reduction="sum"), rtol=1e-6, atol=1e-4)
+    assert_close_to_truth(loss, eager.epa_loss(policy.double(), ref.double(), beta=0.2, num_strong=1, reduction="sum"),
+                          dtype=torch.float32, inputs_scale=0.2 * 4000, what="epa")
 
 
 def test_two_disjoint_pairs_dpo_is_flat_epa_is_not():
@@ -183,20 +190,26 @@ def test_two_disjoint_pairs_dpo_is_flat_epa_is_not():
     assert 0 < int(epa_values.argmin()) < len(shifts) - 1  # an interior, unique minimum
 
 
+# First and second derivatives (the second through create_graph=True) against finite differences.
+CHECKS = [torch.autograd.gradcheck, torch.autograd.gradgradcheck]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_dpo_gradcheck(loss_type, device):
+def test_dpo_gradcheck(loss_type, check, device):
     inputs = [random_logps(6, dtype=torch.float64, device=device, scale=3.0).requires_grad_() for _ in range(4)]
     smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
-    assert torch.autograd.gradcheck(
+    assert check(
         lambda *t: epa_ext.dpo_loss(*t, beta=0.7, loss_type=loss_type, label_smoothing=smoothing, reduction="none"),
         inputs,
     )
 
 
-def test_epa_gradcheck(device):
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_epa_gradcheck(check, device):
     policy, ref = (random_logps(5, 6, dtype=torch.float64, device=device, scale=3.0).requires_grad_() for _ in range(2))
     mask = make_mask(5, 6, device)
-    assert torch.autograd.gradcheck(
+    assert check(
         lambda p, r: epa_ext.epa_loss(p, r, beta=0.7, num_strong=2, weak_weight=0.3, mask=mask, reduction="none"),
         (policy, ref),
     )
@@ -278,54 +291,234 @@ def test_preference_metrics():
     torch.testing.assert_close(masked["rewards/rejected"], torch.tensor([0.0, 0.5, -1.0]).mean())
 
 
-BAD_DPO = [
-    (dict(beta=0.0), "beta must be > 0"),
-    (dict(beta=-1.0), "beta must be > 0"),
-    (dict(label_smoothing=0.5), r"label_smoothing must lie in \[0, 0.5\)"),
-    (dict(label_smoothing=-0.1), r"label_smoothing must lie in \[0, 0.5\)"),
-    (dict(loss_type="kto"), "loss_type must be one of"),
-    (dict(reduction="avg"), "reduction must be one of"),
-    (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing applies to loss_type 'sigmoid' and 'robust'"),
+BAD_OPTIONS = [  # (options, error type, pattern), for dpo_loss and DPOLoss
+    (dict(beta=0.0), ValueError, r"beta must be > 0.0; got 0.0"),
+    (dict(beta=-1.0), ValueError, "beta must be > 0.0"),
+    (dict(beta=float("inf")), ValueError, "beta must be finite; got inf"),
+    (dict(beta=float("nan")), ValueError, "beta must be finite; got nan"),
+    (dict(beta="0.1"), TypeError, r"beta must be a real number \(float or int\); got str '0.1'"),
+    (dict(beta=True), TypeError, "beta must be a real number .*; got bool"),
+    (dict(label_smoothing=0.5), ValueError, r"label_smoothing must be < 0.5; got 0.5"),
+    (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be >= 0.0; got -0.1"),
+    (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be finite"),
+    (dict(loss_type="kto"), ValueError, "loss_type must be one of"),
+    (dict(loss_type=None), TypeError, "loss_type must be a string"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(loss_type="hinge", label_smoothing=0.1), ValueError,
+     "label_smoothing applies to loss_type 'sigmoid' and 'robust'"),
 ]
 
 
-@pytest.mark.parametrize("options,pattern", BAD_DPO)
-def test_dpo_bad_options(options, pattern):
+@pytest.mark.parametrize("options,error,pattern", BAD_OPTIONS)
+def test_dpo_bad_options(options, error, pattern):
     inputs = [random_logps(3) for _ in range(4)]
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(error, match=pattern):
         epa_ext.dpo_loss(*inputs, **options)
     if "reduction" not in options:
-        with pytest.raises(ValueError, match=pattern):
+        with pytest.raises(error, match=pattern):
             epa_ext.DPOLoss(**options)
 
 
-def test_dpo_bad_tensors():
-    good = random_logps(3)
-    with pytest.raises(RuntimeError, match=r"ref_rejected must have the shape of policy_chosen \(\[3\]\)"):
-        epa_ext.dpo_loss(good, good, good, random_logps(4))
-    with pytest.raises(RuntimeError, match="policy_chosen must have shape \\[B\\]"):
-        epa_ext.dpo_loss(random_logps(3, 2), random_logps(3, 2), random_logps(3, 2), random_logps(3, 2))
-    with pytest.raises(RuntimeError, match="ref_chosen must be on the device of policy_chosen"):
-        epa_ext.dpo_loss(good, good, good.to("meta"), good)
+BAD_EPA_OPTIONS = [  # (options, error type, pattern), for epa_loss and EPALoss
+    (dict(beta=float("inf")), ValueError, "beta must be finite; got inf"),
+    (dict(beta="0.1"), TypeError, "beta must be a real number"),
+    (dict(weak_weight=float("inf")), ValueError, "weak_weight must be finite; got inf"),
+    (dict(weak_weight=-1.0), ValueError, r"weak_weight must be >= 0.0; got -1.0"),
+    (dict(num_strong=1.5), TypeError, "num_strong must be an int; got float 1.5"),
+    (dict(num_strong=2.0), TypeError, "num_strong must be an int; got float 2.0"),
+    (dict(num_strong=True), TypeError, "num_strong must be an int; got bool"),
+    (dict(num_strong=0), ValueError, r"num_strong must lie in \[1, C - 1\] = \[1, 4\]; got 0"),
+]
 
 
-def test_epa_bad_input():
+@pytest.mark.parametrize("options,error,pattern", BAD_EPA_OPTIONS)
+def test_epa_bad_options(options, error, pattern):
     policy, ref = random_logps(4, 5), random_logps(4, 5)
-    with pytest.raises(RuntimeError, match=r"num_strong must lie in \[1, C - 1\] = \[1, 4\]; got 5"):
+    with pytest.raises(error, match=pattern):
+        epa_ext.epa_loss(policy, ref, **options)
+    with pytest.raises(error, match=pattern.replace(r"lie in \[1, C - 1\] = \[1, 4\]", "be >= 1")):
+        epa_ext.EPALoss(**options)(policy, ref)
+
+
+def test_raw_ops_check_their_options():
+    """The C++ checks behind the Python ones: finite beta and weak_weight (CPU kernel and fake)."""
+    policy = random_logps(3, 4)
+    for device_ in ("cpu", "meta"):
+        p = policy.to(device_)
+        with pytest.raises(ValueError, match="dpo_loss: beta must be finite and > 0; got inf"):
+            torch.ops.epa_ext.dpo_loss(p[:, 0], p[:, 1], p[:, 2], p[:, 3], float("inf"), "sigmoid", 0.0)
+        with pytest.raises(ValueError, match="epa_loss: weak_weight must be finite and >= 0; got inf"):
+            torch.ops.epa_ext.epa_loss(p, p, None, 0.1, 1, float("inf"))
+        _, lse = torch.ops.epa_ext.epa_loss(p, p, None, 0.1, 1, 1.0)
+        with pytest.raises(TypeError, match="epa_loss_backward: grad_losses must be a floating-point tensor"):
+            torch.ops.epa_ext.epa_loss_backward(torch.ones(3, dtype=torch.long, device=device_), p, p, None, lse,
+                                                0.1, 1, 1.0)
+        with pytest.raises(ValueError, match=r"epa_loss_backward: lse must have shape \[B\] = \[3\]"):
+            torch.ops.epa_ext.epa_loss_backward(torch.ones(3, device=device_), p, p, None, lse[:2], 0.1, 1, 1.0)
+
+
+@pytest.mark.parametrize("device_", ["cpu", "meta"])
+def test_dpo_bad_tensors(device_):
+    good = random_logps(3, device=device_)
+    with pytest.raises(ValueError, match=r"ref_rejected must have the shape of policy_chosen \(\[3\]\)"):
+        epa_ext.dpo_loss(good, good, good, random_logps(4, device=device_))
+    with pytest.raises(ValueError, match="policy_chosen must have shape \\[B\\]"):
+        epa_ext.dpo_loss(*[random_logps(3, 2, device=device_) for _ in range(4)])
+    with pytest.raises(TypeError, match="ref_chosen must be a floating-point tensor"):
+        epa_ext.dpo_loss(good, good, good.long(), good)
+    with pytest.raises(TypeError, match="ref_rejected must be a torch.Tensor; got list"):
+        epa_ext.dpo_loss(good, good, good, [0.0, 0.0, 0.0])
+
+
+def test_dpo_devices_must_match():
+    cpu, meta = random_logps(3), random_logps(3, device="meta")
+    with pytest.raises(ValueError, match=r"ref_chosen must be on the device of policy_chosen \(cpu\); got meta"):
+        epa_ext.dpo_loss(cpu, cpu, meta, cpu)
+    with pytest.raises(ValueError, match=r"policy_rejected must be on the device of policy_chosen \(meta\); got cpu"):
+        epa_ext.dpo_loss(meta, cpu, meta, meta)
+
+
+@pytest.mark.parametrize("device_", ["cpu", "meta"])
+def test_epa_bad_input(device_):
+    policy, ref = random_logps(4, 5, device=device_), random_logps(4, 5, device=device_)
+    with pytest.raises(ValueError, match=r"num_strong must lie in \[1, C - 1\] = \[1, 4\]; got 5"):
         epa_ext.epa_loss(policy, ref, num_strong=5)
-    with pytest.raises(RuntimeError, match=r"ref_logps must have the shape of policy_logps"):
+    with pytest.raises(ValueError, match=r"ref_logps must have the shape of policy_logps"):
         epa_ext.epa_loss(policy, ref[:, :4])
-    mask = torch.ones(4, 5, dtype=torch.bool)
-    mask[2, 0] = False
-    with pytest.raises(RuntimeError, match=r"mask\[:, 0\] must be True .* row 2"):
-        epa_ext.epa_loss(policy, ref, mask=mask)
-    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+    mask = torch.ones(4, 5, dtype=torch.bool, device=device_)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
         epa_ext.epa_loss(policy, ref, mask=mask.float())
-    with pytest.raises(ValueError, match="weak_weight must be >= 0"):
-        epa_ext.epa_loss(policy, ref, weak_weight=-1.0)
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor; got list"):
+        epa_ext.epa_loss(policy, ref, mask=[[True] * 5] * 4)
     with pytest.raises(ValueError, match="beta must be > 0"):
         epa_ext.EPALoss(beta=0)
     with pytest.raises(ValueError, match=r"policy_logps must have shape \[B, C\]"):
         epa_ext.epa_loss(policy[0], ref[0])
-    with pytest.raises(RuntimeError, match="ref_logps must be on the device of policy_logps"):
+    with pytest.raises(ValueError, match=r"policy_logps needs at least 2 candidates"):
+        torch.ops.epa_ext.epa_loss(policy[:, :1], ref[:, :1], None, 0.1, 1, 1.0)
+
+
+def test_epa_mask_must_keep_the_chosen_answer():
+    policy, ref = random_logps(4, 5), random_logps(4, 5)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[2, 0] = False
+    with pytest.raises(ValueError, match=r"mask\[:, 0\] must be True .* row 2"):
+        epa_ext.epa_loss(policy, ref, mask=mask)
+
+
+def test_epa_devices_must_match():
+    policy, ref = random_logps(4, 5), random_logps(4, 5)
+    with pytest.raises(ValueError, match="ref_logps must be on the device of policy_logps"):
         epa_ext.epa_loss(policy, ref.to("meta"))
+    with pytest.raises(ValueError, match="ref_logps must be on the device of policy_logps"):
+        epa_ext.epa_loss(policy.to("meta"), ref)
+    with pytest.raises(ValueError, match="mask must be on the device of policy_logps"):
+        epa_ext.epa_loss(policy, ref, mask=torch.ones(4, 5, dtype=torch.bool, device="meta"))
+
+
+# --- second and higher derivatives ---------------------------------------------------------------
+
+
+def second_derivative(loss_fn, inputs, a0):
+    """d2/da2 of loss_fn(a * inputs) + a^2 (a scalar), through create_graph=True."""
+    a = torch.tensor(a0, dtype=inputs[0].dtype, requires_grad=True)
+    (first,) = torch.autograd.grad(loss_fn(*(a * t for t in inputs)) + a**2, [a], create_graph=True)
+    (second,) = torch.autograd.grad(first, [a])
+    return second
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_second_derivative_matches_plain_torch(dtype):
+    """Used to be 2.0 (the a^2 term alone) where torch gives 2.245: the kernel's slopes were a
+    constant to autograd. Also the same tensor passed twice, whose partials must add up once."""
+    inputs = [random_logps(9, dtype=dtype, scale=3.0) for _ in range(4)]
+    for loss_type in LOSS_TYPES:
+        options = dict(beta=0.7, loss_type=loss_type)
+        ours = second_derivative(lambda *t: epa_ext.dpo_loss(*t, **options), inputs, 0.8)
+        truth = second_derivative(lambda *t: eager.dpo_loss(*t, **options), [t.double() for t in inputs], 0.8)
+        assert_close_to_truth(ours, truth, dtype=dtype, what=loss_type)
+    twice = second_derivative(lambda p, r: epa_ext.dpo_loss(p, p, r, r * 2), inputs[:2], 0.8)
+    twice_truth = second_derivative(lambda p, r: eager.dpo_loss(p, p, r, r * 2), [t.double() for t in inputs[:2]], 0.8)
+    assert_close_to_truth(twice, twice_truth, dtype=dtype, what="one tensor passed twice")
+    policy, ref = random_logps(5, 4, dtype=dtype, scale=3.0), random_logps(5, 4, dtype=dtype, scale=3.0)
+    options = dict(beta=0.5, num_strong=2, weak_weight=0.5)
+    ours = second_derivative(lambda p, r: epa_ext.epa_loss(p, r, **options), [policy, ref], 1.2)
+    truth = second_derivative(lambda p, r: eager.epa_loss(p, r, **options), [policy.double(), ref.double()], 1.2)
+    assert_close_to_truth(ours, truth, dtype=dtype, what="epa")
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+def test_losses_first_derivative_is_the_same_under_create_graph(dtype):
+    """create_graph=True takes the differentiable path; its first derivative is the kernel's, in
+    the input's dtype, rounded once."""
+    policy, ref = random_logps(6, 5, dtype=dtype), random_logps(6, 5, dtype=dtype)
+
+    def loss_fn(module, p, r):
+        return module.epa_loss(p, r, num_strong=2) + module.dpo_loss(p[:, 0], p[:, 1], r[:, 0], r[:, 1])
+
+    p = policy.double().requires_grad_()
+    (truth,) = torch.autograd.grad(loss_fn(eager, p, ref.double()), [p])
+    for create_graph in (False, True):
+        p = policy.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_fn(epa_ext, p, ref), [p], create_graph=create_graph)
+        assert grad.dtype == dtype
+        assert_rounded_once(grad, truth, dtype=dtype, what=f"create_graph={create_graph}")
+
+
+def test_losses_refuse_torch_func_grad():
+    policy, ref = random_logps(3, 4), random_logps(3, 4)
+    with pytest.raises(NotImplementedError, match="epa_ext.epa_loss does not support torch.func"):
+        torch.func.grad(lambda p: epa_ext.epa_loss(p, ref))(policy)
+    with pytest.raises(NotImplementedError, match="epa_ext.dpo_loss does not support torch.func"):
+        torch.func.hessian(lambda p: epa_ext.dpo_loss(p[:, 0], p[:, 1], ref[:, 0], ref[:, 1]))(policy)
+
+
+# --- non-finite log-probs ---------------------------------------------------------------------------
+
+NON_FINITE = [float("inf"), float("-inf"), float("nan")]
+
+
+def values_and_grads(fn, tensors):
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out.sum(), leaves)
+
+
+def assert_same_non_finite_semantics(ours, truth, what):
+    (value, grads), (truth_value, truth_grads) = ours, truth
+    torch.testing.assert_close(value.double(), truth_value, equal_nan=True, msg=lambda m: f"{what} value: {m}")
+    for i, (g, t) in enumerate(zip(grads, truth_grads)):
+        torch.testing.assert_close(g.double(), t, equal_nan=True, msg=lambda m: f"{what} grad {i}: {m}")
+
+
+@pytest.mark.parametrize("bad", NON_FINITE, ids=str)
+def test_dpo_non_finite_log_probs_are_plain_torchs_per_pair(bad, device):
+    """Each of the four inputs at +-inf or NaN in pair 1: that pair's loss and gradient are plain
+    torch's (e.g. +inf for a reference log-prob of +inf), the other pairs are untouched."""
+    for loss_type in LOSS_TYPES:
+        smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
+        options = dict(beta=0.5, loss_type=loss_type, label_smoothing=smoothing, reduction="none")
+        for position in range(4):
+            inputs = [random_logps(3, dtype=torch.float64, device=device, scale=3.0) for _ in range(4)]
+            inputs[position][1] = bad
+            ours = values_and_grads(lambda *t: epa_ext.dpo_loss(*t, **options), inputs)
+            truth = values_and_grads(lambda *t: eager.dpo_loss(*t, **options), inputs)
+            assert_same_non_finite_semantics(ours, truth, f"{loss_type}, input {position} = {bad}")
+            assert torch.isfinite(ours[0][[0, 2]]).all()
+
+
+@pytest.mark.parametrize("bad", NON_FINITE, ids=str)
+def test_epa_non_finite_log_probs_are_plain_torchs_per_row(bad, device):
+    """policy or reference log-prob at +-inf or NaN in row 1, in the chosen, a strong or a weak
+    column: the row's loss and gradient are plain torch's (torch.logsumexp's +inf included: a
+    reference log-prob of -inf on a negative gives +inf, not NaN), the other rows untouched."""
+    options = dict(beta=0.5, num_strong=1, weak_weight=0.5, reduction="none")
+    for which in range(2):
+        for column in range(3):
+            inputs = [random_logps(3, 3, dtype=torch.float64, device=device, scale=3.0) for _ in range(2)]
+            inputs[which][1, column] = bad
+            ours = values_and_grads(lambda *t: epa_ext.epa_loss(*t, **options), inputs)
+            truth = values_and_grads(lambda *t: eager.epa_loss(*t, **options), inputs)
+            assert_same_non_finite_semantics(ours, truth, f"{'policy ref'.split()[which]}[1, {column}] = {bad}")
+            assert torch.isfinite(ours[0][[0, 2]]).all()
+            assert all(torch.isfinite(g[[0, 2]]).all() for g in ours[1])

@@ -94,11 +94,12 @@ def test_dpo_loss(loss_type, batch, beta, smoothing, scale, seed, reduction):
         return eager.dpo_loss(*x, **options)
 
     ours, grad = value_and_grad(ours_fn, stacked)
-    truth, truth_grad = value_and_grad(ref_fn, stacked)
-    # inputs are rounded to fp32 first: allow that rounding, amplified by beta and the loss's slope
-    tol = 1e-5 * max(1.0, beta * scale) * (1 + 2 * scale if loss_type == "ipo" else 1)
-    torch.testing.assert_close(ours.double(), truth, rtol=tol, atol=tol)
-    torch.testing.assert_close(grad, truth_grad, rtol=tol, atol=tol)
+    truth, truth_grad = value_and_grad(ref_fn, stacked.float().double())  # the same fp32 inputs
+    # delta = (pc - rc) - (pr - rr) cancels in fp32: an absolute error ~ eps32 * scale, times the
+    # loss's slope (or beta, or ipo's curvature 2) in the value and the gradient
+    inputs_scale = scale * max(1.0, beta, float(truth_grad.abs().max()))
+    assert_close_to_truth(ours, truth, dtype=torch.float32, inputs_scale=inputs_scale, what="dpo loss")
+    assert_close_to_truth(grad, truth_grad, dtype=torch.float32, inputs_scale=inputs_scale, what="dpo gradient")
 
 
 @st.composite
@@ -123,11 +124,14 @@ def epa_cases(draw):
 def test_epa_loss(case, reduction):
     policy, ref, mask, strong, beta, weak_weight = case
     options = dict(beta=beta, num_strong=strong, weak_weight=weak_weight, mask=mask, reduction=reduction)
+    ref = ref.float().double()  # the fp32 inputs the kernel sees, in float64
     ours, grad = value_and_grad(lambda p: epa_ext.epa_loss(p.float(), ref.float(), **options), policy)
-    truth, truth_grad = value_and_grad(lambda p: eager.epa_loss(p, ref, **options), policy)
-    scale = max(1.0, beta * float(policy.abs().max()))
-    torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-6 * scale)
-    torch.testing.assert_close(grad, truth_grad, rtol=1e-4, atol=1e-6 * scale)
+    truth, truth_grad = value_and_grad(lambda p: eager.epa_loss(p.float().double(), ref, **options), policy)
+    # scores beta * (policy - ref) are formed in fp32: an absolute error ~ eps32 * their magnitude,
+    # in the loss and (times beta) in the gradient
+    inputs_scale = max(1.0, beta) * beta * float(policy.abs().max() + ref.abs().max())
+    assert_close_to_truth(ours, truth, dtype=torch.float32, inputs_scale=inputs_scale, what="epa loss")
+    assert_close_to_truth(grad, truth_grad, dtype=torch.float32, inputs_scale=inputs_scale, what="epa gradient")
     if mask is not None:
         assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
 
@@ -182,11 +186,15 @@ def test_fused_losses_equal_their_composition(prompts, candidates, steps, vocab,
         return epa_ext.fused_epa_loss(x * 1, labels, ref.float(), num_candidates=candidates, beta=0.5,
                                       inplace_backward=inplace)[0]
 
+    logits, ref = logits.float().double(), ref.float().double()  # the fp32 inputs, in float64
     value, grad = value_and_grad(ours, logits.float())
     truth, truth_grad = value_and_grad(
         lambda x: eager.fused_epa_loss(x, labels, ref, num_candidates=candidates, beta=0.5)[0], logits)
-    torch.testing.assert_close(value.double(), truth, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-4, atol=1e-6)
+    # the scores 0.5 * (sequence log-prob - ref) are formed in fp32 from sums over the tokens
+    seq = eager.sequence_logps(logits, labels)
+    inputs_scale = 0.5 * float(seq.abs().max() + ref.abs().max())
+    assert_close_to_truth(value, truth, dtype=torch.float32, inputs_scale=inputs_scale, what="fused epa loss")
+    assert_close_to_truth(grad, truth_grad, dtype=torch.float32, inputs_scale=inputs_scale, what="d(logits)")
 
 
 @st.composite
