@@ -65,7 +65,7 @@ def main() -> None:
         return loss
 
     def fused_loss():
-        loss, _ = fused(input_ids, attention_mask, labels, ref_logps, candidate_mask)
+        loss, _, _ = fused(input_ids, attention_mask, labels, ref_logps, candidate_mask)
         return loss
 
     def step(loss_fn):
