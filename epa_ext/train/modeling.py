@@ -231,11 +231,6 @@ class PreferenceLoss(nn.Module):
         self.loss, self.beta, self.dpo_loss_type = loss, beta, dpo_loss_type
         self.label_smoothing, self.num_strong, self.weak_weight = label_smoothing, num_strong, weak_weight
 
-    @property
-    def average(self) -> bool:
-        """IPO works on length-averaged log-probs (and so must its reference)."""
-        return self.loss == "dpo" and self.dpo_loss_type == "ipo"
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
                 candidate_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden, weight, bias = score_hidden(self.policy, input_ids, attention_mask)

@@ -22,13 +22,11 @@ from .runtime import Runtime, autocast, barrier
 
 
 class Reference:
-    """logps(split_name, batch) -> [C*B] fp32 reference sequence log-probs of the batch's rows.
+    """logps(split_name, batch) -> [C*B] fp32 summed reference sequence log-probs of the batch's
+    rows (the fused losses average them themselves where the loss needs it: IPO)."""
 
-    average: length-averaged log-probs (IPO) instead of sums."""
-
-    def __init__(self, cfg: TrainConfig, runtime: Runtime, policy: nn.Module, model: nn.Module | None,
-                 average: bool):
-        self.cfg, self.runtime, self.policy, self.model, self.average = cfg, runtime, policy, model, average
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, policy: nn.Module, model: nn.Module | None):
+        self.cfg, self.runtime, self.policy, self.model = cfg, runtime, policy, model
         self.tables: dict[str, Tensor] | None = None
 
     def precompute(self, splits: dict[str, Split], layout: Layout, output_dir: Path) -> None:
@@ -36,7 +34,7 @@ class Reference:
         the cache) and drops the reference model: from here on no reference model is in memory."""
         tables = {}
         for name, split in splits.items():
-            path = output_dir / f"reference_logps-{name}-{fingerprint(self.cfg, split, layout, self.average)}.pt"
+            path = output_dir / f"reference_logps-{name}-{fingerprint(self.cfg, split, layout)}.pt"
             if self.runtime.is_main and not path.is_file():
                 _save_atomically(self._score_all(split, layout), path)
             barrier(self.runtime)
@@ -52,7 +50,7 @@ class Reference:
     def _score(self, batch: Batch) -> Tensor:
         with self._scorer() as scorer, autocast(self.cfg, self.runtime):
             hidden, weight, bias = score_hidden(scorer, batch.input_ids, batch.attention_mask)
-            return linear_sequence_logps(hidden, weight, batch.labels, bias=bias, average=self.average).float()
+            return linear_sequence_logps(hidden, weight, batch.labels, bias=bias).float()
 
     def _score_all(self, split: Split, layout: Layout) -> Tensor:
         """[n, C] reference log-probs of every example's candidates (0 for padding candidates)."""
@@ -78,7 +76,7 @@ class Reference:
             self.policy.train(was_training)
 
 
-def fingerprint(cfg: TrainConfig, split: Split, layout: Layout, average: bool) -> str:
+def fingerprint(cfg: TrainConfig, split: Split, layout: Layout) -> str:
     """What cached reference log-probs depend on: the reference model, the tokenized data (hence
     the data file, tokenizer and truncation) and the candidate layout."""
     digest = hashlib.sha256()
@@ -89,7 +87,8 @@ def fingerprint(cfg: TrainConfig, split: Split, layout: Layout, average: bool) -
         model_id["config"] = Path(cfg.model, "config.json").read_text()
         model_id["weights"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                      for p in Path(cfg.model).glob("*.safetensors"))
-    digest.update(json.dumps([model_id, layout.num_strong, layout.num_weak, average, split.weak_sources],
+    # "summed": the table holds summed log-probs (caches of length-averaged IPO tables are not reused)
+    digest.update(json.dumps([model_id, layout.num_strong, layout.num_weak, "summed", split.weak_sources],
                              default=str).encode())
     for example in split.examples:
         digest.update(json.dumps([example.prompt_ids, example.answer_ids]).encode())

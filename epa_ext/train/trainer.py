@@ -115,7 +115,7 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data,
     loss_module = PreferenceLoss(policy, loss=cfg.loss, beta=cfg.beta, dpo_loss_type=cfg.dpo_loss_type,
                                  label_smoothing=cfg.label_smoothing, num_strong=data.layout.num_strong,
                                  weak_weight=cfg.weak_weight)
-    reference = Reference(cfg, runtime, policy, reference_model, loss_module.average)
+    reference = Reference(cfg, runtime, policy, reference_model)
     if cfg.ref == "precompute":
         reference.precompute({"train": data.train, "eval": data.held_out}, data.layout, Path(cfg.output_dir))
     return policy, loss_module, reference
