@@ -221,6 +221,29 @@ def test_lora_trains_adapters_and_final_loads(tmp_path):
     assert evaluation["eval/rewards/chosen"] == pytest.approx(0.1 * (policy - reference), rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["dpo", "epa"])
+def test_sft_weight_adds_the_chosen_answers_nll(loss, tmp_path):
+    """--sft-weight lambda (RPO): at step 1 the policy is the reference, so the loss with lambda
+    exceeds the loss without by lambda * the chosen answers' NLL averaged over their tokens."""
+    from epa_ext import IGNORE_INDEX
+    from epa_ext.train.batching import make_batch, micro_batch_ids
+    from epa_ext.train.config import parse_config
+    from epa_ext.train.runtime import Runtime
+    from epa_ext.train.trainer import prepare_data
+
+    args = ["--loss", loss, "--max-steps", "1", "--batch-size", "4", "--eval-fraction", "0"]
+    [plain] = [r for r in train_in_process(tmp_path / "plain", *args) if "loss" in r]
+    [rpo] = [r for r in train_in_process(tmp_path / "rpo", *args, "--sft-weight", "0.5") if "loss" in r]
+    cfg = parse_config(["--dataset", str(PREFS), "--output-dir", str(tmp_path / "scratch"), *TINY, *args])
+    data = prepare_data(cfg, Runtime(0, 1, torch.device("cpu")), None)
+    batch = make_batch(data.train, micro_batch_ids(len(data.train.examples), 4, 0, 0), data.layout,
+                       torch.device("cpu"))
+    chosen_tokens = (batch.labels[:4] != IGNORE_INDEX).sum().item()
+    nll = -rpo["logps/chosen"] * 4 / chosen_tokens
+    assert rpo["loss"] - plain["loss"] == pytest.approx(0.5 * nll, rel=1e-4)
+    assert rpo["rewards/margins"] == plain["rewards/margins"]
+
+
 def test_eval_dataset_is_what_is_evaluated(tmp_path):
     """--eval-dataset: the training data is not split, and the eval/ metrics are those of the
     given file (checked against the logps computed here), under TRL's names."""

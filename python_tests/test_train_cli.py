@@ -104,6 +104,7 @@ FLAG_REFUSALS = [
     (["--beta", "0"], "--beta must be a finite number > 0; got 0.0"),
     (["--weak-weight", "inf"], "--weak-weight must be a finite number >= 0; got inf"),
     (["--lr", "nan"], "--lr must be a finite number > 0; got nan"),
+    (["--sft-weight", "-1"], "--sft-weight must be a finite number >= 0; got -1.0"),
     (["--save-total-limit", "0"], "--save-total-limit must be >= 1; got 0 (leave it out to keep every checkpoint)"),
     (["--max-steps", "1.5"], "--max-steps: expected an integer; got '1.5'"),
     (["--loss", "ppo"], "--loss: invalid value 'ppo'; allowed: epa, dpo"),

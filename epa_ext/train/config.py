@@ -60,6 +60,9 @@ class TrainConfig:
                                         "example has, fewer are masked)")
     num_weak: int = _opt(0, "EPA weak negatives per prompt: answers of other examples scored under this prompt")
     weak_weight: float = _opt(1.0, "weight of each weak negative in EPA's partition sum")
+    sft_weight: float = _opt(0.0, "lambda >= 0: adds lambda * the chosen answers' negative log-likelihood, averaged "
+                                  "over all their completion tokens in the batch, to the loss (DPO + SFT = RPO; "
+                                  "TRL's rpo_alpha)")
     # --- optimization
     max_steps: int | None = _opt(None, "optimizer steps (default: as many as --epochs takes)")
     epochs: float = _opt(1.0, "passes over the training split when --max-steps is not given")
@@ -156,7 +159,7 @@ class TrainConfig:
                    "leave it out to keep every checkpoint" if name == "save_total_limit" else "")
         for name in ("beta", "lr", "epochs"):
             _check(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) > 0, "a finite number > 0")
-        for name in ("weak_weight", "weight_decay", "max_grad_norm"):
+        for name in ("weak_weight", "sft_weight", "weight_decay", "max_grad_norm"):
             _check(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0,
                    "a finite number >= 0")
         _check(self, "lora_alpha", self.lora_alpha is None or (math.isfinite(self.lora_alpha) and self.lora_alpha > 0),

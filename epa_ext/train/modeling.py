@@ -224,24 +224,26 @@ class PreferenceLoss(nn.Module):
     returns (loss, policy_seq_logps [C*B], logit_sums [C*B]) (see ``logit_sums``; no graph).
     """
 
-    def __init__(self, policy: nn.Module, *, loss: str, beta: float, dpo_loss_type: str, label_smoothing: float,
-                 num_strong: int, weak_weight: float):
+    def __init__(self, policy: nn.Module, *, loss: str, beta: float, dpo_loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, num_strong: int = 1, weak_weight: float = 1.0, sft_weight: float = 0.0):
         super().__init__()
         self.policy = policy
         self.loss, self.beta, self.dpo_loss_type = loss, beta, dpo_loss_type
         self.label_smoothing, self.num_strong, self.weak_weight = label_smoothing, num_strong, weak_weight
+        self.sft_weight = sft_weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
                 candidate_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden, weight, bias = score_hidden(self.policy, input_ids, attention_mask)
         if self.loss == "dpo":
             loss, seq = fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias, beta=self.beta,
-                                              loss_type=self.dpo_loss_type, label_smoothing=self.label_smoothing)
+                                              loss_type=self.dpo_loss_type, label_smoothing=self.label_smoothing,
+                                              sft_weight=self.sft_weight)
         else:
             loss, seq = fused_linear_epa_loss(hidden, weight, labels, ref_logps, bias=bias,
                                               num_candidates=candidate_mask.shape[1], beta=self.beta,
                                               num_strong=self.num_strong, weak_weight=self.weak_weight,
-                                              mask=candidate_mask)
+                                              mask=candidate_mask, sft_weight=self.sft_weight)
         return loss, seq, logit_sums(hidden, weight, bias, labels)
 
 

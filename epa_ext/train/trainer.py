@@ -114,7 +114,7 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data,
         enable_gradient_checkpointing(policy)
     loss_module = PreferenceLoss(policy, loss=cfg.loss, beta=cfg.beta, dpo_loss_type=cfg.dpo_loss_type,
                                  label_smoothing=cfg.label_smoothing, num_strong=data.layout.num_strong,
-                                 weak_weight=cfg.weak_weight)
+                                 weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight)
     reference = Reference(cfg, runtime, policy, reference_model)
     if cfg.ref == "precompute":
         reference.precompute({"train": data.train, "eval": data.held_out}, data.layout, Path(cfg.output_dir))
