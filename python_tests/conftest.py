@@ -1,4 +1,8 @@
+import json
 import os
+import shutil
+import sys
+from pathlib import Path
 
 # MKL may choose its code path from the data's alignment, so the same computation in two
 # processes can differ in the last bit; its conditional bitwise reproducibility mode (read when
@@ -20,3 +24,58 @@ def device(request) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- the trainer's tests (test_train*.py) --------------------------------------------------------
+
+TEST_DATA = Path(__file__).resolve().parent / "data"
+PREFS = TEST_DATA / "prefs.jsonl"
+# the real data set of ../shared (the repository's sibling directory), when present
+HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+NEEDS_HH_RLHF = pytest.mark.skipif(not HH_RLHF.exists(), reason=f"{HH_RLHF} (../shared/data) is not present")
+# a tiny model and short sequences: a step takes milliseconds (later flags override earlier ones)
+TINY_MODEL = ["--model", "tiny", "--tiny-hidden-size", "32", "--tiny-layers", "1", "--tiny-vocab-size", "300"]
+SHORT = ["--max-length", "96", "--max-prompt-length", "48", "--lr", "1e-3"]
+TINY = TINY_MODEL + SHORT
+
+
+def epa_train_command(out: Path, *extra: str, dataset: Path = PREFS, model: list[str] = TINY_MODEL) -> list[str]:
+    """The command line of a real epa-train process (on the tiny model unless model says)."""
+    return [sys.executable, "-m", "epa_ext.train", "--dataset", str(dataset), "--output-dir", str(out), *model,
+            *SHORT, *extra]
+
+
+def train_in_process(out: Path, *extra: str, dataset: Path = PREFS) -> list[dict]:
+    """epa_ext.train.trainer.run on the tiny model; its metrics records."""
+    from epa_ext.train.config import parse_config
+    from epa_ext.train.trainer import run
+
+    return run(parse_config(["--dataset", str(dataset), "--output-dir", str(out), *TINY, *extra]))
+
+
+def torchrun() -> str:
+    return shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(records: list[dict]) -> list[float]:
+    """The training losses of metrics records (evaluation lines left out)."""
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def tiny_tokenizer(chat_template: str | None = None):
+    """The tiny model's tokenizer (the package's own helper), trained on the fixture texts."""
+    from epa_ext.train.modeling import train_tiny_tokenizer
+
+    texts = [line for path in sorted(TEST_DATA.glob("*.jsonl")) for line in path.read_text().splitlines()]
+    tokenizer = train_tiny_tokenizer(texts, 300)
+    tokenizer.chat_template = chat_template
+    return tokenizer

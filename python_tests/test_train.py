@@ -1,4 +1,6 @@
-"""epa-train end to end on a tiny Llama-architecture model and our own fixture data."""
+"""epa-train end to end on a tiny Llama-architecture model and our own fixture data: what a run
+writes, resume, the reference (model, precomputed, LoRA), data parallel and FSDP2, gradient
+checkpointing, an evaluation set, TRL's metric names and TensorBoard."""
 
 from __future__ import annotations
 
@@ -8,32 +10,23 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import (HH_RLHF, NEEDS_HH_RLHF, PREFS, TINY, epa_train_command, last_line, read_metrics,
+                      torchrun, train_in_process, train_losses)
+from numerics import TOLERANCES
 
-DATA = Path(__file__).resolve().parent / "data"
-HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
-TINY = ["--model", "tiny", "--tiny-hidden-size", "32", "--tiny-layers", "1", "--tiny-vocab-size", "300",
-        "--max-length", "96", "--max-prompt-length", "48", "--lr", "1e-3", "--eval-fraction", "0.1"]
-METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_second", "rewards/chosen", "rewards/rejected",
-               "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}
-
-
-def train(tmp_path: Path, *extra: str, name: str = "run", dataset: Path = DATA / "prefs.jsonl") -> tuple[Path, list]:
-    from epa_ext.train.config import parse_config
-    from epa_ext.train.trainer import run
-
-    out = tmp_path / name
-    records = run(parse_config(["--dataset", str(dataset), "--output-dir", str(out), *TINY, *extra]))
-    return out, records
-
-
-def losses(records: list[dict]) -> list[float]:
-    return [r["loss"] for r in records if "loss" in r and "eval/loss" not in r]
+RTOL, ATOL = TOLERANCES[torch.float32]  # two runs whose reductions are ordered differently
+# Final weights of two such runs: AdamW divides each gradient element by its own running RMS, which
+# magnifies the rounding differences of near-zero gradients (rarely used embedding rows), so their
+# changes from the initial weights are compared in norm, tensor by tensor, to 10x the fp32 rtol.
+CHANGE_RTOL = 10 * RTOL
+TRL_METRICS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "num_tokens", "tokens_per_second",
+               "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected", "logits/chosen", "logits/rejected"}
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -42,103 +35,360 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
 
+def assert_same_weights(a: Path, b: Path, **tolerance) -> None:
+    first, second = final_weights(a), final_weights(b)
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        torch.testing.assert_close(second[key], value, **(tolerance or {"rtol": 0, "atol": 0}), msg=key)
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """The final weights of runs a and b (on the tiny model) changed the same, to CHANGE_RTOL."""
+    first, second, initial = final_weights(a), final_weights(b), initial_tiny_model(a).state_dict()
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        change = (value - initial[key]).norm()
+        assert (second[key] - value).norm() <= CHANGE_RTOL * change, key
+
+
+def initial_tiny_model(out: Path):
+    """The model a tiny run started from (its seed and sizes as TINY gives them)."""
+    from transformers import AutoTokenizer
+
+    from epa_ext.train.modeling import build_tiny_model
+
+    return build_tiny_model(len(AutoTokenizer.from_pretrained(out / "final")), 32, 1, 96 + 8, seed=0)
+
+
+def mean_chosen_logps(model, out: Path, dataset: Path, *extra: str) -> float:
+    """The mean summed log-prob of the chosen answers of the examples epa-train evaluates on
+    (the held-out split of its options), under model: computed here from the package's data
+    functions and a plain forward pass with full logits."""
+    from epa_ext import sequence_logps
+    from epa_ext.train.config import parse_config
+    from epa_ext.train.runtime import Runtime
+    from epa_ext.train.trainer import prepare_data
+
+    cfg = parse_config(["--dataset", str(dataset), "--output-dir", str(out.parent / "scratch"), *TINY, *extra])
+    data = prepare_data(cfg, Runtime(0, 1, torch.device("cpu")), None)
+    from epa_ext.train.batching import make_batch
+
+    batch = make_batch(data.held_out, list(range(len(data.held_out.examples))), data.layout, torch.device("cpu"))
+    rows = len(data.held_out.examples)  # candidate 0 (chosen) of every example comes first
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids[:rows], attention_mask=batch.attention_mask[:rows]).logits
+    return sequence_logps(logits, batch.labels[:rows]).mean().item()
+
+
 @pytest.mark.parametrize("loss", ["epa", "dpo"])
 def test_a_few_steps_train_and_write_everything(loss, tmp_path):
     extra = ["--num-weak", "2"] if loss == "epa" else ["--dpo-loss-type", "ipo"]
-    out, records = train(tmp_path, "--loss", loss, "--max-steps", "4", "--batch-size", "4", *extra)
+    out = tmp_path / "run"
+    records = train_in_process(out, "--loss", loss, "--max-steps", "4", "--batch-size", "4", "--eval-fraction",
+                               "0.1", *extra)
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4]
     for record in train_records:
-        assert METRIC_KEYS <= record.keys()
+        assert TRL_METRICS <= record.keys() and "lr" not in record
         assert all(math.isfinite(v) for v in record.values())
-    assert any("eval/loss" in r for r in records)
+    assert ("rewards/weak" in train_records[0]) == (loss == "epa")
+    tokens = [r["num_tokens"] for r in train_records]  # cumulative, as TRL's
+    assert tokens[0] > 0 and all(b > a for a, b in zip(tokens, tokens[1:]))
+    evaluation = [r for r in records if "eval/loss" in r]
+    assert len(evaluation) == 1 and {f"eval/{k}" for k in TRL_METRICS - {"step", "epoch", "learning_rate", "grad_norm",
+                                                                         "num_tokens", "tokens_per_second"}} <= evaluation[0].keys()
     for name in ("metrics.jsonl", "config.json", "training_curves.png", "final/model.safetensors"):
         assert (out / name).is_file(), name
     assert json.loads((out / "config.json").read_text())["loss"] == loss
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from epa_ext.train.modeling import build_tiny_model
-
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
-    initial = build_tiny_model(len(tokenizer), 32, 1, 96 + 8, seed=0)
+    initial = initial_tiny_model(out)
     changed = [not torch.equal(p, initial.state_dict()[k]) for k, p in model.state_dict().items()]
     assert any(changed), "no parameter changed"
     assert torch.isfinite(model(**tokenizer("hello", return_tensors="pt")).logits).all()
 
 
+def test_the_saved_tokenizer_encodes_a_prompt_as_training_did(tmp_path):
+    """Training puts BOS in front of every prompt; tokenizer(prompt) of final/ must do the same."""
+    from transformers import AutoTokenizer
+
+    from epa_ext.train.batching import tokenize
+    from epa_ext.train.data import DropReport, PreferenceExample
+
+    out = tmp_path / "run"
+    train_in_process(out, "--max-steps", "1", "--eval-fraction", "0")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    prompt = "How do I boil an egg?"
+    [trained] = tokenize([PreferenceExample(prompt, " Boil it.", (" No.",))], tokenizer, max_length=64,
+                         max_prompt_length=32, report=DropReport())
+    assert trained.prompt_ids[0] == tokenizer.bos_token_id
+    assert tokenizer(prompt)["input_ids"] == trained.prompt_ids
+
+
+def test_a_gpt2_style_tokenizer_is_saved_to_add_the_bos_training_added(tmp_path):
+    """A tokenizer whose default encoding adds no BOS (GPT-2's) is switched to add it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from epa_ext.train.modeling import match_training_encoding
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                                 show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    assert tokenizer("hello")["input_ids"] == plain  # no BOS by default
+    assert match_training_encoding(tokenizer)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok")("hello")["input_ids"] == [tokenizer.bos_token_id, *plain]
+
+
 def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path):
-    args = ["--max-steps", "24", "--save-steps", "3", "--batch-size", "2", "--num-weak", "1"]
-    full_out, full_records = train(tmp_path, *args, name="full")
+    from epa_ext.train.checkpoint import checkpoints
+
+    args = ["--max-steps", "24", "--save-steps", "3", "--batch-size", "2", "--num-weak", "1", "--eval-fraction", "0.1"]
+    full = tmp_path / "full"
+    full_records = train_in_process(full, *args)
 
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "epa_ext.train", "--dataset", str(DATA / "prefs.jsonl"), "--output-dir",
-               str(out), *TINY, *args]
+    command = epa_train_command(out, *args)
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (out / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
+    while not (out / "checkpoint-3" / "trainer_state.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (out / "final").exists(), "the run finished before it could be killed"
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (out / "checkpoint-3" / "trainer_state.pt").is_file(), "killed before the first checkpoint"
+    assert not (out / "final").exists()
+    written_before = {r["step"]: r for r in read_metrics(out)}
+    resumed_from = checkpoints(out)[-1][0]
 
-    subprocess.run(command + ["--resume"], cwd=tmp_path, check=True, capture_output=True)
-    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = read_metrics(out)
     assert [r["step"] for r in resumed if "loss" in r] == list(range(1, 25))  # no step missing or twice
-    assert losses(resumed) == pytest.approx(losses(full_records), rel=1e-6, abs=1e-7)
-    for key, value in final_weights(full_out).items():
-        torch.testing.assert_close(final_weights(out)[key], value, rtol=1e-6, atol=1e-7)
+    # the lines up to the checkpoint it resumed from are the killed run's, kept (timings included):
+    # a resume that started over would have rewritten them
+    assert resumed_from >= 3
+    assert min(s for s in range(1, 25) if resumed[s - 1] != written_before.get(s)) == resumed_from + 1
+    assert train_losses(resumed) == train_losses(full_records)  # bitwise: the same batches, RNG and state
+    assert_same_weights(full, out)
 
 
 def test_precomputed_reference_equals_reference_model(tmp_path):
-    args = ["--max-steps", "3", "--batch-size", "4", "--num-weak", "1"]
-    _, with_model = train(tmp_path, *args, "--ref", "model", name="model")
-    out, precomputed = train(tmp_path, *args, "--ref", "precompute", name="precompute")
-    assert len(list(out.glob("reference_logps-train-*.pt"))) == 1
-    assert losses(precomputed) == pytest.approx(losses(with_model), rel=1e-5, abs=1e-6)
+    args = ["--max-steps", "3", "--batch-size", "4", "--num-weak", "1", "--eval-fraction", "0.1"]
+    with_model = train_in_process(tmp_path / "model", *args, "--ref", "model")
+    precomputed = train_in_process(tmp_path / "precompute", *args, "--ref", "precompute")
+    assert len(list((tmp_path / "precompute").glob("reference_logps-train-*.pt"))) == 1
+    assert train_losses(precomputed) == pytest.approx(train_losses(with_model), rel=RTOL, abs=ATOL)
 
 
 def test_lora_trains_adapters_and_final_loads(tmp_path):
-    out, records = train(tmp_path, "--max-steps", "3", "--batch-size", "4", "--lora-r", "4")
-    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    """The adapters change, the base weights do not, and pi_ref is the policy with its adapters
+    disabled: the logged eval rewards are beta * (policy - initial model) log-probs."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    assert not any("lora" in name for name in model.state_dict())
+    out = tmp_path / "lora"
+    args = ["--batch-size", "4", "--eval-fraction", "0.2", "--lr", "1e-2"]
+    records = train_in_process(out, "--max-steps", "3", "--save-steps", "2", "--lora-r", "4", *args)
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+    adapters = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapters.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b), "LoRA B starts at 0; training must change it"
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in name for name in final.state_dict())
+    initial = initial_tiny_model(out)
+    untouched = [k for k in initial.state_dict() if "embed_tokens" in k or "norm" in k or "lm_head" in k]
+    assert untouched
+    for key in untouched:  # LoRA wraps the linear layers only; merging changes nothing else
+        assert torch.equal(final.state_dict()[key], initial.state_dict()[key]), key
+    merged_linear = [k for k in initial.state_dict() if k.endswith("q_proj.weight")]
+    assert all(not torch.equal(final.state_dict()[k], initial.state_dict()[k]) for k in merged_linear)
+
+    [evaluation] = [r for r in records if "eval/loss" in r]
+    policy = mean_chosen_logps(final, out, PREFS, *args)
+    reference = mean_chosen_logps(initial, out, PREFS, *args)
+    assert evaluation["eval/logps/chosen"] == pytest.approx(policy, rel=RTOL, abs=1e-4)
+    assert abs(policy - reference) > 1e-2  # the check below can tell the two apart
+    assert evaluation["eval/rewards/chosen"] == pytest.approx(0.1 * (policy - reference), rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "epa"])
+def test_sft_weight_adds_the_chosen_answers_nll(loss, tmp_path):
+    """--sft-weight lambda (RPO): at step 1 the policy is the reference, so the loss with lambda
+    exceeds the loss without by lambda * the chosen answers' NLL averaged over their tokens."""
+    from epa_ext import IGNORE_INDEX
+    from epa_ext.train.batching import make_batch, micro_batch_ids
+    from epa_ext.train.config import parse_config
+    from epa_ext.train.runtime import Runtime
+    from epa_ext.train.trainer import prepare_data
+
+    args = ["--loss", loss, "--max-steps", "1", "--batch-size", "4", "--eval-fraction", "0"]
+    [plain] = [r for r in train_in_process(tmp_path / "plain", *args) if "loss" in r]
+    [rpo] = [r for r in train_in_process(tmp_path / "rpo", *args, "--sft-weight", "0.5") if "loss" in r]
+    cfg = parse_config(["--dataset", str(PREFS), "--output-dir", str(tmp_path / "scratch"), *TINY, *args])
+    data = prepare_data(cfg, Runtime(0, 1, torch.device("cpu")), None)
+    batch = make_batch(data.train, micro_batch_ids(len(data.train.examples), 4, 0, 0), data.layout,
+                       torch.device("cpu"))
+    chosen_tokens = (batch.labels[:4] != IGNORE_INDEX).sum().item()
+    nll = -rpo["logps/chosen"] * 4 / chosen_tokens
+    assert rpo["loss"] - plain["loss"] == pytest.approx(0.5 * nll, rel=1e-4)
+    assert rpo["rewards/margins"] == plain["rewards/margins"]
+
+
+def test_eval_dataset_is_what_is_evaluated(tmp_path):
+    """--eval-dataset: the training data is not split, and the eval/ metrics are those of the
+    given file (checked against the logps computed here), under TRL's names."""
+    from transformers import AutoModelForCausalLM
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(PREFS.read_text().splitlines(keepends=True)[:12]))
+    out = tmp_path / "run"
+    records = train_in_process(out, "--max-steps", "2", "--batch-size", "4", "--eval-dataset", str(eval_file),
+                               "--eval-steps", "1")
+    evaluations = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evaluations] == [1, 2]
+    assert "eval/rewards/accuracies" in evaluations[-1] and "eval/logits/chosen" in evaluations[-1]
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    computed = mean_chosen_logps(final, out, PREFS, "--eval-dataset", str(eval_file))
+    assert evaluations[-1]["eval/logps/chosen"] == pytest.approx(computed, rel=RTOL, abs=1e-4)
+    # nothing of --dataset is held out: one epoch of 40 examples in batches of 4 is 10 steps
+    assert train_in_process(tmp_path / "epoch", "--batch-size", "4", "--eval-dataset", str(eval_file))[-2]["step"] == 10
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_weights(tmp_path):
+    args = ["--max-steps", "3", "--batch-size", "4", "--num-weak", "1", "--eval-fraction", "0"]
+    plain = train_in_process(tmp_path / "plain", *args)
+    checkpointed = train_in_process(tmp_path / "checkpointed", *args, "--gradient-checkpointing")
+    assert train_losses(checkpointed) == pytest.approx(train_losses(plain), rel=RTOL, abs=ATOL)
+    assert_same_weights(tmp_path / "plain", tmp_path / "checkpointed", rtol=RTOL, atol=ATOL)
+
+
+def test_gradient_checkpointing_recomputes_the_decoder_layers(tmp_path, monkeypatch):
+    """Not a no-op: a decoder layer's attention runs twice in a training step."""
+    from epa_ext.train import modeling, trainer
+
+    calls = []
+
+    def enable_and_count(policy):
+        modeling.enable_gradient_checkpointing(policy)
+        modeling.unwrap(policy).base_model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    monkeypatch.setattr(trainer, "enable_gradient_checkpointing", enable_and_count)
+    train_in_process(tmp_path / "run", "--max-steps", "1", "--batch-size", "4", "--eval-fraction", "0",
+                     "--gradient-checkpointing")
+    assert len(calls) == 2  # the forward, and its recomputation in backward
+
+
+def test_tensorboard_has_the_metrics_under_trainers_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    records = train_in_process(out, "--max-steps", "3", "--batch-size", "4", "--eval-fraction", "0.1",
+                               "--report-to", "tensorboard")
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/rewards/accuracies", "eval/loss", "eval/logits/chosen"} <= tags
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"])) for r in records if "loss" in r]
+
+
+def test_logits_metrics_are_the_mean_logits_of_the_completion_tokens():
+    """logit_sums (from hidden states, no logits formed) / tokens = TRL's mean over the
+    vocabulary and the completion tokens of the full logits."""
+    from epa_ext import IGNORE_INDEX
+    from epa_ext.train.modeling import logit_sums
+
+    hidden, weight, bias = torch.randn(3, 5, 8), torch.randn(11, 8), torch.randn(11)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, :2] = labels[2] = IGNORE_INDEX
+    kept = labels != IGNORE_INDEX
+    logits = hidden @ weight.T + bias
+    expected = torch.stack([logits[r][kept[r]].sum() / 11 for r in range(3)])
+    torch.testing.assert_close(logit_sums(hidden, weight, bias, labels), expected, rtol=RTOL, atol=ATOL)
 
 
 def test_yaml_config_mirrors_the_flags(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("loss: dpo\nmax-steps: 2\nbatch_size: 4\nbeta: 0.2\n")
-    out, records = train(tmp_path, "--config", str(config), "--beta", "0.3")
+    # '2' and 1e-2 are strings to YAML; the flags' conversion makes them numbers
+    config.write_text("loss: dpo\nmax-steps: '2'\nbatch_size: 4\nbeta: 0.2\nweight-decay: 1e-2\n")
+    out = tmp_path / "run"
+    records = train_in_process(out, "--config", str(config), "--beta", "0.3")
     resolved = json.loads((out / "config.json").read_text())
-    assert (resolved["loss"], resolved["max_steps"], resolved["batch_size"], resolved["beta"]) == ("dpo", 2, 4, 0.3)
-    assert len(losses(records)) == 2
+    assert (resolved["loss"], resolved["max_steps"], resolved["batch_size"], resolved["beta"],
+            resolved["weight_decay"]) == ("dpo", 2, 4, 0.3, 1e-2)
+    assert len(train_losses(records)) == 2
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):
-    common = ["--dataset", str(DATA / "prefs.jsonl"), *TINY, "--max-steps", "3", "--num-weak", "1",
-              "--eval-fraction", "0"]
-    single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "epa_ext.train", *common, "--output-dir", str(single), "--batch-size", "4"],
-                   cwd=tmp_path, check=True, capture_output=True)
-    double = tmp_path / "double"
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-                             "-m", "epa_ext.train", *common, "--output-dir", str(double), "--batch-size", "2"],
-                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """DDP over 2 CPU processes (gloo), 2 prompts each, against 1 process with 4: the same losses
+    and final weights."""
+    common = ["--max-steps", "3", "--num-weak", "1", "--eval-fraction", "0.1"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    subprocess.run(epa_train_command(single, *common, "--batch-size", "4"), cwd=tmp_path, check=True,
+                   capture_output=True)
+    command = epa_train_command(double, *common, "--batch-size", "2")
+    result = subprocess.run([torchrun(), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
+                             *command[1:]], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses(read(double)) == pytest.approx(losses(read(single)), rel=1e-5, abs=1e-6)
+    assert train_losses(read_metrics(double)) == pytest.approx(train_losses(read_metrics(single)), rel=RTOL, abs=ATOL)
+    # the metrics that are means over prompts (rejected ones are means over present negatives,
+    # averaged batch by batch as TRL does, so they depend on how the batches are cut)
+    per_prompt = ("eval/loss", "eval/logps/chosen", "eval/rewards/chosen")
+    evaluation = lambda out: [r[k] for r in read_metrics(out) if "eval/loss" in r for k in per_prompt]  # noqa: E731
+    assert evaluation(double) == pytest.approx(evaluation(single), rel=RTOL, abs=ATOL)
+    assert_same_training(single, double)
 
 
-@pytest.mark.skipif(not HH_RLHF.exists(), reason="../shared/data (HH-RLHF) is not present")
+def test_fsdp_across_two_processes_equals_one_and_resumes(tmp_path):
+    """FSDP2 (fully_shard) over 2 CPU processes (gloo), 2 prompts each, against 1 plain process
+    with 4: the same losses and final weights; then a resume of the sharded run from its gathered
+    checkpoint (final/ deleted as if it had died after checkpoint-2) ends the same."""
+    common = ["--max-steps", "4", "--save-steps", "2", "--num-weak", "1", "--eval-fraction", "0"]
+    plain = train_in_process(tmp_path / "plain", *common, "--batch-size", "4")
+    out = tmp_path / "fsdp"
+    command = [torchrun(), "--nproc-per-node", "2", "--master-port", str(30500 + os.getpid() % 1000),
+               *epa_train_command(out, *common, "--batch-size", "2", "--fsdp")[1:]]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_losses(read_metrics(out)) == pytest.approx(train_losses(plain), rel=RTOL, abs=ATOL)
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert_same_training(tmp_path / "plain", out)
+
+    shutil.rmtree(out / "final")
+    result = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert train_losses(read_metrics(out)) == pytest.approx(train_losses(plain), rel=RTOL, abs=ATOL)
+    assert_same_training(tmp_path / "plain", out)
+
+
+@NEEDS_HH_RLHF
 def test_hh_rlhf_trains_20_steps_with_weak_negatives(tmp_path):
-    out, records = train(tmp_path, "--max-steps", "20", "--batch-size", "4", "--num-weak", "2", "--skip-bad-rows",
-                         "--max-length", "128", "--max-prompt-length", "64", "--eval-fraction", "0.01",
-                         dataset=HH_RLHF)
-    assert len(losses(records)) == 20 and all(math.isfinite(x) for x in losses(records))
+    records = train_in_process(tmp_path / "run", "--max-steps", "20", "--batch-size", "4", "--num-weak", "2",
+                               "--skip-bad-rows", "--max-length", "128", "--max-prompt-length", "64",
+                               "--eval-fraction", "0.01", dataset=HH_RLHF)
+    assert len(train_losses(records)) == 20 and all(math.isfinite(x) for x in train_losses(records))
+
+
+@NEEDS_HH_RLHF
+def test_hh_rlhf_without_skip_bad_rows_stops_at_row_87_saying_how_to_go_on(tmp_path):
+    result = subprocess.run(epa_train_command(tmp_path / "run", "--max-steps", "1", dataset=HH_RLHF), cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = last_line(result.stderr)
+    assert line.startswith(f"epa-train: {HH_RLHF}: row 87, field 'chosen': empty answer") and "--skip-bad-rows" in line
 
 
 BAD_ROWS = [
@@ -151,45 +401,18 @@ BAD_ROWS = [
 @pytest.mark.parametrize("line,pattern", BAD_ROWS)
 def test_bad_rows_stop_with_a_message_naming_row_and_field(line, pattern, tmp_path):
     data = tmp_path / "bad.jsonl"
-    good = (DATA / "prefs.jsonl").read_text().splitlines()[:8]
+    good = PREFS.read_text().splitlines()[:8]
     data.write_text(line + "\n" + "\n".join(good) + "\n")
-    result = subprocess.run([sys.executable, "-m", "epa_ext.train", "--dataset", str(data), "--output-dir",
-                             str(tmp_path / "out"), *TINY, "--max-steps", "1"], cwd=tmp_path, capture_output=True,
-                            text=True)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("epa-train:") and pattern in last, result.stderr[-2000:]
+    result = subprocess.run(epa_train_command(tmp_path / "out", "--max-steps", "1", dataset=data), cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last_line(result.stderr).startswith("epa-train:") and pattern in last_line(result.stderr), result.stderr
 
 
 def test_fewer_rows_than_one_batch(tmp_path):
     from epa_ext.train.data import DataError
 
     data = tmp_path / "small.jsonl"
-    data.write_text("\n".join((DATA / "prefs.jsonl").read_text().splitlines()[:3]) + "\n")
+    data.write_text("\n".join(PREFS.read_text().splitlines()[:3]) + "\n")
     with pytest.raises(DataError, match="fewer than one batch"):
-        train(tmp_path, "--max-steps", "1", "--batch-size", "8", dataset=data)
-
-
-def test_fsdp_in_one_process_matches_plain_training(tmp_path):
-    """FSDP2 (fully_shard) through its whole path (sharded step, gathered checkpoint and final
-    weights, resume) in one process; on CPU, sharding across processes is refused clearly."""
-    common = ["--dataset", str(DATA / "prefs.jsonl"), *TINY, "--max-steps", "4", "--save-steps", "2",
-              "--batch-size", "2", "--eval-fraction", "0"]
-    _, plain = train(tmp_path, *common[2:], name="plain")
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    out = tmp_path / "fsdp"
-    command = [torchrun, "--nproc-per-node", "1", "--master-port", str(30500 + os.getpid() % 1000), "-m",
-               "epa_ext.train", *common, "--output-dir", str(out), "--fsdp"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert losses(records) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
-    assert (out / "checkpoint-2" / "model.safetensors").is_file()
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(out / "final")
-
-    refused = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(31500 + os.getpid() % 1000),
-                              "-m", "epa_ext.train", *common, "--output-dir", str(tmp_path / "refused"), "--fsdp"],
-                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert refused.returncode != 0 and "--fsdp across processes needs CUDA devices" in refused.stderr
+        train_in_process(tmp_path / "run", "--max-steps", "1", "--batch-size", "8", dataset=data)

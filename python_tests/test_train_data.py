@@ -1,51 +1,34 @@
-"""epa_ext/train/data.py: loading, parsing, rendering, truncation, weak negatives and batching."""
+"""epa_ext/train/data.py (loading, parsing) and batching.py (rendering, truncation, weak
+negatives, batches)."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import pathlib
 import sys
 import types
 
 import pytest
 import torch
+from conftest import HH_RLHF, NEEDS_HH_RLHF, TEST_DATA, tiny_tokenizer
 
-from epa_ext.train import data
+from epa_ext import IGNORE_INDEX
+from epa_ext.train import batching, data
 
-HERE = pathlib.Path(__file__).resolve().parent
-FIXTURES = HERE / "data"
-HH_TEST = pathlib.Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-test.jsonl.gz"
+FIXTURES = TEST_DATA
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def make_tokenizer(chat_template: str | None = None):
-    """A byte-level BPE (vocabulary 300) trained on the fixture texts, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [line for path in FIXTURES.glob("*.jsonl") for line in path.read_text().splitlines()]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return make_tokenizer()
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    return make_tokenizer(TEMPLATE)
+    return tiny_tokenizer(TEMPLATE)
 
 
 def parse(rows, **kwargs):
@@ -80,12 +63,12 @@ CHAT_ROW = {
 def test_explicit_chat_messages_without_chat_template(tokenizer):
     [example], _ = parse([CHAT_ROW])
     assert example.rejected == tuple(CHAT_ROW["rejected"])
-    prompt = data.render(example.prompt, tokenizer, is_prompt=True)
+    prompt = batching.render(example.prompt, tokenizer, is_prompt=True)
     assert prompt == "system: Be brief.\nuser: What do bees make?\nassistant:"
-    answer = data.render(example.chosen, tokenizer, is_prompt=False, prompt=example.prompt)
+    answer = batching.render(example.chosen, tokenizer, is_prompt=False, prompt=example.prompt)
     assert answer == " Honey and wax."
     # Without the prompt (the tokenizer-training path) the answer text is the same here.
-    assert data.render(example.chosen, None, is_prompt=False) == answer
+    assert batching.render(example.chosen, None, is_prompt=False) == answer
     # A single message list under "rejected" is one answer, not several.
     examples, _ = parse([{**CHAT_ROW, "rejected": CHAT_ROW["rejected"][0]}])
     assert examples[0].rejected == (CHAT_ROW["rejected"][0],)
@@ -93,16 +76,16 @@ def test_explicit_chat_messages_without_chat_template(tokenizer):
 
 def test_explicit_chat_messages_with_chat_template(chat_tokenizer):
     [example], _ = parse([CHAT_ROW])
-    prompt = data.render(example.prompt, chat_tokenizer, is_prompt=True)
+    prompt = batching.render(example.prompt, chat_tokenizer, is_prompt=True)
     assert prompt == "<|system|>Be brief.</s><|user|>What do bees make?</s><|assistant|>"
     for answer in (example.chosen, *example.rejected):
-        text = data.render(answer, chat_tokenizer, is_prompt=False, prompt=example.prompt)
+        text = batching.render(answer, chat_tokenizer, is_prompt=False, prompt=example.prompt)
         whole = chat_tokenizer.apply_chat_template(example.prompt + answer, tokenize=False)
         assert prompt + text == whole
-    assert data.render(example.chosen, chat_tokenizer, is_prompt=False, prompt=example.prompt) == "Honey and wax.</s>"
+    assert batching.render(example.chosen, chat_tokenizer, is_prompt=False, prompt=example.prompt) == "Honey and wax.</s>"
     # The template already ends each answer with </s>: tokenize must not add a second EOS.
-    [tokenized] = data.tokenize([example], chat_tokenizer, max_length=64, max_prompt_length=32,
-                                report=data.DropReport())
+    [tokenized] = batching.tokenize([example], chat_tokenizer, max_length=64, max_prompt_length=32,
+                                    report=data.DropReport())
     eos = chat_tokenizer.eos_token_id
     assert tokenized.answer_ids[0] == ids(chat_tokenizer, "Honey and wax.</s>") and tokenized.answer_ids[0][-2] != eos
 
@@ -204,7 +187,7 @@ def test_bad_rows_name_row_and_field(row, field, reason):
     assert f"test: row 3, field {field!r}" in str(raised.value)
     examples, report = parse(rows, skip_bad_rows=True)
     assert len(examples) == 2 and report.counts == {f"bad row ({reason})": 1} and report.total() == 1
-    assert report.messages == [str(raised.value)]
+    assert str(raised.value) == report.messages[0] + "; --skip-bad-rows drops such rows (counted and reported) and goes on"
     assert report.summary() == f"dropped 1 of 3 examples: 1 bad row ({reason})"
 
 
@@ -291,6 +274,7 @@ def test_load_rows_hub_id_uses_datasets(monkeypatch):
         return FakeDataset()
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(data.hub, "unreachable", lambda: None)  # as if online
     assert data.load_rows("someone/prefs") == ROWS
     assert calls == [("someone/prefs", "train")]
 
@@ -300,7 +284,7 @@ def test_load_rows_hub_id_uses_datasets(monkeypatch):
 
 def test_tokenize_adds_bos_and_eos(tokenizer):
     example = data.PreferenceExample("How do I boil an egg?", " Boil it.", (" No.",))
-    [t] = data.tokenize([example], tokenizer, max_length=64, max_prompt_length=32, report=data.DropReport())
+    [t] = batching.tokenize([example], tokenizer, max_length=64, max_prompt_length=32, report=data.DropReport())
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     assert t.prompt_ids == [bos] + ids(tokenizer, example.prompt)
     assert t.answer_ids == [ids(tokenizer, " Boil it.") + [eos], ids(tokenizer, " No.") + [eos]]
@@ -316,7 +300,7 @@ def test_truncation_rule(tokenizer):
     report = data.DropReport()
     max_prompt, max_length = 6, 12
     assert len(prompt_ids) > max_prompt and len(long_ids) > max_length
-    t = data.tokenize(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt, report=report)
+    t = batching.tokenize(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt, report=report)
     # The prompt keeps its end (with the BOS in front); the long answer is cut from the right and
     # loses its EOS; the short one fits whole.
     assert t[0].prompt_ids == [bos] + prompt_ids[-(max_prompt - 1):]
@@ -326,44 +310,44 @@ def test_truncation_rule(tokenizer):
 
     # A prompt that takes all of max_length leaves the answers nothing: the example is dropped.
     report = data.DropReport()
-    t = data.tokenize(examples, tokenizer, max_length=8, max_prompt_length=8, report=report)
+    t = batching.tokenize(examples, tokenizer, max_length=8, max_prompt_length=8, report=report)
     assert len(t) == 1 and t[0].prompt_ids == [bos] + ids(tokenizer, "Hi")
     assert report.counts == {"answer truncated to nothing": 1} and report.total() == 1
     assert report.messages[0].startswith("example 0: an answer has no token left")
 
     with pytest.raises(ValueError, match="max_prompt_length <= max_length"):
-        data.tokenize(examples, tokenizer, max_length=4, max_prompt_length=5, report=data.DropReport())
+        batching.tokenize(examples, tokenizer, max_length=4, max_prompt_length=5, report=data.DropReport())
 
 
 # --- weak negatives ------------------------------------------------------------------------------
 
 
 def test_weak_negative_sources():
-    sources = data.weak_negative_sources(50, 3, seed=7)
-    assert sources == data.weak_negative_sources(50, 3, seed=7)
-    assert sources != data.weak_negative_sources(50, 3, seed=8)
+    sources = batching.weak_negative_sources(50, 3, seed=7)
+    assert sources == batching.weak_negative_sources(50, 3, seed=7)
+    assert sources != batching.weak_negative_sources(50, 3, seed=8)
     for i, pairs in enumerate(sources):
         assert len(pairs) == 3 and len({j for j, _ in pairs}) == 3
         assert all(j != i and 0 <= j < 50 and k in (0, 1) for j, k in pairs)
     assert {k for pairs in sources for _, k in pairs} == {0, 1}
     # More weak negatives than other examples: repeats, still never the example itself.
-    assert all(pairs == [(1 - i, k) for _, k in pairs] for i, pairs in enumerate(data.weak_negative_sources(2, 3, 0)))
-    assert data.weak_negative_sources(1, 0, 0) == [[]]
+    assert all(pairs == [(1 - i, k) for _, k in pairs] for i, pairs in enumerate(batching.weak_negative_sources(2, 3, 0)))
+    assert batching.weak_negative_sources(1, 0, 0) == [[]]
     with pytest.raises(data.DataError, match="at least 2 examples"):
-        data.weak_negative_sources(1, 1, 0)
+        batching.weak_negative_sources(1, 1, 0)
 
 
 # --- batches -------------------------------------------------------------------------------------
 
 
 def test_collate_layout_labels_and_mask():
-    examples = [data.TokenizedExample([1, 10], [[20, 21, 2], [30, 2], [31, 32, 2]]),
-                data.TokenizedExample([1, 11, 12], [[40, 2], [50, 51, 52, 2]]),
-                data.TokenizedExample([1], [[60, 2], [70, 2]])]
+    examples = [batching.TokenizedExample([1, 10], [[20, 21, 2], [30, 2], [31, 32, 2]]),
+                batching.TokenizedExample([1, 11, 12], [[40, 2], [50, 51, 52, 2]]),
+                batching.TokenizedExample([1], [[60, 2], [70, 2]])]
     weak = [[(1, 1)], [(2, 0)], [(0, 0)]]
-    batch = data.collate(examples[:2], [0, 1], num_strong=2, num_weak=1, weak_sources=weak,
-                         all_examples=examples, pad_id=0)
-    B, C = 2, 4
+    batch = batching.collate(examples[:2], [0, 1], num_strong=2, num_weak=1, weak_sources=weak,
+                             all_examples=examples, pad_id=0)
+    C = 4
     assert batch.num_candidates == C and batch.num_strong == 2 and batch.example_ids == [0, 1]
     assert batch.candidate_mask.tolist() == [[True, True, True, True], [True, True, False, True]]
     # Row c * B + b: candidate c of prompt b (candidate-major); right-padded with pad_id 0.
@@ -383,40 +367,88 @@ def test_collate_layout_labels_and_mask():
         length = sum(t != 0 for t in row)
         for t in range(len(row)):
             answer_next = prompt_lengths[r] <= t + 1 < length
-            assert batch.labels[r, t].item() == (row[t + 1] if answer_next else -100), (r, t)
-    assert batch.labels[0].tolist() == [-100, 20, 21, 2, -100, -100, -100]
+            assert batch.labels[r, t].item() == (row[t + 1] if answer_next else IGNORE_INDEX), (r, t)
+    assert batch.labels[0].tolist() == [IGNORE_INDEX, 20, 21, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
 
 
 def test_collate_keeps_first_strong_negatives_and_fits_weak_answers():
-    examples = [data.TokenizedExample([1, 10], [[20, 2], [30, 2], [31, 2]]),
-                data.TokenizedExample([1, 11, 12, 13], [[40, 41, 42, 2], [50, 2]])]
-    batch = data.collate(examples, [0, 1], num_strong=1, num_weak=1, weak_sources=[[(1, 0)], [(0, 0)]],
-                         all_examples=examples, pad_id=0, max_length=5)
+    examples = [batching.TokenizedExample([1, 10], [[20, 2], [30, 2], [31, 2]]),
+                batching.TokenizedExample([1, 11, 12, 13], [[40, 41, 42, 2], [50, 2]])]
+    batch = batching.collate(examples, [0, 1], num_strong=1, num_weak=1, weak_sources=[[(1, 0)], [(0, 0)]],
+                             all_examples=examples, pad_id=0, max_length=5)
     assert batch.input_ids[:, :5].tolist() == [[1, 10, 20, 2, 0], [1, 11, 12, 13, 40],
                                                [1, 10, 30, 2, 0], [1, 11, 12, 13, 50],
                                                [1, 10, 40, 41, 42], [1, 11, 12, 13, 20]]
     assert batch.candidate_mask.all()
     with pytest.raises(ValueError, match="borrows from example 0 itself"):
-        data.collate(examples, [0, 1], num_strong=1, num_weak=1, weak_sources=[[(0, 0)], [(0, 0)]],
-                     all_examples=examples, pad_id=0)
+        batching.collate(examples, [0, 1], num_strong=1, num_weak=1, weak_sources=[[(0, 0)], [(0, 0)]],
+                         all_examples=examples, pad_id=0)
 
 
 def test_pipeline_on_fixture(tokenizer):
-    examples, report = data.parse_rows(data.load_rows(str(FIXTURES / "prefs.jsonl")), source="prefs.jsonl")
-    tokenized = data.tokenize(examples, tokenizer, max_length=48, max_prompt_length=16, report=report)
+    """File to batch, checked against the fixture's own texts: every row of the batch is prompt +
+    answer token ids as the tokenizer gives them (BOS, EOS), right-padded, labels on the answer."""
+    rows = data.load_rows(str(FIXTURES / "prefs.jsonl"))
+    examples, report = data.parse_rows(rows, source="prefs.jsonl")
+    tokenized = batching.tokenize(examples, tokenizer, max_length=48, max_prompt_length=16, report=report)
     assert len(tokenized) == 40 and report.total() == 0
-    weak = data.weak_negative_sources(len(tokenized), 2, seed=0)
-    batch = data.collate(tokenized[:4], [0, 1, 2, 3], num_strong=2, num_weak=2, weak_sources=weak,
-                         all_examples=tokenized, pad_id=tokenizer.pad_token_id, max_length=48)
-    assert batch.input_ids.shape == batch.labels.shape and batch.input_ids.shape[0] == 5 * 4
-    assert batch.input_ids.shape[1] <= 48 and batch.candidate_mask.shape == (4, 5)
-    assert batch.candidate_mask[:, 2].tolist() == [len(examples[i].rejected) == 2 for i in range(4)]
+    weak = batching.weak_negative_sources(len(tokenized), 2, seed=0)
+    batch = batching.collate(tokenized[:4], [0, 1, 2, 3], num_strong=2, num_weak=2, weak_sources=weak,
+                             all_examples=tokenized, pad_id=tokenizer.pad_token_id, max_length=48)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def prompt_ids(row):  # a long prompt keeps its end, and its BOS
+        return [bos] + ids(tokenizer, row["prompt"])[-15:]
+
+    def answer_ids(row, k):  # cut to fit under the example's own prompt first
+        text = row["chosen"] if k == 0 else ([row["rejected"]] if isinstance(row["rejected"], str) else row["rejected"])[k - 1]
+        return (ids(tokenizer, text) + [eos])[:48 - len(prompt_ids(row))]
+
+    B = 4
+    for b in range(B):
+        prompt, num_rejected = prompt_ids(rows[b]), len(examples[b].rejected)
+        strong = [answer_ids(rows[b], k) for k in range(1 + num_rejected)]
+        strong += [strong[0]] * (3 - len(strong))  # a missing second negative: a masked copy of chosen
+        borrowed = [answer_ids(rows[j], k) for j, k in weak[b]]
+        for c, answer in enumerate(strong + borrowed):
+            answer = answer[:48 - len(prompt)]
+            row = batch.input_ids[c * B + b].tolist()
+            assert row[:len(prompt) + len(answer)] == prompt + answer, (b, c)
+            assert set(row[len(prompt) + len(answer):]) <= {pad}
+            labels = batch.labels[c * B + b].tolist()
+            assert labels[len(prompt) - 1:len(prompt) + len(answer) - 1] == answer, (b, c)
+            assert set(labels[:len(prompt) - 1] + labels[len(prompt) + len(answer) - 1:]) <= {IGNORE_INDEX}
+        assert batch.candidate_mask[b].tolist() == [True, True, num_rejected == 2, True, True]
+    assert batch.input_ids.shape[1] == max(int(m.sum()) for m in batch.attention_mask)
 
 
-@pytest.mark.skipif(not HH_TEST.exists(), reason=f"{HH_TEST} not present")
+def test_non_utf8_byte_is_reported_on_its_line(tmp_path):
+    lines = (FIXTURES / "prefs.jsonl").read_bytes().splitlines(keepends=True)
+    lines[20] = lines[20].replace(b"a", b"\xff", 1)
+    for name, payload in (("bad.jsonl", b"".join(lines)), ("bad.jsonl.gz", gzip.compress(b"".join(lines)))):
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(data.DataError, match=rf"{name}: line 21: not UTF-8 text"):
+            data.load_rows(str(tmp_path / name))
+
+
+def test_sources_that_cannot_be_read_say_so_before_reading(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match=r"--dataset .*empty: an empty directory; give a data file"):
+        data.check_source(str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match="--eval-dataset .*nope.jsonl: no such file"):
+        data.check_source(str(tmp_path / "nope.jsonl"), "--eval-dataset")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data.hub, "unreachable", lambda: "https://huggingface.co cannot be reached: no network")
+    with pytest.raises(data.DataError, match="someone/prefs: a hub dataset id, but https://huggingface.co cannot be"):
+        data.check_source("someone/prefs")
+
+
+@NEEDS_HH_RLHF
 def test_real_hh_rlhf_rows_parse_in_implicit_format():
-    rows = data.load_rows(str(HH_TEST))
-    examples, report = data.parse_rows(rows, source=HH_TEST.name, skip_bad_rows=True)
+    rows = data.load_rows(str(HH_RLHF))
+    with pytest.raises(data.DataError, match=r"row 87, field 'chosen': empty answer; --skip-bad-rows drops"):
+        data.parse_rows(rows, source=HH_RLHF.name)
+    examples, report = data.parse_rows(rows, source=HH_RLHF.name, skip_bad_rows=True)
     assert len(rows) > 1000 and len(examples) > 0.95 * len(rows), report.summary()
     assert report.total() == len(rows) - len(examples)
     assert all(isinstance(e.prompt, str) and e.prompt.endswith("Assistant:") for e in examples)

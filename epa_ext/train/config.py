@@ -1,154 +1,393 @@
 """TrainConfig: the single source of truth for epa-train's command-line flags, YAML keys and
 defaults. Each field's help text is its flag's help; a YAML file given with --config sets the
-same keys (flag names with dashes or underscores), and flags given on the command line win."""
+same keys (flag names with dashes or underscores), and flags given on the command line win.
+
+Flags and YAML values go through one conversion (``convert``: numbers in scientific notation,
+integers written as such, choices checked) and one validation (``TrainConfig.validate``), so a
+YAML file is held to exactly what the command line is, and every bad option is a ConfigError of
+one line naming the flag or key and what is allowed, raised before anything is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib.util
 import json
+import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 
-def _opt(default: Any, help: str, **kw) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+class ConfigError(ValueError):
+    """A bad option or combination of options; the message names the flag (or YAML key) and what
+    is allowed instead."""
+
+
+def _opt(default: Any, help: str, *, required: bool = False, bookkeeping: bool = False) -> Any:
+    """A TrainConfig field. bookkeeping: the option does not change what is trained (logging,
+    saving, where the run lives, how it is computed), so --resume accepts a change of it."""
+    return field(default=default, metadata={"help": help, "required": required, "bookkeeping": bookkeeping})
 
 
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _opt("tiny", "local path or hub id of a causal LM (transformers), or 'tiny': a small random "
+    model: str = _opt("tiny", "local directory or hub id of a causal LM (transformers), or 'tiny': a small random "
                               "Llama-architecture model with a byte-level BPE tokenizer trained on the data")
-    dataset: str = _opt("", "local .jsonl/.jsonl.gz/.json/.parquet file or hub dataset id", required=True)
+    dataset: str = _opt("", "local .jsonl/.jsonl.gz/.json/.parquet file, a directory of them, or a hub dataset id",
+                        required=True)
+    eval_dataset: str | None = _opt(None, "evaluate on this data (any format --dataset accepts) instead of holding "
+                                          "out --eval-fraction of --dataset", bookkeeping=True)
     output_dir: str = _opt("", "directory for checkpoints, metrics.jsonl, training_curves.png, final/",
-                           required=True)
-    config: str | None = _opt(None, "YAML file whose keys mirror these flags")
+                           required=True, bookkeeping=True)
+    overwrite_output_dir: bool = _opt(False, "start over in an output_dir that holds another run: its checkpoints, "
+                                             "metrics and final/ are deleted first", bookkeeping=True)
+    config: str | None = _opt(None, "YAML file whose keys mirror these flags", bookkeeping=True)
     # --- the objective
     loss: Literal["epa", "dpo"] = _opt("epa", "epa: chosen against strong and weak negatives; dpo: against one "
                                               "rejected answer")
     beta: float = _opt(0.1, "KL strength: rewards are beta * log(pi / pi_ref)")
     dpo_loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = _opt("sigmoid", "DPO variant (--loss dpo)")
-    label_smoothing: float = _opt(0.0, "cDPO / robust DPO label smoothing in [0, 0.5)")
+    label_smoothing: float = _opt(0.0, "eps in [0, 0.5) for --loss dpo with --dpo-loss-type sigmoid (cDPO: "
+                                       "-(1-eps) log s(beta d) - eps log s(-beta d)) or robust. Unlike TRL 1.16, "
+                                       "which ignores it for sigmoid, epa-train applies it there")
     num_strong: int | None = _opt(None, "EPA strong negatives per prompt (rejected answers; default: the most any "
                                         "example has, fewer are masked)")
     num_weak: int = _opt(0, "EPA weak negatives per prompt: answers of other examples scored under this prompt")
     weak_weight: float = _opt(1.0, "weight of each weak negative in EPA's partition sum")
+    sft_weight: float = _opt(0.0, "lambda >= 0: adds lambda * the chosen answers' negative log-likelihood, averaged "
+                                  "over all their completion tokens in the batch, to the loss (DPO + SFT = RPO; "
+                                  "TRL's rpo_alpha)")
     # --- optimization
-    max_steps: int | None = _opt(None, "optimizer steps (overrides --epochs)")
+    max_steps: int | None = _opt(None, "optimizer steps (default: as many as --epochs takes)")
     epochs: float = _opt(1.0, "passes over the training split when --max-steps is not given")
     batch_size: int = _opt(4, "prompts per device per micro-step")
     grad_accum: int = _opt(1, "micro-steps per optimizer step")
     lr: float = _opt(5e-6, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup_ratio: float = _opt(0.1, "share of the steps spent warming the learning rate up linearly")
+    warmup_ratio: float = _opt(0.1, "share of the steps, in [0, 1], spent warming the learning rate up linearly")
     scheduler: Literal["cosine", "linear", "constant"] = _opt("cosine", "learning-rate decay after warm-up")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     precision: Literal["fp32", "bf16", "fp16"] = _opt("fp32", "autocast dtype of forward passes")
+    gradient_checkpointing: bool = _opt(False, "recompute the decoder's activations in backward instead of keeping "
+                                               "them (less memory, one more forward; the same losses and weights)",
+                                        bookkeeping=True)
     # --- data
     max_length: int = _opt(512, "longest prompt + answer in tokens; answers are cut from the right")
     max_prompt_length: int = _opt(256, "longest prompt in tokens; prompts keep their last tokens")
-    eval_fraction: float = _opt(0.05, "share of examples held out for evaluation")
-    skip_bad_rows: bool = _opt(False, "warn about and count malformed rows instead of stopping")
+    eval_fraction: float | None = _opt(None, "share of --dataset held out for evaluation, in [0, 1) (default: 0.05, "
+                                             "or 0 with --eval-dataset)")
+    skip_bad_rows: bool = _opt(False, "warn about and count malformed rows instead of stopping", bookkeeping=True)
     skip_nonfinite_steps: bool = _opt(False, "skip (and count) optimizer steps whose loss is NaN or inf instead of "
-                                             "stopping the run")
+                                             "stopping the run", bookkeeping=True)
     # --- reference model and adapters
     ref: Literal["model", "precompute"] = _opt("model", "model: a frozen copy of the initial policy scores every "
                                                         "batch; precompute: one pass before training, cached in "
-                                                        "output_dir, then no reference model in memory")
+                                                        "output_dir, then no reference model in memory",
+                                               bookkeeping=True)
     lora_r: int = _opt(0, "LoRA rank (PEFT) for every linear layer; 0 trains all weights. The reference is then "
                           "the base model with adapters disabled")
-    lora_alpha: float | None = _opt(None, "LoRA alpha (default 2 * lora_r)")
-    fsdp: bool = _opt(False, "shard the model with FSDP2 (fully_shard) under torchrun")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: 2 * lora_r)")
+    fsdp: bool = _opt(False, "shard the model with FSDP2 (fully_shard); needs torchrun", bookkeeping=True)
     # --- bookkeeping
-    logging_steps: int = _opt(1, "optimizer steps between metrics.jsonl lines")
-    eval_steps: int = _opt(0, "optimizer steps between evaluations (0: only at the end)")
-    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: only final/)")
-    save_total_limit: int | None = _opt(None, "keep at most this many checkpoints (oldest deleted)")
-    resume: bool = _opt(False, "continue from the newest complete checkpoint in output_dir")
+    logging_steps: int = _opt(1, "optimizer steps between metrics.jsonl lines", bookkeeping=True)
+    report_to: Literal["none", "tensorboard"] = _opt("none", "also write the metrics as TensorBoard events into "
+                                                             "output_dir/runs (tags train/... and eval/..., as "
+                                                             "transformers' Trainer writes them)", bookkeeping=True)
+    eval_steps: int = _opt(0, "optimizer steps between evaluations (0: only at the end)", bookkeeping=True)
+    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: only final/, and a checkpoint when the run is "
+                              "interrupted)", bookkeeping=True)
+    save_total_limit: int | None = _opt(None, "keep at most this many checkpoints of this run, >= 1, oldest deleted "
+                                              "(default: keep all)", bookkeeping=True)
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in output_dir; refused when that "
+                               "checkpoint was trained with other options", bookkeeping=True)
     seed: int = _opt(0, "seed of model init (tiny), data order, weak-negative pairing and dropout")
-    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: cuda when available")
+    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: cuda when available", bookkeeping=True)
     # --- the tiny model
-    tiny_hidden_size: int = _opt(64, "hidden size of --model tiny")
+    tiny_hidden_size: int = _opt(64, "hidden size of --model tiny (a multiple of 16)")
     tiny_layers: int = _opt(2, "layers of --model tiny")
     tiny_vocab_size: int = _opt(512, "BPE vocabulary of --model tiny's tokenizer")
 
-    def validate(self) -> None:
-        """Raises ValueError naming the first bad option."""
-        for name in ("dataset", "output_dir"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name.replace('_', '-')} is required")
-        positive = ("batch_size", "grad_accum", "max_length", "max_prompt_length", "logging_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("--max-prompt-length must be smaller than --max-length")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"--eval-fraction must lie in [0, 1); got {self.eval_fraction}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1; got {self.max_steps}")
-        if self.num_weak < 0 or (self.num_strong is not None and self.num_strong < 1):
-            raise ValueError("--num-strong must be >= 1 and --num-weak >= 0")
-        if self.beta <= 0:
-            raise ValueError(f"--beta must be > 0; got {self.beta}")
+    @property
+    def held_out_fraction(self) -> float:
+        """The share of --dataset held out for evaluation."""
+        if self.eval_fraction is not None:
+            return self.eval_fraction
+        return 0.0 if self.eval_dataset else 0.05
+
+    def training_options(self) -> dict[str, Any]:
+        """The options that change what is trained (all but the bookkeeping ones), with local
+        paths made absolute: two runs with equal training_options train the same thing."""
+        options = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata["bookkeeping"]:
+                value = getattr(self, f.name)
+                if f.name in ("model", "dataset") and Path(value).expanduser().exists():
+                    value = str(Path(value).expanduser().resolve())
+                options[f.name] = value
+        return options
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    def validate(self) -> None:
+        """Every check that needs no model or data: values, combinations that cannot be meant,
+        devices, torchrun, local paths. Values are first converted to their fields' types (as
+        flags are: "5e-6" becomes 5e-06). Raises ConfigError naming the first bad option."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, convert(f.name, getattr(self, f.name), _flag(f.name)))
+        self._check_values()
+        self._check_combinations()
+        self._check_environment()
 
-def _flag_type(hint: Any):
-    """argparse type and choices of a field's annotation."""
-    args = [a for a in get_args(hint) if a is not type(None)]
-    if get_origin(hint) is Literal:
-        return str, list(get_args(hint))
-    if args and get_origin(args[0]) is Literal:
-        return str, list(get_args(args[0]))
-    base = args[0] if args else hint
-    return base, None
+    def _check_values(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.metadata["required"] and not getattr(self, f.name):
+                raise ConfigError(f"{_flag(f.name)} is required (on the command line or in the --config file)")
+        for name in ("batch_size", "grad_accum", "max_length", "max_prompt_length", "logging_steps",
+                     "tiny_hidden_size", "tiny_layers", "tiny_vocab_size"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("num_weak", "lora_r", "eval_steps", "save_steps"):
+            _check(self, name, getattr(self, name) >= 0, ">= 0")
+        for name in ("max_steps", "num_strong", "save_total_limit"):
+            _check(self, name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1",
+                   "leave it out to keep every checkpoint" if name == "save_total_limit" else "")
+        for name in ("beta", "lr", "epochs"):
+            _check(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) > 0, "a finite number > 0")
+        for name in ("weak_weight", "sft_weight", "weight_decay", "max_grad_norm"):
+            _check(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0,
+                   "a finite number >= 0")
+        _check(self, "lora_alpha", self.lora_alpha is None or (math.isfinite(self.lora_alpha) and self.lora_alpha > 0),
+               "a finite number > 0")
+        _check(self, "warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1] (a share of the steps)")
+        _check(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
+        _check(self, "eval_fraction", self.eval_fraction is None or 0 <= self.eval_fraction < 1, "in [0, 1)")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length "
+                              f"({self.max_length}): the answers need room")
+        if self.model == "tiny" and not _tiny_heads_fit(self.tiny_hidden_size):
+            raise ConfigError(f"--tiny-hidden-size must be a multiple of 16 whose attention heads (hidden / 16) "
+                              f"split into key-value groups; got {self.tiny_hidden_size} (try 32, 64, 128)")
+
+    def _check_combinations(self) -> None:
+        """Options that have no effect in the run asked for are refused, not ignored."""
+        defaults = TrainConfig.__dataclass_fields__
+        if self.loss == "epa":
+            for name in ("label_smoothing", "dpo_loss_type"):
+                if getattr(self, name) != defaults[name].default:
+                    raise ConfigError(f"{_flag(name)} applies to --loss dpo only; EPA has no such option")
+        else:
+            for name, meant in (("num_weak", "weak negatives"), ("weak_weight", "weak negatives"),
+                                ("num_strong", "several rejected answers")):
+                value = getattr(self, name)
+                if value != defaults[name].default and not (name == "num_strong" and value == 1):
+                    raise ConfigError(f"{_flag(name)} applies to --loss epa only (DPO takes one rejected answer and "
+                                      f"no {meant}); use --loss epa")
+            if self.label_smoothing and self.dpo_loss_type not in ("sigmoid", "robust"):
+                raise ConfigError(f"--label-smoothing applies to --dpo-loss-type sigmoid or robust only; got "
+                                  f"{self.dpo_loss_type}")
+        if self.model != "tiny":
+            for name in ("tiny_hidden_size", "tiny_layers", "tiny_vocab_size"):
+                if getattr(self, name) != defaults[name].default:
+                    raise ConfigError(f"{_flag(name)} applies to --model tiny only")
+        if self.lora_alpha is not None and not self.lora_r:
+            raise ConfigError("--lora-alpha needs --lora-r (the LoRA rank)")
+        if self.fsdp and self.lora_r:
+            raise ConfigError("--fsdp with --lora-r is not supported: LoRA adapters are small enough for plain data "
+                              "parallel (torchrun without --fsdp)")
+        if self.eval_dataset and self.eval_fraction:
+            raise ConfigError("--eval-fraction holds out part of --dataset for evaluation and --eval-dataset gives the "
+                              "evaluation data: give one of them")
+        if self.eval_steps and not (self.eval_dataset or self.held_out_fraction):
+            raise ConfigError("--eval-steps needs evaluation data: --eval-fraction > 0 or --eval-dataset")
+        if self.resume and self.overwrite_output_dir:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: "
+                              "give one of them")
+
+    def _check_environment(self) -> None:
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but no CUDA device is available here (torch.cuda.is_available() is "
+                              "False); use --device cpu, or auto")
+        if self.fsdp and "WORLD_SIZE" not in os.environ:
+            raise ConfigError("--fsdp needs torchrun: torchrun --nproc-per-node N -m epa_ext.train ... --fsdp")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        from .data import check_source
+        from .modeling import check_model_source
+
+        check_model_source(self.model)
+        check_source(self.dataset, "--dataset")
+        if self.eval_dataset:
+            check_source(self.eval_dataset, "--eval-dataset")
+        if self.config and not Path(self.config).is_file():
+            raise ConfigError(f"--config {self.config}: no such file")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check(cfg: TrainConfig, name: str, ok: bool, allowed: str, hint: str = "") -> None:
+    if not ok:
+        raise ConfigError(f"{_flag(name)} must be {allowed}; got {getattr(cfg, name)}" + (f" ({hint})" if hint else ""))
+
+
+def _tiny_heads_fit(hidden_size: int) -> bool:
+    from .modeling import tiny_attention_heads
+
+    heads, kv_heads = tiny_attention_heads(hidden_size)
+    return hidden_size % heads == 0 and heads % kv_heads == 0 and hidden_size % 16 == 0
+
+
+# --- conversion of flag and YAML values ----------------------------------------------------------
+
+
+def _kind(hint: Any) -> tuple[Any, bool]:
+    """(the field's type or Literal, whether None is allowed)."""
+    args = get_args(hint)
+    if get_origin(hint) is Literal or type(None) not in args:
+        return hint, False
+    return next(a for a in args if a is not type(None)), True
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _hints() -> dict[str, Any]:
+    if not _HINTS:
+        _HINTS.update(get_type_hints(TrainConfig))
+    return _HINTS
+
+
+def convert(name: str, value: Any, where: str) -> Any:
+    """value (a command-line string, or what YAML read) as field name's type. Numbers may be
+    written in scientific notation ("5e-6", which YAML reads as a string; "1e3" steps); an
+    integer field takes integers only (3, "3", 3.0, "1e3"), never 1.5. Raises ConfigError naming
+    where (the flag, or "file: key") and what is allowed."""
+    kind, optional = _kind(_hints()[name])
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required (null is not allowed)")
+    if get_origin(kind) is Literal:
+        choices = get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{where}: invalid value {value!r}; allowed: {', '.join(choices)}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where}: expected true or false; got {value!r}")
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string; got {value!r}")
+        return value
+    number = _number(value)
+    if number is None:
+        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}; got {value!r}")
+    if kind is int:
+        if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+            raise ConfigError(f"{where}: expected an integer; got {value!r}")
+        return int(number)
+    return float(number)
+
+
+def _number(value: Any) -> int | float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                pass
+    return None
+
+
+# --- the command line and --config ---------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line instead of argparse's usage block (the usage of 50 flags hides the message)."""
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    if f.metadata["required"]:
+        return text + " (required)"
+    if f.default is None or f.default is False or "default" in text:
+        return text
+    return f"{text} (default: {f.default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="epa-train", description="Align a causal LM with EPA or DPO on epa_ext's fused kernels.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = get_type_hints(TrainConfig)
+    parser = _Parser(prog="epa-train", description="Align a causal LM with EPA or DPO on epa_ext's fused kernels.")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind, choices = _flag_type(hints[f.name])
+        kind, _ = _kind(_hints()[f.name])
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f.metadata["help"])
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=_help(f))
         else:
-            parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
-                                help=f"{f.metadata['help']} (default: {f.default})")
+            metavar = ("{" + ",".join(get_args(kind)) + "}" if get_origin(kind) is Literal
+                       else {int: "N", float: "X"}.get(kind, f.name.upper()))
+            parser.add_argument(_flag(f.name), default=argparse.SUPPRESS, metavar=metavar, help=_help(f))
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file of --config, then the flags given on the command line."""
-    given = vars(build_parser().parse_args(argv))
+    """Defaults, then the YAML file of --config, then the flags given on the command line;
+    validated. Raises ConfigError (argparse's own errors exit with one line, status 2)."""
+    given = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     values: dict[str, Any] = {}
-    if given.get("config"):
+    if "config" in given:
         values.update(load_yaml(given["config"]))
-    values.update(given)
+    values.update({name: convert(name, value, _flag(name)) for name, value in given.items()})
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """The options of a YAML file, converted as their flags are. Raises ConfigError for a missing
+    or unreadable file, YAML that is no mapping, an unknown key or a bad value."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({error.reason})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({problem})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values; got a "
+                          f"{type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "config"]
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ValueError(f"{path}: unknown option {key!r}")
-        values[name] = value
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+            raise ConfigError(f"--config {path}: unknown option {key!r}{hint}")
+        values[name] = convert(name, value, f"{path}: {key}")
     return values

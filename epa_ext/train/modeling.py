@@ -1,22 +1,30 @@
-"""Models for epa-train: loading a causal LM (or building the tiny one), its reference, and the
-module that turns a batch into sequence log-probs and the loss through epa_ext's fused linear
-path, so the batch's [rows, T, V] logits are never formed."""
+"""Models for epa-train: the tokenizer and the policy (loaded, or the tiny one built), pi_ref
+(the reference model), and the module that turns a batch into sequence log-probs and the loss
+through epa_ext's fused linear path, so the batch's [rows, T, V] logits are never formed."""
 
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss
-from ..linear import linear_sequence_logps
+from ..logps import IGNORE_INDEX
+from . import hub
+from .config import ConfigError, TrainConfig
+
+# --- the tiny model ------------------------------------------------------------------------------
 
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on texts (offline), as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer trained on texts (offline), as a transformers fast tokenizer.
+    Its default encoding puts the BOS token in front, as training does to every prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -25,39 +33,178 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                             special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_attention_heads(hidden_size: int) -> tuple[int, int]:
+    """(attention heads, key-value heads) of the tiny model of this hidden size."""
+    return max(hidden_size // 16, 1), max(hidden_size // 32, 1)
 
 
 def build_tiny_model(vocab_size: int, hidden_size: int, layers: int, max_positions: int, seed: int):
     """A small randomly initialized Llama-architecture causal LM (tied embeddings), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    heads, kv_heads = tiny_attention_heads(hidden_size)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-                         num_hidden_layers=layers, num_attention_heads=max(hidden_size // 16, 1),
-                         num_key_value_heads=max(hidden_size // 32, 1), max_position_embeddings=max_positions,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP / PEFT wrappers."""
+# --- where a pretrained model comes from ---------------------------------------------------------
+
+
+def check_model_source(model: str) -> None:
+    """--model without loading it: 'tiny', a model directory, or a hub id that can be had.
+    Raises ConfigError saying what to do instead."""
+    if model == "tiny":
+        return
+    if hub.looks_local(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"--model {model}: no such directory; give a local model directory (with "
+                              f"config.json), a hub id, or tiny")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {model}: not a transformers model directory (it has no config.json)")
+        return
+    if hub.offline() and not hub.model_in_cache(model):
+        raise ConfigError(f"--model {model}: a hub id, but HF_HUB_OFFLINE is set and it is not in the local cache; "
+                          f"download it where there is network, or give a local model directory")
+
+
+def pretrained_kwargs(model: str) -> dict[str, Any]:
+    """from_pretrained keywords for --model: local_files_only when the hub cannot be reached but
+    the model is cached (transformers would otherwise retry for most of a minute). Raises
+    ConfigError at once when it can be neither reached nor found in the cache."""
+    if hub.looks_local(model) or hub.offline():
+        return {}
+    problem = hub.unreachable()
+    if problem is None:
+        return {}
+    if hub.model_in_cache(model):
+        return {"local_files_only": True}
+    raise ConfigError(f"--model {model}: a hub id, but {problem}, and it is not in the local cache; hub ids need "
+                      f"the network: give a local model directory instead")
+
+
+def _from_pretrained(loader, model: str, **kwargs):
+    try:
+        return loader.from_pretrained(model, **pretrained_kwargs(model), **kwargs)
+    except OSError as error:  # a hub id that does not exist, a directory without weights ...
+        raise ConfigError(f"--model {model}: cannot be loaded ({str(error).splitlines()[0]})") from None
+
+
+# --- tokenizer and models ------------------------------------------------------------------------
+
+
+def load_tokenizer(cfg: TrainConfig, texts: Iterable[str], resume_dir: Path | None):
+    """The tokenizer of --model (trained on texts for tiny; the checkpoint's on resume), with a
+    pad token, and a default encoding that puts BOS in front as training does
+    (``match_training_encoding``)."""
+    from transformers import AutoTokenizer
+
+    if resume_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(resume_dir)
+    elif cfg.model == "tiny":
+        tokenizer = train_tiny_tokenizer(texts, cfg.tiny_vocab_size)
+    else:
+        tokenizer = _from_pretrained(AutoTokenizer, cfg.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not match_training_encoding(tokenizer):
+        print(f"epa-train: note: the default encoding of this tokenizer does not put BOS in front as training does; "
+              f"encode prompts as [{tokenizer.bos_token_id}] + tokenizer(prompt, add_special_tokens=False)",
+              file=sys.stderr)
+    return tokenizer
+
+
+def match_training_encoding(tokenizer) -> bool:
+    """Training puts the BOS token in front of every prompt (``batching.tokenize``). When the
+    tokenizer's default encoding does not (GPT-2 style tokenizers), it is switched to do so
+    (``add_bos_token``), so that ``tokenizer(prompt)`` of the saved tokenizer gives what training
+    fed the model. Tokenizers without a BOS token, or whose encoding already starts with it, are
+    left as they are. Returns whether the default encoding now matches training."""
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("a")["input_ids"][:1] == [bos]:
+        return True
+    if isinstance(getattr(type(tokenizer), "add_bos_token", None), property):
+        tokenizer.add_bos_token = True
+    return tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def load_initial_model(cfg: TrainConfig, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model == "tiny":
+        return build_tiny_model(len(tokenizer), cfg.tiny_hidden_size, cfg.tiny_layers, cfg.max_length + 8, cfg.seed)
+    return _from_pretrained(AutoModelForCausalLM, cfg.model, dtype=torch.float32)
+
+
+def load_policy(cfg: TrainConfig, tokenizer, resume_dir: Path | None) -> tuple[nn.Module, nn.Module | None]:
+    """(policy, reference). The reference is the initial model, frozen; with LoRA it is None: the
+    policy with its adapters disabled is the reference."""
+    from transformers import AutoModelForCausalLM
+
+    initial = load_initial_model(cfg, tokenizer)
+    if cfg.lora_r:
+        return wrap_lora(initial, cfg, resume_dir), None
+    reference = frozen_copy(initial)
+    policy = AutoModelForCausalLM.from_pretrained(resume_dir, dtype=torch.float32) if resume_dir else initial
+    return policy, reference
+
+
+def wrap_lora(model: nn.Module, cfg: TrainConfig, resume_dir: Path | None) -> nn.Module:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if resume_dir is not None:
+        return PeftModel.from_pretrained(model, resume_dir, is_trainable=True)
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=0.0,
+                        target_modules="all-linear")
+    return get_peft_model(model, config)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    reference = copy.deepcopy(unwrap(model)).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def enable_gradient_checkpointing(policy: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing, which
+    gives the same gradients). The lm_head is not checkpointed: the fused loss keeps no logits."""
+    model = unwrap(policy)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def unwrap(model: nn.Module, *, keep_adapters: bool = False) -> nn.Module:
+    """The transformers model inside DDP wrappers and (unless keep_adapters) the PEFT wrapper.
+    keep_adapters keeps the PEFT model, which saves the adapters and can disable them."""
     while hasattr(model, "module"):
         model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not keep_adapters and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
 
 
-def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the transformer body that returns last_hidden_state, the lm_head Linear)."""
-    base = unwrap(causal_lm)
-    return base.base_model, base.get_output_embeddings()
+# --- scoring through the fused linear path -------------------------------------------------------
 
 
 def score_hidden(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """Final hidden states [R, T, H] and the lm_head's weight and bias, in one dtype (autocast's,
     when active) so the fused linear op can take them."""
-    decoder, head = decoder_and_head(causal_lm)
+    base = unwrap(causal_lm)
+    decoder, head = base.base_model, base.get_output_embeddings()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     weight, bias = head.weight, head.bias
     if torch.is_autocast_enabled(hidden.device.type):
@@ -69,42 +216,45 @@ def score_hidden(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor
     return hidden, weight, bias
 
 
-@torch.no_grad()
-def reference_logps(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-    """[R] summed sequence log-probs under a model that is not trained (no graph is kept); the fused
-    losses average them themselves where the loss needs it (IPO)."""
-    hidden, weight, bias = score_hidden(causal_lm, input_ids, attention_mask)
-    return linear_sequence_logps(hidden, weight, labels, bias=bias).float()
-
-
 class PreferenceLoss(nn.Module):
     """The policy and its loss in one module, so DDP/FSDP see every parameter used in forward
     (the lm_head's weight is read by the fused linear loss, not by a forward call of its own).
 
     forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C])
-    returns (loss, policy_seq_logps [C*B]).
+    returns (loss, policy_seq_logps [C*B], logit_sums [C*B]) (see ``logit_sums``; no graph).
     """
 
-    def __init__(self, policy: nn.Module, *, loss: str, beta: float, dpo_loss_type: str, label_smoothing: float,
-                 num_strong: int, weak_weight: float):
+    def __init__(self, policy: nn.Module, *, loss: str, beta: float, dpo_loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, num_strong: int = 1, weak_weight: float = 1.0, sft_weight: float = 0.0):
         super().__init__()
         self.policy = policy
         self.loss, self.beta, self.dpo_loss_type = loss, beta, dpo_loss_type
         self.label_smoothing, self.num_strong, self.weak_weight = label_smoothing, num_strong, weak_weight
+        self.sft_weight = sft_weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
-                candidate_mask: Tensor) -> tuple[Tensor, Tensor]:
+                candidate_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden, weight, bias = score_hidden(self.policy, input_ids, attention_mask)
         if self.loss == "dpo":
-            return fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias, beta=self.beta,
-                                         loss_type=self.dpo_loss_type, label_smoothing=self.label_smoothing)
-        return fused_linear_epa_loss(hidden, weight, labels, ref_logps, bias=bias,
-                                     num_candidates=candidate_mask.shape[1], beta=self.beta,
-                                     num_strong=self.num_strong, weak_weight=self.weak_weight,
-                                     mask=candidate_mask)
+            loss, seq = fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias, beta=self.beta,
+                                              loss_type=self.dpo_loss_type, label_smoothing=self.label_smoothing,
+                                              sft_weight=self.sft_weight)
+        else:
+            loss, seq = fused_linear_epa_loss(hidden, weight, labels, ref_logps, bias=bias,
+                                              num_candidates=candidate_mask.shape[1], beta=self.beta,
+                                              num_strong=self.num_strong, weak_weight=self.weak_weight,
+                                              mask=candidate_mask, sft_weight=self.sft_weight)
+        return loss, seq, logit_sums(hidden, weight, bias, labels)
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    reference = copy.deepcopy(unwrap(model)).eval()
-    reference.requires_grad_(False)
-    return reference
+@torch.no_grad()
+def logit_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
+    """[R]: for each row, the sum over its kept tokens (labels != IGNORE_INDEX) of the token's
+    mean logit over the vocabulary, without forming the logits: the mean over v of h . w_v + b_v
+    is h . mean_v(w_v) + mean_v(b_v), one [H] vector for the whole batch. Divided by the kept
+    token count it gives TRL's logits/chosen and logits/rejected."""
+    mean_row = weight.detach().float().mean(0).to(hidden.dtype)
+    per_token = (hidden.detach() @ mean_row).float()
+    if bias is not None:
+        per_token = per_token + bias.detach().float().mean()
+    return per_token.masked_fill(labels == IGNORE_INDEX, 0.0).sum(-1)
