@@ -190,6 +190,22 @@ def test_data_formats_train_as_trl(rows, tokenizer, tmp_path):
     assert_same_training(ours, theirs)
 
 
+@pytest.mark.parametrize("loss_type,loss_weights,precompute", [
+    (["sigmoid", "sft"], [1.0, 0.5], False),   # RPO (TRL's former rpo_alpha = 0.5)
+    (["sft", "ipo"], [0.3, 2.0], True),
+    (["epa", "sft"], [1.0, 0.5], False),        # EPA with one rejected answer: RPO again
+], ids=["rpo", "ipo-sft-weighted-precomputed", "epa-sft"])
+def test_sft_term_trains_as_trl(loss_type, loss_weights, precompute, tokenizer, tmp_path):
+    """TRL's "sft" loss term (the chosen answers' NLL over all their tokens, weighted) is epa_ext's
+    sft_weight: w * loss + w_sft * NLL = w * (loss + (w_sft / w) * NLL)."""
+    trl_types = ["sigmoid" if t == "epa" else t for t in loss_type]
+    options = dict(precompute_ref_log_probs=precompute, loss_weights=loss_weights)
+    theirs = train(DPOTrainer, config(DPOConfig, tmp_path, loss_type=trl_types, **options), standard_rows(), tokenizer)
+    ours = train(EPATrainer, config(EPAConfig, tmp_path, loss_type=loss_type, token_metrics=True, **options),
+                 standard_rows(), tokenizer)
+    assert_same_training(ours, theirs, ties_at_first_step=precompute)
+
+
 def test_label_smoothing_with_sigmoid_follows_trl(tokenizer, tmp_path):
     """TRL 1.16 ignores label_smoothing for loss_type='sigmoid' (epa_ext's dpo_loss would apply
     cDPO); EPATrainer follows TRL, and says so."""
@@ -353,7 +369,10 @@ def test_epa_loss_falls_where_it_must(tokenizer, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (dict(loss_type="exo_pair"), "loss_type must be one of ['sigmoid', 'robust', 'hinge', 'ipo', 'epa']"),
     (dict(loss_type=["sigmoid", "hinge"]), "loss_type must be one of"),
-    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0]), "'sft' term (RPO, TRL's former rpo_alpha)"),
+    (dict(loss_type="sft"), "loss_type must be one of"),
+    (dict(loss_type=["sigmoid", "sft", "sft"]), "loss_type must be one of"),
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[0.0, 1.0]), "loss_weights must be finite numbers >= 0"),
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -1.0]), "loss_weights must be finite numbers >= 0"),
     (dict(loss_type="epa", num_weak=4), "need per_device_train_batch_size >= num_weak + 1 = 5; got 4"),
     (dict(loss_type="sigmoid", num_weak=1), "num_weak and num_strong apply to loss_type='epa'"),
     (dict(loss_type="epa", num_weak=-1), "num_weak must be >= 0"),

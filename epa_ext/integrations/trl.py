@@ -13,7 +13,8 @@ batch's [rows, T, V] logits are never formed, and the reference log-probs come f
 ``linear_sequence_logps`` (or from TRL's precomputed columns). Everything else (data preparation,
 optimizer, scheduler, PEFT, gradient accumulation, mixed precision, logging, checkpoints) is TRL's
 and transformers' own. Supported loss types: "sigmoid", "robust", "hinge", "ipo" (the numbers of
-TRL 1.16's DPOTrainer with the same config) and "epa"; the DPOConfig fields that the subclass
+TRL 1.16's DPOTrainer with the same config) and "epa", each optionally with TRL's "sft" term (RPO;
+epa_ext's ``sft_weight``); the DPOConfig fields that the subclass
 cannot honour raise before anything is loaded (README, "EPA for TRL users", lists them all).
 
 EPA (``loss_type="epa"``): candidate 0 of a prompt is its chosen answer, candidates 1..K its
@@ -84,7 +85,7 @@ __all__ = ["EPAConfig", "EPADataCollator", "EPATrainer", "SUPPORTED_LOSS_TYPES",
 logger = logging.getLogger(__name__)
 
 SUPPORTED_LOSS_TYPES = (*DPO_LOSS_TYPES, "epa")
-"""Preference loss types EPATrainer computes (one per run)."""
+"""Preference loss types EPATrainer computes (one per run, optionally with "sft")."""
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = frozenset({"completion_mask", "candidate_mask", "ref_chosen_logps", "ref_rejected_logps"})
@@ -103,19 +104,18 @@ def check_config(args: DPOConfig) -> None:
     cannot honour; warns where it follows TRL in ignoring a field. A plain DPOConfig is checked
     with EPA's fields at their defaults."""
     loss_types = list(args.loss_type)
-    if len(loss_types) != 1 or loss_types[0] not in SUPPORTED_LOSS_TYPES:
-        if "sft" in loss_types:
-            raise ValueError(
-                f"loss_type {loss_types}: the 'sft' term (RPO, TRL's former rpo_alpha) needs epa_ext's SFT "
-                "term, which this epa_ext does not have yet; train without it, or use trl.DPOTrainer"
-            )
+    preference = [t for t in loss_types if t != "sft"]
+    if len(preference) != 1 or preference[0] not in SUPPORTED_LOSS_TYPES or len(loss_types) - len(preference) > 1:
         raise ValueError(
-            f"loss_type must be one of {list(SUPPORTED_LOSS_TYPES)} (one loss type); got {loss_types}. TRL's other "
-            "loss types and loss combinations are not implemented by epa_ext: use trl.DPOTrainer for them"
+            f"loss_type must be one of {list(SUPPORTED_LOSS_TYPES)}, optionally with 'sft' (RPO: loss_type=[..., "
+            f"'sft'], loss_weights=[1.0, alpha]); got {loss_types}. TRL's other loss types and combinations are "
+            "not implemented by epa_ext: use trl.DPOTrainer for them"
         )
-    loss_type = loss_types[0]
-    if args.loss_weights is not None and not (_is_real(args.loss_weights[0]) and args.loss_weights[0] > 0):
-        raise ValueError(f"loss_weights must hold one weight > 0 for loss_type {loss_types}; got {args.loss_weights}")
+    loss_type = preference[0]
+    weights = args.loss_weights or [1.0] * len(loss_types)
+    if not all(_is_real(w) and 0 <= w < float("inf") for w in weights) or weights[loss_types.index(loss_type)] <= 0:
+        raise ValueError(f"loss_weights must be finite numbers >= 0, the one of {loss_type!r} > 0; got "
+                         f"{args.loss_weights}")
     if args.f_divergence_type != "reverse_kl":
         raise ValueError(f"f_divergence_type must be 'reverse_kl' (epa_ext implements DPO's reverse KL only); got "
                          f"{args.f_divergence_type!r}")
@@ -288,8 +288,11 @@ class EPATrainer(DPOTrainer):
             raise TypeError(f"args must be an EPAConfig (or a trl.DPOConfig); got {type(args).__name__}")
         if not isinstance(args, EPAConfig):  # an EPAConfig was checked when it was made
             check_config(args)
-        self._loss_type = args.loss_type[0]
-        self._loss_weight = float(args.loss_weights[0]) if args.loss_weights else 1.0
+        weights = dict(zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)))
+        self._loss_type = next(t for t in args.loss_type if t != "sft")
+        # TRL's w * loss + w_sft * NLL as w * (loss + sft_weight * NLL)
+        self._loss_weight = float(weights[self._loss_type])
+        self._sft_weight = float(weights.get("sft", 0.0)) / self._loss_weight
         self._num_weak = getattr(args, "num_weak", 0)
         self._weak_weight = float(getattr(args, "weak_weight", 1.0))
         self._num_strong = getattr(args, "num_strong", None)
@@ -527,7 +530,8 @@ class EPATrainer(DPOTrainer):
         if self._loss_type == "epa":
             loss, policy = fused_linear_epa_loss(
                 hidden, weight, labels, ref, bias=bias, num_candidates=num_candidates, beta=self.beta,
-                num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask)
+                num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
+                sft_weight=self._sft_weight)
         else:
             loss, policy = self._dpo_loss(hidden, weight, bias, labels, ref, completion_mask)
         loss = loss * self._loss_weight
@@ -540,20 +544,20 @@ class EPATrainer(DPOTrainer):
         return loss
 
     def _dpo_loss(self, hidden, weight, bias, labels, ref, completion_mask) -> tuple[Tensor, Tensor]:
-        """TRL's DPO loss types; IPO on log-probs averaged over each answer's tokens (policy and
-        reference alike, as TRL does). Returns (loss, policy log-probs summed per sequence)."""
+        """TRL's DPO loss types (and its "sft" term); IPO on log-probs averaged over each answer's
+        tokens, policy and (summed) reference alike, as TRL does. Returns (loss, policy log-probs
+        summed per sequence)."""
         ipo = self._loss_type == "ipo"
-        counts = (labels != IGNORE_INDEX).sum(-1)
         if ipo and bool(completion_mask[:, 0].any()):
             raise ValueError(
                 "loss_type='ipo' with an empty tokenized prompt: the first answer token has no position that "
                 "predicts it, and TRL divides by a token count that includes it while epa_ext averages over the "
                 "scored tokens; give every row a prompt (or a BOS token)")
         label_smoothing = self.label_smoothing if self._loss_type == "robust" else 0.0
-        ref_for_loss = ref / counts.clamp_min(1) if ipo else ref
-        loss, policy = fused_linear_dpo_loss(hidden, weight, labels, ref_for_loss, bias=bias, beta=self.beta,
-                                             loss_type=self._loss_type, label_smoothing=label_smoothing)
-        return loss, policy * counts if ipo else policy
+        loss, policy = fused_linear_dpo_loss(hidden, weight, labels, ref, bias=bias, beta=self.beta,
+                                             loss_type=self._loss_type, label_smoothing=label_smoothing,
+                                             sft_weight=self._sft_weight)
+        return loss, policy * (labels != IGNORE_INDEX).sum(-1) if ipo else policy
 
     # --- metrics -----------------------------------------------------------------------------------
 
