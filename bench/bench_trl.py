@@ -51,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5, help="timed optimizer steps")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default; off here by default")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     parser.add_argument("--out", default=None, help="directory for the JSON report (default bench/results)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -86,11 +87,15 @@ def preference_rows(args: argparse.Namespace) -> list[dict]:
 
 def run_provider(args: argparse.Namespace) -> dict:
     """Trains with one provider in this process; returns its measurements."""
+    import transformers
+    import trl
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     provider, device = args.child, args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 64, 1),
@@ -139,7 +144,8 @@ def run_provider(args: argparse.Namespace) -> dict:
     tokens = 2 * args.batch * (args.prompt_len + args.answer_len)
     return {"provider": provider, "what": PROVIDERS[provider], "median_ms": median * 1e3, "q20_ms": quantiles[0] * 1e3,
             "q80_ms": quantiles[3] * 1e3, "steps_per_s": 1 / median, "tokens_per_s": tokens / median,
-            "peak_extra_mib": max(step["peak_extra_mib"] for step in timed), "mean_loss": statistics.mean(losses)}
+            "peak_extra_mib": max(step["peak_extra_mib"] for step in timed), "mean_loss": statistics.mean(losses),
+            "trl": trl.__version__, "transformers": transformers.__version__}
 
 
 def main() -> None:
@@ -167,11 +173,11 @@ def main() -> None:
                 row["memory_vs_trl"] = row["peak_extra_mib"] / base["peak_extra_mib"]
     payload = {key: getattr(args, key) for key in ("dtype", "hidden", "layers", "vocab", "batch", "prompt_len",
                                                    "answer_len", "warmup", "reps", "gradient_checkpointing")}
-    import transformers
-    import trl
-
-    payload.update(trl=trl.__version__, transformers=transformers.__version__, loss_type="sigmoid",
-                   reference="model scored every step", threads=torch.get_num_threads())
+    versions = next(({"trl": r.pop("trl"), "transformers": r.pop("transformers")} for r in rows if "trl" in r), {})
+    for row in rows:
+        row.pop("trl", None), row.pop("transformers", None)
+    payload.update(versions, loss_type="sigmoid", reference="model scored every step",
+                   threads=args.threads or torch.get_num_threads())
     columns = ["provider", "median_ms", "steps_per_s", "tokens_per_s", "tokens_per_s_vs_trl", "peak_extra_mib",
                "memory_vs_trl", "mean_loss", "error"]
     finish("trl", args.device, rows, columns, payload, Path(args.out) if args.out else RESULTS_DIR)

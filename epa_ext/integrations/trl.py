@@ -14,8 +14,8 @@ batch's [rows, T, V] logits are never formed, and the reference log-probs come f
 optimizer, scheduler, PEFT, gradient accumulation, mixed precision, logging, checkpoints) is TRL's
 and transformers' own. Supported loss types: "sigmoid", "robust", "hinge", "ipo" (the numbers of
 TRL 1.16's DPOTrainer with the same config) and "epa", each optionally with TRL's "sft" term (RPO;
-epa_ext's ``sft_weight``); the DPOConfig fields that the subclass
-cannot honour raise before anything is loaded (README, "EPA for TRL users", lists them all).
+epa_ext's ``sft_weight``). DPOConfig fields the subclass cannot honour raise before anything is
+loaded (README, "EPA for TRL users", lists every field).
 
 EPA (``loss_type="epa"``): candidate 0 of a prompt is its chosen answer, candidates 1..K its
 rejected answers (strong negatives; ``rejected`` may be a list of answers, K is the largest count
@@ -31,15 +31,15 @@ plus rewards/weak for EPA's weak negatives. With several strong negatives, "reje
 average over them and margins/accuracies over (chosen, strong negative) pairs.
 
 This module depends on DPOTrainer internals of TRL 1.16 (``_prepare_dataset``,
-``compute_ref_log_probs``, ``_precompute_ref_logps``, ``_metrics``); importing it with another TRL
-raises ImportError naming the supported versions.
+``compute_ref_log_probs``, ``_precompute_ref_logps``, ``_precompute_model_hash``, ``_metrics``,
+``_total_train_tokens``); importing it with another TRL raises ImportError naming the supported
+versions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -78,11 +78,9 @@ from ..linear import linear_sequence_logps  # noqa: E402
 from ..logps import IGNORE_INDEX, completion_labels  # noqa: E402
 from ..losses import DPO_LOSS_TYPES, preference_metrics  # noqa: E402
 from ..train.data import weak_negative_sources  # noqa: E402
-from ..train.modeling import decoder_and_head, unwrap  # noqa: E402
+from ..train.modeling import decoder_and_head, head_inputs, unwrap  # noqa: E402
 
 __all__ = ["EPAConfig", "EPADataCollator", "EPATrainer", "SUPPORTED_LOSS_TYPES", "SUPPORTED_TRL_VERSIONS"]
-
-logger = logging.getLogger(__name__)
 
 SUPPORTED_LOSS_TYPES = (*DPO_LOSS_TYPES, "epa")
 """Preference loss types EPATrainer computes (one per run, optionally with "sft")."""
@@ -652,14 +650,7 @@ def _final_hidden(model: nn.Module, model_kwargs: dict) -> tuple[Tensor, Tensor,
     finally:
         handle.remove()
     (hidden,) = captured
-    weight, bias = head.weight, head.bias
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    elif hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    return hidden, weight, bias
+    return head_inputs(hidden, head)
 
 
 def _token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -58,7 +58,11 @@ def score_hidden(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor
     """Final hidden states [R, T, H] and the lm_head's weight and bias, in one dtype (autocast's,
     when active) so the fused linear op can take them."""
     decoder, head = decoder_and_head(causal_lm)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head_inputs(decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, head)
+
+
+def head_inputs(hidden: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(hidden, head.weight, head.bias) in one dtype: autocast's when active, else the weight's."""
     weight, bias = head.weight, head.bias
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
