@@ -5,6 +5,7 @@ plain torch and epa_ext's epa_loss; configurations EPATrainer refuses."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -85,12 +86,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def make_tokenizer():
     texts = [f"Q{i}: say yes good no bad <|user|><|assistant|>" for i in range(40)] + [f"pick {w}: {w}" for w in WORDS]
     tok = train_tiny_tokenizer(texts, 320)
     tok.chat_template = TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
 
 
 def config(cls, tmp_path, **overrides):
@@ -117,14 +122,19 @@ def train(trainer_cls, args, rows, tokenizer, *, lora: bool = False, eval_rows=N
 
 
 def assert_same_training(ours, theirs, *, ties_at_first_step: bool = False):
-    """Logged numbers, step by step, and the final weights, under TRL_PARITY.
+    """Logged numbers, step by step, and the final weights, under TRL_PARITY; ours and theirs are
+    (log, trainer) from ``train``.
 
     ties_at_first_step: at step 1 the policy is the reference, so every reward is 0 up to
     rounding and rewards/accuracies (the share of margins > 0) is the sign of rounding noise;
     with precomputed reference log-probs (other batches, other padding) both trainers see such
     noise, so that one number is not compared there.
     """
-    (our_log, our_trainer), (their_log, their_trainer) = ours, theirs
+    assert_same_logs(ours[0], theirs[0], ties_at_first_step=ties_at_first_step)
+    assert_same_weights(ours[1].model.state_dict(), theirs[1])
+
+
+def assert_same_logs(our_log: list[dict], their_log: list[dict], *, ties_at_first_step: bool = False):
     assert len(our_log) == len(their_log) >= 5
     for entry, expected in zip(our_log, their_log):
         assert entry.keys() == expected.keys(), entry.keys() ^ expected.keys()
@@ -132,10 +142,15 @@ def assert_same_training(ours, theirs, *, ties_at_first_step: bool = False):
             if key.endswith(TIMINGS) or ties_at_first_step and expected["step"] == 1 and key == "rewards/accuracies":
                 continue
             assert_trl_parity(entry[key], value, f"step {expected['step']} {key}")
+
+
+def assert_same_weights(our_weights: dict, their_trainer):
+    """Final weights against TRL's trainer's, with AdamW's allowance (numerics.ADAM_SLACK)."""
     args = their_trainer.args
     adam = ADAM_SLACK * args.max_steps * args.learning_rate if args.optim.startswith("adamw") else 0.0
     their_weights = their_trainer.model.state_dict()
-    for name, weight in our_trainer.model.state_dict().items():
+    assert our_weights.keys() == their_weights.keys()
+    for name, weight in our_weights.items():
         assert_trl_parity(weight, their_weights[name], f"final weight {name}", extra_atol=adam)
 
 
@@ -223,6 +238,42 @@ def test_synced_reference_trains_as_trl(tokenizer, tmp_path):
     theirs = train(DPOTrainer, config(DPOConfig, tmp_path, **options), standard_rows(), tokenizer)
     ours = train(EPATrainer, config(EPAConfig, tmp_path, token_metrics=True, **options), standard_rows(), tokenizer)
     assert_same_training(ours, theirs)
+
+
+DDP_SCRIPT = """
+import json, os, sys, tempfile
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from pathlib import Path
+import test_trl as T
+args = T.config(T.EPAConfig, Path(tempfile.mkdtemp()), per_device_train_batch_size=2, ddp_backend="gloo",
+                token_metrics=True)
+log, trainer = T.train(T.EPATrainer, args, T.standard_rows(), T.make_tokenizer())
+if os.environ["RANK"] == "0":
+    json.dump(log, open({log_path!r}, "w"))
+    torch.save(trainer.model.state_dict(), {weights_path!r})
+"""
+
+
+def test_data_parallel_trains_as_trl_on_one_process(tokenizer, tmp_path):
+    """Two DDP processes (gloo) with 2 pairs each train as TRL with 4 pairs in one process: the
+    policy's forward goes through the DDP wrapper (gradients are averaged) and the metrics are
+    gathered over both processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    log_path, weights_path = tmp_path / "log.json", tmp_path / "weights.pt"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), log_path=str(log_path),
+                                        weights_path=str(weights_path)))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    their_log, their_trainer = train(DPOTrainer, config(DPOConfig, tmp_path), standard_rows(), tokenizer)
+    assert_same_logs(json.loads(log_path.read_text()), their_log)
+    assert_same_weights(torch.load(weights_path), their_trainer)
 
 
 def test_bf16_trains_close_to_trl(tokenizer, tmp_path):
