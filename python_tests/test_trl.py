@@ -459,6 +459,7 @@ def _softcapped_model(tokenizer):
     ("precomputed-weak-without-reference", "precompute_ref_log_probs=True with num_weak > 0"),
     ("softcapped-logits", "transforms its logits (final_logit_softcapping=30.0)"),
     ("eval-batch-too-small", "need per_device_eval_batch_size >= num_weak + 1 = 3; got 2"),
+    ("iterable-without-num-strong", "loss_type='epa' on an IterableDataset needs num_strong"),
 ])
 def test_unsupported_setups_are_refused_before_training(case, message, tokenizer, tmp_path):
     rows, options, model, eval_rows = standard_rows(), {}, None, None
@@ -474,11 +475,14 @@ def test_unsupported_setups_are_refused_before_training(case, message, tokenizer
         model = _softcapped_model(tokenizer)
     elif case == "eval-batch-too-small":
         options, eval_rows = dict(loss_type="epa", num_weak=2, per_device_eval_batch_size=2), standard_rows(4)
+    elif case == "iterable-without-num-strong":
+        rows, options = pick_rows(), dict(loss_type="epa")
     model = model or build_tiny_model(len(tokenizer), 32, 2, 128, seed=0)
     ref_model = None if case == "precomputed-weak-without-reference" else copy.deepcopy(model)
+    dataset = Dataset.from_list(rows)
     with pytest.raises(ValueError, match=re.escape(message)):
         EPATrainer(model=model, ref_model=ref_model, args=config(EPAConfig, tmp_path, **options),
-                   train_dataset=Dataset.from_list(rows),
+                   train_dataset=dataset.to_iterable_dataset() if case.startswith("iterable") else dataset,
                    eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer)
 
 
