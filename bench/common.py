@@ -72,27 +72,38 @@ def _resident_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
 
 
-def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
-    """Peak memory fn allocates beyond what exists when it starts, in MiB (None if unmeasurable).
-    What fn returns is kept alive until the peak is read, as a training step would keep it."""
+def memory_mark(device: str) -> int | None:
+    """Starts a peak-memory measurement: resets the peak and returns the bytes in use now (None if
+    the CPU's peak cannot be reset here)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        result = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-        del result
-        return peak / 2**20
+        return torch.cuda.memory_allocated()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     except OSError:
         return None
-    before = _resident_kib("VmRSS")
+    return _resident_kib("VmRSS") * 1024
+
+
+def peak_since_mib(device: str, mark: int | None) -> float | None:
+    """The peak memory since memory_mark above what was in use then, in MiB (None if unmeasurable)."""
+    if mark is None:
+        return None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - mark) / 2**20
+    return max(_resident_kib("VmHWM") * 1024 - mark, 0) / 2**20
+
+
+def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory fn allocates beyond what exists when it starts, in MiB (None if unmeasurable).
+    What fn returns is kept alive until the peak is read, as a training step would keep it."""
+    mark = memory_mark(device)
     result = fn()
-    peak = _resident_kib("VmHWM") - before
+    peak = peak_since_mib(device, mark)
     del result
-    return max(peak, 0) / 1024
+    return peak
 
 
 def write_report(benchmark: str, device: str, payload: dict, out_dir: Path | None = None) -> Path:

@@ -50,6 +50,16 @@ step train_smoke 60 "$PY" -m epa_ext.train --dataset "$REPO/python_tests/data/pr
   --device cuda --precision bf16 --max-steps 30 --batch-size 4 --num-weak 2 --lr 1e-3 --eval-fraction 0.1
 step bench_train_step 75 "$PY" "$REPO/bench/bench_train_step.py" --device cuda --dtype bf16 --hidden 2048 \
   --layers 8 --vocab 128256 --seq-len 1024 --reps 10 --out "$OUT"
+# TRL side by side (bench_trl.py): the GPU machine has no package registry, so trl (and liger-kernel)
+# must already be installed there, e.g. from wheels carried in the working tree; without trl: skipped.
+if (cd "$OUT" && "$PY" -c "import trl, epa_ext.integrations.trl") > /dev/null 2>&1; then
+  step bench_trl 150 "$PY" "$REPO/bench/bench_trl.py" --device cuda --dtype bf16 --hidden 2048 --layers 8 \
+    --vocab 128256 --prompt-len 512 --answer-len 512 --batch 4 --warmup 2 --reps 5 --out "$OUT"
+else
+  echo "== bench_trl: skipped, trl (>=1.16,<1.17) is not importable on this machine (no registry here: install" \
+    "trl's wheels from the working tree first)" >&2
+  STATUS[bench_trl]=skipped; SECONDS_TAKEN[bench_trl]=0
+fi
 if command -v compute-sanitizer > /dev/null; then
   step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" "$REPO/bench/sanitizer_workload.py"
 fi

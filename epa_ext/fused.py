@@ -20,8 +20,8 @@ Reference log-probs: ``ref_logps`` are SUMMED sequence log-probs, what ``sequenc
 ``linear_sequence_logps`` return by default. When the loss is taken on length-averaged log-probs
 (``average=True``, or loss_type="ipo" by default), these functions divide the policy's and the
 reference's sums by the same per-sequence completion-token counts (both score the same labels),
-as TRL does. ``ref_logps_averaged=True`` says that ref_logps are already averaged (TRL's
-precomputed IPO columns are). See docs/losses.md.
+as TRL does (TRL 1.16's precomputed reference columns are sums too, for IPO as well).
+``ref_logps_averaged=True`` says that ref_logps are already averaged. See docs/losses.md.
 """
 
 from __future__ import annotations

@@ -94,3 +94,33 @@ def assert_rounded_once(actual: Tensor, truth: Tensor, *, dtype: torch.dtype, wh
     rtol = ONE_ROUNDING_RTOL[dtype]
     torch.testing.assert_close(actual.detach().cpu().double(), truth.detach().cpu().double(), rtol=rtol,
                                atol=rtol * 1e-2, equal_nan=True, msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+# --- EPATrainer against TRL's DPOTrainer (python_tests/test_trl.py) ----------------------------------
+# Losses and logged metrics of the two trainers, same model, seed and batches, fp32, step by step:
+# |epa - trl| <= atol * max(|trl|, 1) + rtol * |trl|, the fp32 rule above. Both compute the same fp32
+# quantities and differ only in reduction order (TRL scores every position in vocabulary tiles, epa_ext
+# the kept rows in token chunks; different matmul blockings, sequence sums and loss formulas): each
+# step's log-probs, losses and gradients agree to a few ulps of their scale (measured: 3e-7 relative on
+# losses and metrics, 3e-7 of each gradient tensor's largest element). A missed or extra token, a wrong
+# length normalization or a mis-stacked candidate moves them by far more than 1e-5.
+TRL_PARITY = TOLERANCES[torch.float32]
+# Final weights after AdamW: the fp32 rule plus ADAM_SLACK * (optimizer steps * lr). AdamW's step
+# m / (sqrt(v) + eps) is normalized per element, so an element whose gradient is near zero, and hence
+# carries a large relative rounding error (measured: 2e-4 at 1e-4 of its tensor's largest gradient),
+# moves by a different fraction of lr in each run; steps * lr bounds how far AdamW moves any weight,
+# and 1 % of it stays far below what a systematic error does to every element (measured: 3e-6 =
+# 0.06 % with IPO, 1.5e-7 with sigmoid, over 5 steps at lr 1e-3). With plain SGD the update is
+# lr * gradient and the fp32 rule alone applies (tested).
+ADAM_SLACK = 1e-2
+
+
+def assert_trl_parity(actual: float | Tensor, expected: float | Tensor, what: str, *, extra_atol: float = 0.0) -> None:
+    """actual (epa_ext's) against expected (TRL's) under TRL_PARITY, elementwise for tensors;
+    extra_atol widens the absolute tolerance (AdamW's, see ADAM_SLACK)."""
+    rtol, atol = TRL_PARITY
+    actual = torch.as_tensor(actual, dtype=torch.float64).detach().cpu()
+    expected = torch.as_tensor(expected, dtype=torch.float64).detach().cpu()
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale + extra_atol,
+                               msg=lambda m: f"{what}: {m}")

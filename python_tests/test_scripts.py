@@ -29,6 +29,9 @@ def run(args, cwd):
          {"eager", "epa_ext"}),
         ("bench_train_step.py", ["--hidden", "16", "--layers", "1", "--vocab", "64", "--seq-len", "16", "--reps", "2"],
          {"eager", "epa_ext"}),
+        ("bench_trl.py", ["--hidden", "16", "--layers", "1", "--vocab", "64", "--prompt-len", "8", "--answer-len", "8",
+                          "--warmup", "1", "--reps", "2", "--threads", "1", "--providers", "trl", "epa_ext"],
+         {"trl", "epa_ext"}),
     ],
 )
 def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):

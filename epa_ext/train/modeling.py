@@ -200,12 +200,21 @@ def unwrap(model: nn.Module, *, keep_adapters: bool = False) -> nn.Module:
 # --- scoring through the fused linear path -------------------------------------------------------
 
 
+def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the transformer body that returns last_hidden_state, the lm_head Linear)."""
+    base = unwrap(causal_lm)
+    return base.base_model, base.get_output_embeddings()
+
+
 def score_hidden(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """Final hidden states [R, T, H] and the lm_head's weight and bias, in one dtype (autocast's,
     when active) so the fused linear op can take them."""
-    base = unwrap(causal_lm)
-    decoder, head = base.base_model, base.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    decoder, head = decoder_and_head(causal_lm)
+    return head_inputs(decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, head)
+
+
+def head_inputs(hidden: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(hidden, head.weight, head.bias) in one dtype: autocast's when active, else the weight's."""
     weight, bias = head.weight, head.bias
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)

@@ -1,0 +1,678 @@
+"""TRL's DPOTrainer on epa_ext's fused-linear losses, and EPA for TRL users: change one import.
+
+    # from trl import DPOConfig, DPOTrainer
+    from epa_ext.integrations.trl import EPAConfig as DPOConfig, EPATrainer as DPOTrainer
+
+    args = DPOConfig(output_dir="out", loss_type="sigmoid", beta=0.1)          # TRL's DPO, same numbers
+    args = DPOConfig(output_dir="out", loss_type="epa", num_weak=2, weak_weight=0.5)   # EPA
+    DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tok).train()
+
+``EPATrainer`` is TRL's ``DPOTrainer`` with the loss computed by epa_ext: the decoder's final hidden
+states and the lm_head weight go into ``fused_linear_dpo_loss`` / ``fused_linear_epa_loss``, so the
+batch's [rows, T, V] logits are never formed, and the reference log-probs come from
+``linear_sequence_logps`` (or from TRL's precomputed columns). Everything else (data preparation,
+optimizer, scheduler, PEFT, gradient accumulation, mixed precision, logging, checkpoints) is TRL's
+and transformers' own. Supported loss types: "sigmoid", "robust", "hinge", "ipo" (the numbers of
+TRL 1.16's DPOTrainer with the same config) and "epa", each optionally with TRL's "sft" term (RPO;
+epa_ext's ``sft_weight``). DPOConfig fields the subclass cannot honour raise before anything is
+loaded (README, "EPA for TRL users", lists every field).
+
+EPA (``loss_type="epa"``): candidate 0 of a prompt is its chosen answer, candidates 1..K its
+rejected answers (strong negatives; ``rejected`` may be a list of answers, K is the largest count
+in the training set, or ``num_strong``), then ``num_weak`` = M weak negatives: answers of other
+rows of the same batch (their chosen or first rejected answer, picked by epa-train's
+``weak_negative_sources`` from the seed and the row positions), scored under this row's prompt.
+Loss per prompt: logsumexp_j(beta h_j + omega_j) - beta h_0 (omega = 0 strong, log weak_weight weak).
+
+Metrics use TRL's names (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
+logps/chosen, logps/rejected, logits/chosen, logits/rejected, num_tokens; entropy and
+mean_token_accuracy with ``token_metrics=True``, as they need one more pass over the vocabulary),
+plus rewards/weak for EPA's weak negatives. With several strong negatives, "rejected" metrics
+average over them and margins/accuracies over (chosen, strong negative) pairs.
+
+This module depends on DPOTrainer internals of TRL 1.16 (``_prepare_dataset``,
+``compute_ref_log_probs``, ``_precompute_ref_logps``, ``_precompute_model_hash``, ``_metrics``,
+``_total_train_tokens``); importing it with another TRL raises ImportError naming the supported
+versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:
+    import trl
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError("epa_ext.integrations.trl needs TRL: pip install 'epa_ext[trl]'") from error
+
+from packaging.version import Version
+
+SUPPORTED_TRL_VERSIONS = ">=1.16,<1.17"
+if not Version("1.16") <= Version(Version(trl.__version__).base_version) < Version("1.17"):
+    raise ImportError(
+        f"epa_ext.integrations.trl supports TRL {SUPPORTED_TRL_VERSIONS} (it overrides DPOTrainer internals "
+        f"that change between releases); found trl {trl.__version__}. Install a supported one: "
+        "pip install 'epa_ext[trl]'"
+    )
+
+from accelerate.utils import is_peft_model  # noqa: E402  (after the version check)
+from datasets import Dataset, IterableDataset  # noqa: E402
+from datasets.fingerprint import Hasher  # noqa: E402
+from transformers import ProcessorMixin  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl.data_utils import _tokenize, common_prefix_length, extract_prompt, is_conversational  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
+from trl.trainer.utils import global_then_local_main_first, pad, use_adapter  # noqa: E402
+
+from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss  # noqa: E402
+from ..linear import linear_sequence_logps  # noqa: E402
+from ..logps import IGNORE_INDEX, completion_labels  # noqa: E402
+from ..losses import DPO_LOSS_TYPES, preference_metrics  # noqa: E402
+from ..train.data import weak_negative_sources  # noqa: E402
+from ..train.modeling import decoder_and_head, head_inputs, unwrap  # noqa: E402
+
+__all__ = ["EPAConfig", "EPADataCollator", "EPATrainer", "SUPPORTED_LOSS_TYPES", "SUPPORTED_TRL_VERSIONS"]
+
+SUPPORTED_LOSS_TYPES = (*DPO_LOSS_TYPES, "epa")
+"""Preference loss types EPATrainer computes (one per run, optionally with "sft")."""
+
+# Keys of a collated batch that are not model inputs.
+_NON_MODEL_KEYS = frozenset({"completion_mask", "candidate_mask", "ref_chosen_logps", "ref_rejected_logps"})
+# Config attributes with which a model transforms its logits before the softmax (TRL's fused head
+# reads the same ones); epa_ext computes log softmax(h W^T + b) and would be silently wrong there.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_config(args: DPOConfig) -> None:
+    """Raises ValueError / TypeError naming the first DPOConfig or EPAConfig field EPATrainer
+    cannot honour; warns where it follows TRL in ignoring a field. A plain DPOConfig is checked
+    with EPA's fields at their defaults."""
+    loss_types = list(args.loss_type)
+    preference = [t for t in loss_types if t != "sft"]
+    if len(preference) != 1 or preference[0] not in SUPPORTED_LOSS_TYPES or len(loss_types) - len(preference) > 1:
+        raise ValueError(
+            f"loss_type must be one of {list(SUPPORTED_LOSS_TYPES)}, optionally with 'sft' (RPO: loss_type=[..., "
+            f"'sft'], loss_weights=[1.0, alpha]); got {loss_types}. TRL's other loss types and combinations are "
+            "not implemented by epa_ext: use trl.DPOTrainer for them"
+        )
+    loss_type = preference[0]
+    weights = args.loss_weights or [1.0] * len(loss_types)
+    if not all(_is_real(w) and 0 <= w < float("inf") for w in weights) or weights[loss_types.index(loss_type)] <= 0:
+        raise ValueError(f"loss_weights must be finite numbers >= 0, the one of {loss_type!r} > 0; got "
+                         f"{args.loss_weights}")
+    if args.f_divergence_type != "reverse_kl":
+        raise ValueError(f"f_divergence_type must be 'reverse_kl' (epa_ext implements DPO's reverse KL only); got "
+                         f"{args.f_divergence_type!r}")
+    if args.ld_alpha is not None:
+        raise ValueError(f"ld_alpha (LD-DPO's weighting of the tokens beyond the shared length) is not implemented "
+                         f"by epa_ext; got {args.ld_alpha}: leave it None, or use trl.DPOTrainer")
+    if args.use_weighting:
+        raise ValueError("use_weighting=True (WPO weights from the policy's per-token probabilities) is not "
+                         "implemented by epa_ext: leave it False, or use trl.DPOTrainer")
+    for name in ("deepspeed", "fsdp"):
+        if getattr(args, name):
+            raise ValueError(f"{name} is not supported by EPATrainer yet (the fused loss reads the lm_head weight "
+                             "whole, and sharded weights have not been tested): train with DDP, or use trl.DPOTrainer")
+    smoothing = args.label_smoothing
+    if loss_type == "robust" and not 0.0 <= smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust'; got {smoothing}")
+    if loss_type == "epa" and smoothing:
+        raise ValueError(f"label_smoothing does not apply to loss_type='epa'; got {smoothing}")
+    if loss_type in ("sigmoid", "hinge", "ipo") and smoothing:
+        warnings.warn(
+            f"label_smoothing={smoothing} is ignored for loss_type={loss_type!r}, as TRL 1.16's DPOTrainer ignores "
+            "it (TRL applies it to 'robust' and EXO only). epa_ext's own dpo_loss and epa-train apply conservative "
+            "DPO (cDPO) for 'sigmoid' with label_smoothing > 0; with TRL, use loss_type='robust' for noisy labels",
+            stacklevel=3,
+        )
+    num_weak = getattr(args, "num_weak", 0)
+    weak_weight = getattr(args, "weak_weight", 1.0)
+    num_strong = getattr(args, "num_strong", None)
+    if not isinstance(num_weak, int) or isinstance(num_weak, bool):
+        raise TypeError(f"num_weak must be an int; got {type(num_weak).__name__}")
+    if num_strong is not None and (not isinstance(num_strong, int) or isinstance(num_strong, bool)):
+        raise TypeError(f"num_strong must be an int or None; got {type(num_strong).__name__}")
+    if not _is_real(weak_weight):
+        raise TypeError(f"weak_weight must be a real number; got {type(weak_weight).__name__}")
+    if loss_type != "epa" and (num_weak or num_strong is not None):
+        raise ValueError(f"num_weak and num_strong apply to loss_type='epa'; got loss_type={loss_type!r} with "
+                         f"num_weak={num_weak}, num_strong={num_strong}")
+    if num_weak < 0:
+        raise ValueError(f"num_weak must be >= 0; got {num_weak}")
+    if num_strong is not None and num_strong < 1:
+        raise ValueError(f"num_strong must be >= 1 or None (all rejected answers); got {num_strong}")
+    if not weak_weight >= 0 or weak_weight == float("inf"):
+        raise ValueError(f"weak_weight must be a finite number >= 0; got {weak_weight}")
+    _check_weak_batch(num_weak, args.per_device_train_batch_size, "per_device_train_batch_size")
+
+
+def _check_weak_batch(num_weak: int, batch_size: int, what: str) -> None:
+    if num_weak > batch_size - 1:
+        raise ValueError(
+            f"num_weak = {num_weak} weak negatives per prompt are borrowed from the other rows of the batch, so they "
+            f"need {what} >= num_weak + 1 = {num_weak + 1}; got {batch_size}: lower num_weak or raise {what}"
+        )
+
+
+@dataclass
+class EPAConfig(DPOConfig):
+    r"""TRL's DPOConfig with EPA's fields; ``loss_type`` also takes ``"epa"``.
+
+    Parameters (besides DPOConfig's):
+        num_weak (`int`, defaults to `0`): M weak negatives per prompt for loss_type="epa",
+            answers of other rows of the batch scored under this prompt (needs
+            per_device_train_batch_size >= M + 1).
+        weak_weight (`float`, defaults to `1.0`): alpha >= 0, each weak negative's weight in EPA's
+            partition sum.
+        num_strong (`int`, *optional*): K strong negatives per prompt for loss_type="epa": the
+            first K rejected answers of each row (rows with fewer are padded and masked). None:
+            the largest number of rejected answers of a training row.
+        token_metrics (`bool`, defaults to `False`): also log TRL's entropy and
+            mean_token_accuracy, which need the full softmax: one more no-grad pass of the lm_head
+            over the answer tokens per step.
+    """
+
+    num_weak: int = field(default=0, metadata={"help": "EPA: weak negatives per prompt, from other rows of the batch."})
+    weak_weight: float = field(default=1.0, metadata={"help": "EPA: weight alpha >= 0 of each weak negative."})
+    num_strong: int | None = field(
+        default=None,
+        metadata={"help": "EPA: strong negatives (rejected answers) per prompt; None: the most any training row has."},
+    )
+    token_metrics: bool = field(
+        default=False,
+        metadata={"help": "Log entropy and mean_token_accuracy (one more no-grad lm_head pass per step)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_config(self)
+
+
+def _has_answer_lists(example: dict) -> bool:
+    """True when ``rejected`` holds several answers (a list of strings or of message lists)."""
+    rejected = example["rejected"]
+    return isinstance(rejected, list) and (not rejected or isinstance(rejected[0], (str, list)))
+
+
+@dataclass
+class EPADataCollator(DataCollatorForPreference):
+    """Candidate-major batches for EPA from rows with ``prompt_ids``, ``chosen_ids`` and
+    ``rejected_ids`` (a list of token lists).
+
+    For B rows and C = 1 + K + M candidates, row ``c * B + b`` of ``input_ids`` [C*B, T] is
+    prompt b followed by candidate c: c = 0 the chosen answer, 1..K the rejected answers (absent
+    ones are the bare prompt, False in ``candidate_mask``), K+1..K+M weak negatives: the chosen
+    (k = 0) or first rejected (k = 1; the chosen one if the row has none) answer of row j != b of
+    this batch, for ``(j, k) = weak_negative_sources(B, M, seed)[b]``. Each sequence is truncated
+    and padded as TRL's DataCollatorForPreference does. Returns input_ids, attention_mask,
+    completion_mask [C*B, T], candidate_mask [B, C] and, when the rows carry precomputed reference
+    log-probs, ref_chosen_logps [B] and ref_rejected_logps [B, K] (0 for absent answers).
+    """
+
+    num_strong: int = 1
+    num_weak: int = 0
+    seed: int = 0
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch, num_strong = len(examples), self.num_strong
+        _check_weak_batch(self.num_weak, batch, "every batch (its number of rows)")
+        rejected = [example["rejected_ids"][:num_strong] for example in examples]
+        candidates = [[example["chosen_ids"], *answers, *[None] * (num_strong - len(answers))]
+                      for example, answers in zip(examples, rejected)]
+        if self.num_weak:
+            for b, sources in enumerate(weak_negative_sources(batch, self.num_weak, self.seed)):
+                candidates[b] += [rejected[j][0] if k == 1 and rejected[j] else examples[j]["chosen_ids"]
+                                  for j, k in sources]
+        num_candidates = len(candidates[0])
+        sequences, masks = [], []
+        for c in range(num_candidates):
+            for example, answers in zip(examples, candidates):
+                answer = answers[c] or []
+                sequences.append(example["prompt_ids"] + answer)
+                masks.append([0] * len(example["prompt_ids"]) + [1] * len(answer))
+        if self.max_length is not None:
+            keep = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            sequences, masks = [s[keep] for s in sequences], [m[keep] for m in masks]
+
+        def padded(rows: list[list[int]], value: int) -> Tensor:
+            return pad([torch.tensor(r, dtype=torch.long) for r in rows], padding_value=value, padding_side="right",
+                       pad_to_multiple_of=self.pad_to_multiple_of)
+
+        output = {
+            "input_ids": padded(sequences, self.pad_token_id),
+            "attention_mask": padded([[1] * len(s) for s in sequences], 0),
+            "completion_mask": padded(masks, 0),
+            "candidate_mask": torch.tensor([[answer is not None for answer in answers] for answers in candidates]),
+        }
+        if "ref_chosen_logps" in examples[0]:
+            output["ref_chosen_logps"] = torch.tensor([example["ref_chosen_logps"] for example in examples])
+            output["ref_rejected_logps"] = torch.tensor(
+                [(list(example["ref_rejected_logps"]) + [0.0] * num_strong)[:num_strong] for example in examples])
+        return output
+
+
+class EPATrainer(DPOTrainer):
+    """TRL's DPOTrainer whose loss and log-probs come from epa_ext's fused-linear path; takes the
+    same arguments. ``args`` is an EPAConfig (a plain DPOConfig works too, checked the same way).
+
+    Raises (before any model is loaded or trained): ValueError for a loss type or field epa_ext
+    does not implement, data without rejected answers, a model whose logits are not
+    ``h @ W^T + b``, or weak negatives a batch cannot supply; TypeError for a vision processor.
+    """
+
+    _tag_names = ["trl", "dpo", "epa_ext"]
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = EPAConfig(f"{name.split('/')[-1]}-EPA")
+        if not isinstance(args, DPOConfig):
+            raise TypeError(f"args must be an EPAConfig (or a trl.DPOConfig); got {type(args).__name__}")
+        if not isinstance(args, EPAConfig):  # an EPAConfig was checked when it was made
+            check_config(args)
+        weights = dict(zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)))
+        self._loss_type = next(t for t in args.loss_type if t != "sft")
+        # TRL's w * loss + w_sft * NLL as w * (loss + sft_weight * NLL)
+        self._loss_weight = float(weights[self._loss_type])
+        self._sft_weight = float(weights.get("sft", 0.0)) / self._loss_weight
+        self._num_weak = getattr(args, "num_weak", 0)
+        self._weak_weight = float(getattr(args, "weak_weight", 1.0))
+        self._num_strong = getattr(args, "num_strong", None)
+        self._token_metrics = getattr(args, "token_metrics", False)
+        if isinstance(processing_class, ProcessorMixin):
+            raise TypeError("EPATrainer takes text models with a tokenizer as processing_class; vision-language "
+                            "processors are not supported: use trl.DPOTrainer")
+        if self._loss_type == "epa" and data_collator is not None:
+            raise ValueError("loss_type='epa' builds its own candidate-major batches (EPADataCollator); leave "
+                             "data_collator None")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        for name, dataset in _named_datasets(train_dataset, eval_dataset):
+            self._check_preference_data(dataset, name)
+        if eval_dataset is not None:
+            _check_weak_batch(self._num_weak, args.per_device_eval_batch_size, "per_device_eval_batch_size")
+        if not isinstance(model, str):
+            _check_model(model)
+        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+            raise ValueError("prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens that "
+                             "EPATrainer does not account for: use LoRA-style adapters, or trl.DPOTrainer")
+        if args.precompute_ref_log_probs and self._num_weak and ref_model is None and peft_config is None \
+                and not (not isinstance(model, str) and is_peft_model(model)):
+            raise ValueError(
+                "precompute_ref_log_probs=True with num_weak > 0: weak negatives are paired within each batch, so "
+                "their reference log-probs are computed during training, which needs a reference then; with full "
+                "fine-tuning and precomputed log-probs there is none. Pass ref_model, train a PEFT adapter (the "
+                "reference is the model with adapters disabled), or set precompute_ref_log_probs=False"
+            )
+        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config)
+        _check_model(self.model)
+        if self._is_vlm:
+            raise TypeError("EPATrainer takes text models with a tokenizer; this model's processing class is a "
+                            "vision-language processor: use trl.DPOTrainer")
+        self._check_short_last_batch(self.train_dataset, args.per_device_train_batch_size, args, "training set")
+        for name, dataset in _named_datasets(None, self.eval_dataset):
+            self._check_short_last_batch(dataset, args.per_device_eval_batch_size, args, name)
+        if self.aux_loss_enabled:
+            raise ValueError("the Mixture-of-Experts load-balancing loss is not supported by EPATrainer; set "
+                             "router_aux_loss_coef=0.0 to train without it, or use trl.DPOTrainer")
+        self._use_epa_collator()
+
+    # --- data --------------------------------------------------------------------------------------
+
+    def _check_preference_data(self, dataset: Dataset | IterableDataset, name: str) -> None:
+        first = next(iter(dataset))
+        if "image" in first or "images" in first:
+            raise ValueError(f"{name} holds images; EPATrainer trains text models only: use trl.DPOTrainer")
+        missing = [column for column in ("chosen", "rejected") if column not in first]
+        if "prompt_ids" not in first and missing:
+            raise ValueError(
+                f"{name} has no {' or '.join(repr(m) for m in missing)} column (columns: {sorted(first)}): preference "
+                "training needs a chosen and at least one rejected answer per prompt (columns prompt/chosen/rejected, "
+                "or chosen/rejected with the prompt implicit in both)"
+            )
+        if "rejected" in first and _has_answer_lists(first) and self._loss_type != "epa":
+            raise ValueError(
+                f"{name}'s 'rejected' holds a list of answers per row; loss_type={self._loss_type!r} takes one. "
+                "Use loss_type='epa' (every rejected answer a strong negative), or keep one answer per row"
+            )
+
+    def _check_short_last_batch(self, dataset, batch_size: int, args: DPOConfig, name: str) -> None:
+        """Weak negatives need num_weak + 1 rows in every batch, the last one included."""
+        if not self._num_weak or args.dataloader_drop_last or not isinstance(dataset, Dataset):
+            return
+        rows = len(dataset) % (batch_size * max(args.world_size, 1))
+        if 0 < rows <= self._num_weak:
+            raise ValueError(
+                f"the {name}'s {len(dataset)} rows leave a last batch of {rows}, too few for num_weak = "
+                f"{self._num_weak} weak negatives from other rows: set dataloader_drop_last=True, or change "
+                "per_device_train_batch_size"
+            )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's preparation, and for loss_type="epa" rows whose ``rejected`` is a list of answers
+        (tokenized the same way, every answer against the same prompt); EPA rows end with
+        rejected_ids as a list of token lists."""
+        first = next(iter(dataset))
+        if "rejected" in first and _has_answer_lists(first):
+            dataset = self._prepare_answer_lists(dataset, processing_class, args, dataset_name)
+        else:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if self._loss_type != "epa":
+            return dataset
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        num_strong = self._num_strong
+
+        def as_answer_lists(example):
+            answers = example["rejected_ids"]
+            answers = answers if answers and isinstance(answers[0], list) else [answers]
+            return {"rejected_ids": answers if num_strong is None else answers[:num_strong]}
+
+        with global_then_local_main_first():
+            dataset = dataset.map(as_answer_lists, **map_kwargs)
+        if dataset_name == "train" and self._num_strong is None:
+            if not isinstance(dataset, Dataset):
+                raise ValueError("loss_type='epa' on an IterableDataset needs num_strong (the number of rejected "
+                                 "answers per prompt), as the largest one cannot be read in advance")
+            self._num_strong = max(len(answers) for answers in dataset["rejected_ids"])
+            if self._num_strong == 0:
+                raise ValueError("the training set has no rejected answers (every 'rejected' list is empty): EPA "
+                                 "needs at least one strong negative")
+        return dataset
+
+    def _prepare_answer_lists(self, dataset, processing_class, args, dataset_name):
+        """TRL 1.16's ``_prepare_dataset`` (implicit prompt, EOS, tokenization, dropping rows whose
+        prompt fills max_length) for rows with a list of rejected answers."""
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        eos = self._tokenizer.eos_token
+
+        def prepare(example):
+            chosen, rejected = example["chosen"], example["rejected"]
+            if "prompt" in example:
+                prompt = example["prompt"]
+            else:
+                if not rejected:
+                    raise ValueError(f"{dataset_name} has a row with an implicit prompt and no rejected answer: the "
+                                     "prompt is what chosen and rejected share, so it cannot be found")
+                shared = min(len(extract_prompt({"chosen": chosen, "rejected": r})["prompt"]) for r in rejected)
+                prompt, chosen, rejected = chosen[:shared], chosen[shared:], [r[shared:] for r in rejected]
+            conversational = is_conversational({"prompt": prompt}) if prompt else is_conversational({"chosen": chosen})
+            answers = [chosen, *rejected]
+            tools = example.get("tools")
+            template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})} if conversational else {}
+            if conversational:
+                prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)
+                full = [_tokenize(processing_class, prompt + a, **template_kwargs)["input_ids"] for a in answers]
+            else:
+                answers = [a if a.endswith(eos) else a + eos for a in answers]
+                prompt_ids = _tokenize(processing_class, prompt)
+                full = [_tokenize(processing_class, prompt + a)["input_ids"] for a in answers]
+            prompt_ids = prompt_ids["input_ids"]
+            prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full)
+            return {"prompt_ids": prompt_ids[:prompt_len], "chosen_ids": full[0][prompt_len:],
+                    "rejected_ids": [ids[prompt_len:] for ids in full[1:]]}
+
+        with global_then_local_main_first():
+            dataset = dataset.map(prepare, **map_kwargs)
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length, **map_kwargs)
+        return dataset
+
+    def _use_epa_collator(self) -> None:
+        """For loss_type="epa", replaces TRL's default collator by an EPADataCollator with its
+        padding and truncation settings (called before the reference log-probs are precomputed)."""
+        if self._loss_type != "epa" or isinstance(self.data_collator, EPADataCollator):
+            return
+        base = self.data_collator
+        self.data_collator = EPADataCollator(
+            pad_token_id=base.pad_token_id, max_length=base.max_length, truncation_mode=base.truncation_mode,
+            pad_to_multiple_of=base.pad_to_multiple_of, num_strong=self._num_strong, num_weak=self._num_weak,
+            seed=self.args.seed)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precomputation through ``compute_ref_log_probs`` below, cached apart from TRL's own
+        (the cache key adds epa_ext and K), without weak negatives (they depend on the batch)."""
+        self._use_epa_collator()
+        collator, model_hash = self.data_collator, self._precompute_model_hash
+        weak = getattr(collator, "num_weak", 0)
+        self._precompute_model_hash = Hasher.hash((model_hash, "epa_ext", self._loss_type, self._num_strong))
+        if weak:
+            collator.num_weak = 0
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._precompute_model_hash = model_hash
+            if weak:
+                collator.num_weak = weak
+
+    # --- log-probs -------------------------------------------------------------------------------
+
+    def _reference_scorer(self, model: nn.Module | None = None):
+        """(the model that scores the reference, the context that makes it the reference)."""
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = "ref" if "ref" in unwrapped.peft_config else None
+            return model or self.model, use_adapter(unwrapped, adapter_name=adapter)
+        return model or self.ref_model, contextlib.nullcontext()
+
+    def _reference_logps(self, scorer: nn.Module, adapter_context, model_kwargs: dict, labels: Tensor) -> Tensor:
+        """[R] summed reference log-probs of the rows of model_kwargs / labels (no graph)."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter_context:
+            hidden, weight, bias = _final_hidden(scorer, model_kwargs)
+            return linear_sequence_logps(hidden, weight, labels, bias=bias).float()
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one collated batch, for TRL's precomputation: ([B], [B]) for DPO
+        loss types, ([B], [B, K]) for EPA (0 for absent answers). Sums over each answer's tokens,
+        as TRL stores them (IPO's length averaging happens in the loss)."""
+        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
+        scorer, adapter_context = self._reference_scorer(model)
+        with self.accelerator.autocast():
+            ref = self._reference_logps(scorer, adapter_context, _model_inputs(inputs), labels)
+        if "candidate_mask" not in inputs:
+            return ref.chunk(2, dim=0)
+        present = inputs["candidate_mask"]
+        batch = present.shape[0]
+        return ref[:batch], ref[batch:].view(-1, batch).T.masked_fill(~present[:, 1:], 0.0)
+
+    def _all_reference_logps(self, inputs: dict, model_kwargs: dict, labels: Tensor, batch: int) -> Tensor:
+        """[C*B] reference log-probs: precomputed ones from the batch, the rest (weak negatives, or
+        everything without precomputation) scored now."""
+        rows = labels.shape[0]
+        known = labels.new_empty(0, dtype=torch.float32)
+        if self.precompute_ref_logps:
+            rejected = inputs["ref_rejected_logps"]
+            rejected = rejected.T.reshape(-1) if rejected.dim() == 2 else rejected
+            known = torch.cat([inputs["ref_chosen_logps"], rejected]).float()
+            if known.numel() == rows:
+                return known
+        start = known.numel()
+        rest = {k: v[start:] if isinstance(v, Tensor) and v.shape[:1] == (rows,) else v for k, v in model_kwargs.items()}
+        scorer, adapter_context = self._reference_scorer()
+        return torch.cat([known, self._reference_logps(scorer, adapter_context, rest, labels[start:])])
+
+    # --- loss --------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss of one collated batch, and TRL's metrics (num_items_in_batch is ignored, as by
+        TRL's DPOTrainer: the loss is a mean over prompts)."""
+        mode = "train" if self.model.training else "eval"
+        input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
+        candidate_mask = inputs.get("candidate_mask")
+        if candidate_mask is None:
+            candidate_mask = torch.ones(input_ids.shape[0] // 2, 2, dtype=torch.bool, device=input_ids.device)
+        batch, num_candidates = candidate_mask.shape
+        labels = completion_labels(input_ids, completion_mask)
+        model_kwargs = _model_inputs(inputs)
+        hidden, weight, bias = _final_hidden(model, model_kwargs)
+        ref = self._all_reference_logps(inputs, model_kwargs, labels, batch)
+        if self._loss_type == "epa":
+            loss, policy = fused_linear_epa_loss(
+                hidden, weight, labels, ref, bias=bias, num_candidates=num_candidates, beta=self.beta,
+                num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
+                sft_weight=self._sft_weight)
+        else:
+            loss, policy = self._dpo_loss(hidden, weight, bias, labels, ref, completion_mask)
+        loss = loss * self._loss_weight
+        self._log_metrics(mode, inputs, hidden, weight, bias, labels, policy.detach(), ref, candidate_mask)
+        if return_outputs:
+            warnings.warn("`return_outputs=True` (logits for compute_metrics) is deprecated in TRL and costs an extra "
+                          "forward pass that forms the logits", FutureWarning, stacklevel=2)
+            with torch.no_grad():
+                return loss, model(**model_kwargs)
+        return loss
+
+    def _dpo_loss(self, hidden, weight, bias, labels, ref, completion_mask) -> tuple[Tensor, Tensor]:
+        """TRL's DPO loss types (and its "sft" term); IPO on log-probs averaged over each answer's
+        tokens, policy and (summed) reference alike, as TRL does. Returns (loss, policy log-probs
+        summed per sequence)."""
+        ipo = self._loss_type == "ipo"
+        if ipo and bool(completion_mask[:, 0].any()):
+            raise ValueError(
+                "loss_type='ipo' with an empty tokenized prompt: the first answer token has no position that "
+                "predicts it, and TRL divides by a token count that includes it while epa_ext averages over the "
+                "scored tokens; give every row a prompt (or a BOS token)")
+        label_smoothing = self.label_smoothing if self._loss_type == "robust" else 0.0
+        loss, policy = fused_linear_dpo_loss(hidden, weight, labels, ref, bias=bias, beta=self.beta,
+                                             loss_type=self._loss_type, label_smoothing=label_smoothing,
+                                             sft_weight=self._sft_weight)
+        return loss, policy * (labels != IGNORE_INDEX).sum(-1) if ipo else policy
+
+    # --- metrics -----------------------------------------------------------------------------------
+
+    def _log_metrics(self, mode: str, inputs: dict, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                     labels: Tensor, policy: Tensor, ref: Tensor, candidate_mask: Tensor) -> None:
+        """TRL's metrics (gathered over processes), and EPA's rewards/weak."""
+        batch, num_candidates = candidate_mask.shape
+        num_strong = self._num_strong if self._loss_type == "epa" else 1
+        gather = self.accelerator.gather
+        per_prompt = {"policy": policy.view(num_candidates, batch).T, "ref": ref.view(num_candidates, batch).T}
+        metrics = preference_metrics(gather(per_prompt["policy"]), gather(per_prompt["ref"]), beta=self.beta,
+                                     num_strong=num_strong, mask=gather(candidate_mask))
+        store = self._metrics[mode]
+        with torch.no_grad():
+            kept = labels != IGNORE_INDEX
+            token_row = kept.nonzero()[:, 0]
+            kept_hidden = hidden.detach()[kept]
+            candidate = token_row // batch
+            chosen_tokens = candidate == 0
+            rejected_tokens = (candidate >= 1) & (candidate <= num_strong)
+            if self._token_metrics:
+                entropy, top1 = _token_statistics(kept_hidden, weight.detach(), None if bias is None else bias.detach(),
+                                                  labels[kept])
+                store["entropy"].append(_gathered_ratio(gather, entropy.sum(), entropy.numel()))
+            if mode == "train":
+                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+            store["num_tokens"] = [self._total_train_tokens]
+            mean_logits = kept_hidden.float() @ weight.detach().float().mean(0)
+            if bias is not None:
+                mean_logits += bias.detach().float().mean()
+            store["logits/chosen"].append(_gathered_ratio(gather, mean_logits[chosen_tokens].sum(),
+                                                          chosen_tokens.sum()))
+            store["logits/rejected"].append(_gathered_ratio(gather, mean_logits[rejected_tokens].sum(),
+                                                            rejected_tokens.sum()))
+            if self._token_metrics:
+                store["mean_token_accuracy"].append(_gathered_ratio(gather, top1[chosen_tokens].sum(),
+                                                                    chosen_tokens.sum()))
+        for key, value in metrics.items():
+            store[key].append(value.item())
+
+
+def _named_datasets(train_dataset, eval_dataset):
+    if train_dataset is not None:
+        yield "train_dataset", train_dataset
+    if isinstance(eval_dataset, dict):
+        yield from ((f"eval_dataset[{key!r}]", dataset) for key, dataset in eval_dataset.items())
+    elif eval_dataset is not None:
+        yield "eval_dataset", eval_dataset
+
+
+def _model_inputs(inputs: dict) -> dict:
+    return {key: value for key, value in inputs.items() if key not in _NON_MODEL_KEYS}
+
+
+def _check_model(model: nn.Module) -> None:
+    """Raises ValueError unless the model's log-probs are log softmax(h W^T + b) of its
+    backbone's last hidden state, computable by epa_ext (and reachable through its forward)."""
+    causal_lm = unwrap(model)
+    if is_peft_model(model) and any(getattr(c, "is_prompt_learning", False) for c in model.peft_config.values()):
+        raise ValueError("prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens that EPATrainer "
+                         "does not account for: use LoRA-style adapters, or trl.DPOTrainer")
+    head = causal_lm.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise ValueError(f"{type(causal_lm).__name__} has no output embedding (lm_head) with a weight: EPATrainer "
+                         "needs a causal LM whose logits are hidden @ lm_head.weight.T")
+    text_config = causal_lm.config.get_text_config()
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(text_config, name, None)
+        if value is not None and (name == "final_logit_softcapping" or value != 1):
+            raise ValueError(f"{type(causal_lm).__name__} transforms its logits ({name}={value}); epa_ext's fused "
+                             "loss computes log softmax(hidden @ W.T + b) and would be wrong: use trl.DPOTrainer")
+    if "logits_to_keep" not in inspect.signature(type(causal_lm).forward).parameters:
+        raise ValueError(f"{type(causal_lm).__name__}.forward takes no logits_to_keep: EPATrainer runs the model's "
+                         "forward for the hidden states with logits_to_keep=1 so that it never forms all logits")
+
+
+def _final_hidden(model: nn.Module, model_kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The backbone's last hidden state [R, T, H] and the lm_head's weight and bias, in one dtype
+    (autocast's when active).
+
+    The model's own forward runs (so DDP and PEFT wrappers see the call) with logits_to_keep=1,
+    i.e. [R, 1, V] logits; a forward hook on the backbone takes its last_hidden_state."""
+    backbone, head = decoder_and_head(model)
+    captured = []
+
+    def keep_hidden(_module, _args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = backbone.register_forward_hook(keep_hidden)
+    try:
+        model(**model_kwargs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    (hidden,) = captured
+    return head_inputs(hidden, head)
+
+
+def _token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per kept token: the entropy of the next-token distribution and whether the label is its
+    first argmax, in chunks of about H tokens (a chunk's logits about the lm_head's size)."""
+    entropies, top1 = [], []
+    rows = max(hidden.shape[-1], 1)
+    for start in range(0, hidden.shape[0], rows):
+        logits = (hidden[start:start + rows] @ weight.T).float()
+        if bias is not None:
+            logits += bias.float()
+        log_probs = logits.log_softmax(-1)
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+        top1.append(logits.argmax(-1) == labels[start:start + rows])
+    empty = hidden.new_empty(0, dtype=torch.float32)
+    return (torch.cat(entropies) if entropies else empty,
+            torch.cat(top1) if top1 else empty.bool())
+
+
+def _gathered_ratio(gather, total: Tensor, count: Tensor | int) -> float:
+    """sum over processes of total / sum of count (0 when there is nothing to count), as TRL."""
+    device = total.device
+    total = gather(total.float().reshape(1)).sum().item()
+    count = gather(torch.as_tensor(count, device=device).float().reshape(1)).sum().item()
+    return total / count if count > 0 else 0.0
