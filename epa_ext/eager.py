@@ -48,10 +48,20 @@ def _reduce(losses: Tensor, reduction: str) -> Tensor:
     return {"mean": losses.mean, "sum": losses.sum}.get(reduction, lambda: losses)()
 
 
+def sft_nll(policy_chosen: Tensor, chosen_token_counts: Tensor, averaged: bool = False) -> Tensor:
+    """The SFT term's NLL: -sum_b log pi(chosen_b) / sum_b n_b over the batch's chosen answers (0 without
+    tokens); policy_chosen [B] are sums, or length-averaged log-probs when ``averaged``."""
+    counts = chosen_token_counts.to(policy_chosen.dtype)
+    sums = policy_chosen * counts if averaged else policy_chosen
+    return -sums.sum() / counts.sum().clamp_min(1)
+
+
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             reduction: str = "mean") -> Tensor:
-    """Inputs [B] -> the DPO-family loss, written from the formulas of epa-spec section 3."""
+             reduction: str = "mean", sft_weight: float = 0.0, chosen_token_counts: Tensor | None = None,
+             averaged: bool = False) -> Tensor:
+    """Inputs [B] -> the DPO-family loss, written from the formulas of epa-spec section 3, plus
+    sft_weight * sft_nll on every pair (docs/losses.md)."""
     delta = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     z, eps = beta * delta, label_smoothing
     logsigmoid = torch.nn.functional.logsigmoid
@@ -65,12 +75,16 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         losses = (delta - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
+    if sft_weight:
+        losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, averaged)
     return _reduce(losses.to(_out_dtype(delta)), reduction)
 
 
 def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_strong: int | None = None,
-             weak_weight: float = 1.0, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
-    """Inputs [B, C] -> the EPA loss of epa-spec section 4: logsumexp_j(beta h_j + omega_j) - beta h_0."""
+             weak_weight: float = 1.0, mask: Tensor | None = None, reduction: str = "mean", sft_weight: float = 0.0,
+             chosen_token_counts: Tensor | None = None, averaged: bool = False) -> Tensor:
+    """Inputs [B, C] -> the EPA loss of epa-spec section 4: logsumexp_j(beta h_j + omega_j) - beta h_0,
+    plus sft_weight * sft_nll of column 0 on every prompt."""
     candidates = policy_logps.shape[1]
     num_strong = candidates - 1 if num_strong is None else num_strong
     omega = torch.zeros(candidates, dtype=policy_logps.dtype, device=policy_logps.device)
@@ -79,28 +93,44 @@ def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_str
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     losses = torch.logsumexp(scores, dim=1) - scores[:, 0]
+    if sft_weight:
+        losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, averaged)
     return _reduce(losses.to(_out_dtype(scores)), reduction)
+
+
+def _policy_and_reference(logits: Tensor, labels: Tensor, ref_logps: Tensor, ignore_index: int, average: bool,
+                          ref_logps_averaged: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(policy sequence log-probs, reference log-probs in the same form, token counts [rows]):
+    summed, or both divided by the sequence's completion-token count when ``average``."""
+    sums = sequence_logps(logits, labels, ignore_index)
+    counts = (labels != ignore_index).sum(-1)
+    if not average:
+        return sums, ref_logps, counts
+    divisor = counts.clamp_min(1).to(sums.dtype)
+    return sums / divisor, ref_logps if ref_logps_averaged else ref_logps / divisor, counts
 
 
 def fused_dpo_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
                    label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                   average: bool | None = None) -> tuple[Tensor, Tensor]:
-    """logits [2B, T, V] ([chosen; rejected]) -> (loss, sequence log-probs [2B]), eagerly."""
+                   average: bool | None = None, sft_weight: float = 0.0,
+                   ref_logps_averaged: bool = False) -> tuple[Tensor, Tensor]:
+    """logits [2B, T, V] ([chosen; rejected]), summed ref_logps [2B] (averaged ones with
+    ref_logps_averaged) -> (loss, policy sequence log-probs [2B]), eagerly."""
     average = (loss_type == "ipo") if average is None else average
-    seq = sequence_logps(logits, labels, ignore_index, average)
+    seq, ref, counts = _policy_and_reference(logits, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     batch = seq.shape[0] // 2
-    loss = dpo_loss(seq[:batch], seq[batch:], ref_logps[:batch], ref_logps[batch:], beta, loss_type,
-                    label_smoothing, reduction)
+    loss = dpo_loss(seq[:batch], seq[batch:], ref[:batch], ref[batch:], beta, loss_type, label_smoothing, reduction,
+                    sft_weight, counts[:batch], average)
     return loss, seq
 
 
 def fused_epa_loss(logits: Tensor, labels: Tensor, ref_logps: Tensor, num_candidates: int, beta: float = 0.1,
                    num_strong: int | None = None, weak_weight: float = 1.0, mask: Tensor | None = None,
-                   ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                   average: bool = False) -> tuple[Tensor, Tensor]:
-    """logits [C*B, T, V] candidate-major -> (loss, sequence log-probs [C*B]), eagerly."""
-    seq = sequence_logps(logits, labels, ignore_index, average)
+                   ignore_index: int = IGNORE_INDEX, reduction: str = "mean", average: bool = False,
+                   sft_weight: float = 0.0, ref_logps_averaged: bool = False) -> tuple[Tensor, Tensor]:
+    """logits [C*B, T, V] candidate-major, summed ref_logps [C*B] -> (loss, sequence log-probs [C*B]), eagerly."""
+    seq, ref, counts = _policy_and_reference(logits, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     batch = seq.shape[0] // num_candidates
-    loss = epa_loss(seq.view(num_candidates, batch).T, ref_logps.view(num_candidates, batch).T, beta, num_strong,
-                    weak_weight, mask, reduction)
+    loss = epa_loss(seq.view(num_candidates, batch).T, ref.view(num_candidates, batch).T, beta, num_strong,
+                    weak_weight, mask, reduction, sft_weight, counts[:batch], average)
     return loss, seq

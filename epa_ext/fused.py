@@ -7,19 +7,30 @@ backward runs the loss's backward on [B, C] numbers and then, for logits, writes
 single pass over them, each row scaled by its sequence's loss gradient (with
 inplace_backward=True into the logits' own storage, so the step allocates no second
 logits-sized buffer); for hidden states, goes through the chunked linear backward.
+
+Reference log-probs: ``ref_logps`` are SUMMED sequence log-probs, what ``sequence_logps`` and
+``linear_sequence_logps`` return by default. When the loss is taken on length-averaged log-probs
+(``average=True``, or loss_type="ipo" by default), these functions divide the policy's and the
+reference's sums by the same per-sequence completion-token counts (both score the same labels),
+as TRL does. ``ref_logps_averaged=True`` says that ref_logps are already averaged (TRL's
+precomputed IPO columns are). See docs/losses.md.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .linear import linear_sequence_logps
-from .logps import IGNORE_INDEX, sequence_logps
-from .losses import dpo_loss, epa_loss
+from .linear import linear_token_logps
+from .logps import IGNORE_INDEX, token_logps
+from .losses import check_sft_weight, dpo_loss, epa_loss
 
 
 def _check_stacking(name: str, stacked: Tensor, ref_logps: Tensor, num_candidates: int) -> int:
     """stacked: the [C*B, T, X] logits or hidden states. Returns B, the number of prompts."""
+    if not isinstance(stacked, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(stacked).__name__}")
+    if not isinstance(ref_logps, Tensor):
+        raise TypeError(f"ref_logps must be a torch.Tensor; got {type(ref_logps).__name__}")
     if stacked.dim() != 3:
         last = "V" if name == "logits" else "H"
         raise ValueError(f"{name} must have shape [C*B, T, {last}]; got {list(stacked.shape)}")
@@ -36,12 +47,39 @@ def _check_stacking(name: str, stacked: Tensor, ref_logps: Tensor, num_candidate
     return rows // num_candidates
 
 
-def _dpo_on_sequences(seq: Tensor, ref_logps: Tensor, batch: int, **options) -> Tensor:
-    return dpo_loss(seq[:batch], seq[batch:], ref_logps[:batch], ref_logps[batch:], **options)
+def _check_options(labels: Tensor, mask: Tensor | None, average: bool, ref_logps_averaged: bool,
+                   sft_weight: float) -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    if mask is not None and not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None; got {type(mask).__name__}")
+    if ref_logps_averaged and not average:
+        raise ValueError("ref_logps_averaged=True says ref_logps are length-averaged, but this loss is taken on "
+                         "summed log-probs (average=False): pass summed ref_logps, or average=True")
+    check_sft_weight(sft_weight)
 
 
-def _epa_on_sequences(seq: Tensor, ref_logps: Tensor, num_candidates: int, batch: int, **options) -> Tensor:
-    return epa_loss(seq.view(num_candidates, batch).T, ref_logps.view(num_candidates, batch).T, **options)
+def _sequences(token: Tensor, labels: Tensor, ref_logps: Tensor, ignore_index: int, average: bool,
+               ref_logps_averaged: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(policy sequence log-probs, reference log-probs in the same form, completion-token counts):
+    sums over each row's tokens, or both divided by the row's token count when ``average``."""
+    counts = (labels != ignore_index).sum(-1)
+    seq = token.sum(-1)
+    if not average:
+        return seq, ref_logps, counts
+    divisor = counts.clamp_min(1).to(seq.dtype)
+    return seq / divisor, ref_logps if ref_logps_averaged else ref_logps / divisor, counts
+
+
+def _dpo_on_sequences(seq: Tensor, ref: Tensor, counts: Tensor, batch: int, average: bool, **options) -> Tensor:
+    return dpo_loss(seq[:batch], seq[batch:], ref[:batch], ref[batch:], chosen_token_counts=counts[:batch],
+                    averaged=average, **options)
+
+
+def _epa_on_sequences(seq: Tensor, ref: Tensor, counts: Tensor, num_candidates: int, batch: int, average: bool,
+                      **options) -> Tensor:
+    return epa_loss(seq.view(num_candidates, batch).T, ref.view(num_candidates, batch).T,
+                    chosen_token_counts=counts[:batch], averaged=average, **options)
 
 
 def fused_dpo_loss(
@@ -55,6 +93,8 @@ def fused_dpo_loss(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     average: bool | None = None,
+    sft_weight: float = 0.0,
+    ref_logps_averaged: bool = False,
     inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """DPO loss from the logits of [chosen; rejected].
@@ -62,19 +102,27 @@ def fused_dpo_loss(
     Args:
         logits: [2B, T, V], rows 0..B-1 the chosen answers, B..2B-1 the rejected ones.
         labels: [2B, T] aligned labels (``completion_labels``).
-        ref_logps: [2B] reference sequence log-probs, stacked the same way.
-        average: length-normalize the sequence log-probs (None: only for loss_type="ipo").
+        ref_logps: [2B] reference sequence log-probs, stacked the same way, SUMMED over each
+            sequence's completion tokens (what ``sequence_logps`` returns); when the loss
+            averages, they are divided by the same token counts as the policy's.
+        average: take the loss on length-averaged log-probs, policy and reference alike (None:
+            only for loss_type="ipo", as TRL does).
+        sft_weight: lambda >= 0: adds lambda * the chosen answers' NLL averaged over all their
+            completion tokens in the batch (TRL's rpo_alpha; see ``dpo_loss``).
+        ref_logps_averaged: ref_logps are already length-averaged (only with averaging).
         inplace_backward: d(logits) overwrites logits during backward (see ``token_logps``).
         Other options as in ``dpo_loss``.
 
     Returns:
-        (loss, policy_seq_logps [2B] fp32).
+        (loss, policy_seq_logps [2B] fp32, in the form the loss used: summed, or averaged).
     """
     batch = _check_stacking("logits", logits, ref_logps, 2)
     average = (loss_type == "ipo") if average is None else average
-    seq = sequence_logps(logits, labels, ignore_index=ignore_index, average=average, inplace_backward=inplace_backward)
-    loss = _dpo_on_sequences(seq, ref_logps, batch, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                             reduction=reduction)
+    _check_options(labels, None, average, ref_logps_averaged, sft_weight)
+    token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
+    seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
+    loss = _dpo_on_sequences(seq, ref, counts, batch, average, beta=beta, loss_type=loss_type,
+                             label_smoothing=label_smoothing, reduction=reduction, sft_weight=sft_weight)
     return loss, seq
 
 
@@ -91,6 +139,8 @@ def fused_epa_loss(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     average: bool = False,
+    sft_weight: float = 0.0,
+    ref_logps_averaged: bool = False,
     inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """EPA loss from the logits of C candidates per prompt.
@@ -98,19 +148,23 @@ def fused_epa_loss(
     Args:
         logits: [C*B, T, V] candidate-major: rows c*B..c*B+B-1 hold candidate c of every prompt;
             candidate 0 is the chosen answer, 1..num_strong strong negatives, the rest weak.
-        labels: [C*B, T] aligned labels. ref_logps: [C*B] reference sequence log-probs.
+        labels: [C*B, T] aligned labels. ref_logps: [C*B] SUMMED reference sequence log-probs
+            (divided by the policy's token counts when ``average``; see ``fused_dpo_loss``).
         num_candidates: C. mask: [B, C] bool, False for absent candidates.
-        average: length-normalize the sequence log-probs.
+        average: take the loss on length-averaged log-probs, policy and reference alike.
+        sft_weight, ref_logps_averaged: as in ``fused_dpo_loss`` (the chosen answers are column 0).
         inplace_backward: d(logits) overwrites logits during backward (see ``token_logps``).
         Other options as in ``epa_loss``.
 
     Returns:
-        (loss, policy_seq_logps [C*B] fp32).
+        (loss, policy_seq_logps [C*B] fp32, summed or averaged as the loss used them).
     """
     batch = _check_stacking("logits", logits, ref_logps, num_candidates)
-    seq = sequence_logps(logits, labels, ignore_index=ignore_index, average=average, inplace_backward=inplace_backward)
-    loss = _epa_on_sequences(seq, ref_logps, num_candidates, batch, beta=beta, num_strong=num_strong,
-                             weak_weight=weak_weight, mask=mask, reduction=reduction)
+    _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
+    token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
+    seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
+    loss = _epa_on_sequences(seq, ref, counts, num_candidates, batch, average, beta=beta, num_strong=num_strong,
+                             weak_weight=weak_weight, mask=mask, reduction=reduction, sft_weight=sft_weight)
     return loss, seq
 
 
@@ -127,7 +181,9 @@ def fused_linear_dpo_loss(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     average: bool | None = None,
-    chunk_size: int | None = None,
+    sft_weight: float = 0.0,
+    ref_logps_averaged: bool = False,
+    max_chunk_tokens: int | None = None,
     fp32_weight_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """DPO loss from the final hidden states of [chosen; rejected] and the lm_head.
@@ -135,18 +191,22 @@ def fused_linear_dpo_loss(
     Args:
         hidden: [2B, T, H], rows 0..B-1 the chosen answers, B..2B-1 the rejected ones.
         weight: [V, H] lm_head weight; bias: optional [V].
-        labels, ref_logps, average and the loss options: as in ``fused_dpo_loss``.
-        chunk_size, fp32_weight_grad: as in ``linear_sequence_logps``.
+        labels, ref_logps (summed), average, sft_weight, ref_logps_averaged and the loss options:
+            as in ``fused_dpo_loss``.
+        max_chunk_tokens: tokens per chunk (None: max(H, 512)); fp32_weight_grad: as in
+            ``linear_sequence_logps``.
 
     Returns:
         (loss, policy_seq_logps [2B] fp32); no [2B*T, V] logits are ever formed.
     """
     batch = _check_stacking("hidden", hidden, ref_logps, 2)
     average = (loss_type == "ipo") if average is None else average
-    seq = linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, average=average,
-                                chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad)
-    loss = _dpo_on_sequences(seq, ref_logps, batch, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                             reduction=reduction)
+    _check_options(labels, None, average, ref_logps_averaged, sft_weight)
+    token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                               chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad)
+    seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
+    loss = _dpo_on_sequences(seq, ref, counts, batch, average, beta=beta, loss_type=loss_type,
+                             label_smoothing=label_smoothing, reduction=reduction, sft_weight=sft_weight)
     return loss, seq
 
 
@@ -165,7 +225,9 @@ def fused_linear_epa_loss(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     average: bool = False,
-    chunk_size: int | None = None,
+    sft_weight: float = 0.0,
+    ref_logps_averaged: bool = False,
+    max_chunk_tokens: int | None = None,
     fp32_weight_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """EPA loss from the final hidden states of C candidates per prompt and the lm_head.
@@ -173,15 +235,18 @@ def fused_linear_epa_loss(
     Args:
         hidden: [C*B, T, H] candidate-major (as the logits of ``fused_epa_loss``).
         weight: [V, H] lm_head weight; bias: optional [V].
-        labels, ref_logps, num_candidates, mask, average and the loss options: as in
-        ``fused_epa_loss``. chunk_size, fp32_weight_grad: as in ``linear_sequence_logps``.
+        labels, ref_logps (summed), num_candidates, mask, average, sft_weight, ref_logps_averaged
+            and the loss options: as in ``fused_epa_loss``. max_chunk_tokens, fp32_weight_grad:
+            as in ``fused_linear_dpo_loss``.
 
     Returns:
         (loss, policy_seq_logps [C*B] fp32); no [C*B*T, V] logits are ever formed.
     """
     batch = _check_stacking("hidden", hidden, ref_logps, num_candidates)
-    seq = linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, average=average,
-                                chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad)
-    loss = _epa_on_sequences(seq, ref_logps, num_candidates, batch, beta=beta, num_strong=num_strong,
-                             weak_weight=weak_weight, mask=mask, reduction=reduction)
+    _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
+    token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                               chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad)
+    seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
+    loss = _epa_on_sequences(seq, ref, counts, num_candidates, batch, average, beta=beta, num_strong=num_strong,
+                             weak_weight=weak_weight, mask=mask, reduction=reduction, sft_weight=sft_weight)
     return loss, seq

@@ -97,6 +97,11 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         labels' shape, fp32: log-probs, 0 where ignored. Differentiable in hidden, weight and
         bias; gradients that are not needed (a frozen head) are not computed.
     """
+    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden must have shape [B, T, H] or [N, H]; got {list(hidden.shape)}")
     if hidden.shape[:-1] != labels.shape:

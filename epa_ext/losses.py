@@ -9,6 +9,8 @@ With h = log pi_theta(y|x) - log pi_ref(y|x) per sequence (epa-spec sections 3 a
           ipo      (delta - 1/(2 beta))^2                         (on length-averaged log-probs)
     EPA   s_ij = beta h_ij + omega_j,  omega_j = 0 (j <= K), log(weak_weight) (j > K), -inf (masked)
           loss_i = logsumexp_j s_ij - s_i0
+    SFT   loss_i += sft_weight * NLL,  NLL = -sum_i log pi_theta(chosen_i) / sum_i n_i   (both losses;
+          n_i the chosen answer's completion tokens: TRL's rpo_alpha, or its "sft" loss term)
 
 Column 0 of EPA's [B, C] inputs is the chosen answer, columns 1..K the strong negatives (rejected
 answers to the same prompt), the rest weak negatives (answers to other prompts scored under this
@@ -16,6 +18,8 @@ one). The paper's exact constants are not verified: beta = 0.1 and weak_weight =
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +47,44 @@ def check_loss_options(*, beta: float, reduction: str, loss_type: str = "sigmoid
         raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' and 'robust' only; got {loss_type!r}")
     if not weak_weight >= 0:
         raise ValueError(f"weak_weight must be >= 0; got {weak_weight}")
+
+
+def check_sft_weight(sft_weight: float) -> None:
+    """Raises TypeError / ValueError unless sft_weight is a finite real number >= 0."""
+    if isinstance(sft_weight, bool) or not isinstance(sft_weight, numbers.Real):
+        raise TypeError(f"sft_weight must be a real number; got {type(sft_weight).__name__}")
+    if not 0 <= sft_weight < float("inf"):
+        raise ValueError(f"sft_weight must be a finite number >= 0; got {sft_weight}")
+
+
+def check_sft_options(sft_weight: float, chosen_token_counts: Tensor | None, policy_chosen: Tensor) -> None:
+    """The SFT term's options: a finite sft_weight >= 0 and, when it is > 0, the [B] token counts."""
+    check_sft_weight(sft_weight)
+    if sft_weight == 0:
+        return
+    if chosen_token_counts is None:
+        raise ValueError("chosen_token_counts is required when sft_weight > 0: the SFT term averages the chosen "
+                         "answers' negative log-likelihood over their completion tokens ([B] counts, e.g. "
+                         "(labels != IGNORE_INDEX).sum(-1) of the chosen rows)")
+    if not isinstance(chosen_token_counts, Tensor):
+        raise TypeError(f"chosen_token_counts must be a torch.Tensor; got {type(chosen_token_counts).__name__}")
+    if chosen_token_counts.shape != policy_chosen.shape[:1]:
+        raise ValueError(f"chosen_token_counts must have shape [B] = [{policy_chosen.shape[0]}]; "
+                         f"got {list(chosen_token_counts.shape)}")
+    if chosen_token_counts.device != policy_chosen.device:
+        raise ValueError(f"chosen_token_counts must be on the device of the log-probs ({policy_chosen.device}); "
+                         f"got {chosen_token_counts.device}")
+
+
+def sft_nll(policy_chosen: Tensor, chosen_token_counts: Tensor, averaged: bool) -> Tensor:
+    """-sum_b log pi(chosen_b) / sum_b n_b (0 when there are no tokens), in the accumulation dtype.
+
+    policy_chosen: [B] summed log-probs, or length-averaged ones when ``averaged`` (then they are
+    multiplied back by their counts)."""
+    chosen = policy_chosen.to(_accumulate_dtype(policy_chosen))
+    counts = chosen_token_counts.to(chosen.dtype)
+    sums = chosen * counts if averaged else chosen
+    return -sums.sum() / counts.sum().clamp_min(1)
 
 
 def reduce_losses(losses: Tensor, reduction: str) -> Tensor:
@@ -110,24 +152,40 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    sft_weight: float = 0.0,
+    chosen_token_counts: Tensor | None = None,
+    averaged: bool = False,
 ) -> Tensor:
     """DPO-family loss of B preference pairs.
 
     Args:
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: [B] sequence log-probs of the
-            chosen and rejected answers under the policy and the reference (ipo expects
-            length-averaged ones).
+            chosen and rejected answers under the policy and the reference, all four in the
+            form the loss is taken on: ipo is defined on length-averaged ones (sum / token
+            count; ``fused_dpo_loss`` averages for it), the other types on sums.
         beta: KL strength (> 0). loss_type: "sigmoid" | "robust" | "hinge" | "ipo".
         label_smoothing: eps in [0, 0.5) for "sigmoid" (cDPO) and "robust".
         reduction: "mean" (over B) | "sum" | "none" ([B]).
+        sft_weight: lambda >= 0; adds lambda * NLL to every pair's loss, with
+            ``NLL = -sum_b log pi(chosen_b) / sum_b chosen_token_counts[b]`` the chosen answers'
+            negative log-likelihood averaged over all their completion tokens in the batch
+            (TRL's rpo_alpha; TRL 1.16's loss_type=[..., "sft"] with weight lambda). With
+            reduction="mean" the loss is ``mean_b loss_b + lambda * NLL``.
+        chosen_token_counts: [B] completion-token counts of the chosen answers; required when
+            sft_weight > 0.
+        averaged: True when the policy log-probs given are length-averaged (as for ipo); the
+            SFT term then takes ``policy_chosen * chosen_token_counts`` as the chosen sums.
 
     Returns:
         The loss (fp32; [B] for reduction="none"), differentiable in all four inputs.
     """
     check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
+    check_sft_options(sft_weight, chosen_token_counts, policy_chosen)
     losses, _ = torch.ops.epa_ext.dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, float(beta), loss_type, float(label_smoothing)
     )
+    if sft_weight:
+        losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, averaged)
     return reduce_losses(losses, reduction)
 
 
@@ -192,6 +250,9 @@ def epa_loss(
     weak_weight: float = 1.0,
     mask: Tensor | None = None,
     reduction: str = "mean",
+    sft_weight: float = 0.0,
+    chosen_token_counts: Tensor | None = None,
+    averaged: bool = False,
 ) -> Tensor:
     """EPA loss: each chosen answer against its strong and weak negatives, a softmax contrast.
 
@@ -203,10 +264,13 @@ def epa_loss(
         mask: [B, C] bool, False for absent candidates (column 0 must be True); they contribute
             nothing to the value or the gradient.
         reduction: "mean" (over B) | "sum" | "none" ([B]).
+        sft_weight, chosen_token_counts, averaged: the SFT term on the chosen answers (column
+            0), as in ``dpo_loss``.
 
     Returns:
-        ``mean_i [logsumexp_j (beta h_ij + omega_j) - beta h_i0]`` (fp32), differentiable in
-        policy_logps and ref_logps. K = 1 with no weak negatives is DPO's sigmoid loss.
+        ``mean_i [logsumexp_j (beta h_ij + omega_j) - beta h_i0]`` (+ lambda * NLL) (fp32),
+        differentiable in policy_logps and ref_logps. K = 1 with no weak negatives is DPO's
+        sigmoid loss.
     """
     check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
     if policy_logps.dim() != 2:
@@ -215,7 +279,10 @@ def epa_loss(
         num_strong = policy_logps.shape[1] - 1
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor; got {mask.dtype}")
+    check_sft_options(sft_weight, chosen_token_counts, policy_logps)
     losses, _ = torch.ops.epa_ext.epa_loss(policy_logps, ref_logps, mask, float(beta), int(num_strong), float(weak_weight))
+    if sft_weight:
+        losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, averaged)
     return reduce_losses(losses, reduction)
 
 
@@ -226,34 +293,43 @@ class DPOLoss(nn.Module):
     """``dpo_loss`` with its options fixed at construction (checked there)."""
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", sft_weight: float = 0.0):
         super().__init__()
         check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
+        check_sft_weight(sft_weight)
         self.beta, self.loss_type, self.label_smoothing, self.reduction = beta, loss_type, label_smoothing, reduction
+        self.sft_weight = sft_weight
 
-    def forward(self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
+    def forward(self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                chosen_token_counts: Tensor | None = None, averaged: bool = False) -> Tensor:
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.beta,
-                        loss_type=self.loss_type, label_smoothing=self.label_smoothing, reduction=self.reduction)
+                        loss_type=self.loss_type, label_smoothing=self.label_smoothing, reduction=self.reduction,
+                        sft_weight=self.sft_weight, chosen_token_counts=chosen_token_counts, averaged=averaged)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}"
+        return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
+                f"sft_weight={self.sft_weight}")
 
 
 class EPALoss(nn.Module):
     """``epa_loss`` with its options fixed at construction (checked there)."""
 
     def __init__(self, beta: float = 0.1, num_strong: int | None = None, weak_weight: float = 1.0,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", sft_weight: float = 0.0):
         super().__init__()
         check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
+        check_sft_weight(sft_weight)
         self.beta, self.num_strong, self.weak_weight, self.reduction = beta, num_strong, weak_weight, reduction
+        self.sft_weight = sft_weight
 
-    def forward(self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None = None,
+                chosen_token_counts: Tensor | None = None, averaged: bool = False) -> Tensor:
         return epa_loss(policy_logps, ref_logps, beta=self.beta, num_strong=self.num_strong,
-                        weak_weight=self.weak_weight, mask=mask, reduction=self.reduction)
+                        weak_weight=self.weak_weight, mask=mask, reduction=self.reduction, sft_weight=self.sft_weight,
+                        chosen_token_counts=chosen_token_counts, averaged=averaged)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, num_strong={self.num_strong}, weak_weight={self.weak_weight}"
+        return f"beta={self.beta}, num_strong={self.num_strong}, weak_weight={self.weak_weight}, sft_weight={self.sft_weight}"
 
 
 @torch.no_grad()

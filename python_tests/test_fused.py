@@ -77,8 +77,6 @@ def test_fused_dpo_equals_composition(loss_type, inplace, dtype, device):
     logits, labels, ref = make_batch(2, 4, 11, 97, dtype, device)
     smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
     beta = 0.5 if loss_type == "ipo" else 0.1
-    if loss_type == "ipo":  # IPO works on length-averaged log-probs, the reference's too
-        ref = ref / (labels != -100).sum(-1).clamp_min(1)
     check_fused(epa_ext.fused_dpo_loss, eager.fused_dpo_loss, logits, labels, ref, inplace=inplace,
                 beta=beta, loss_type=loss_type, label_smoothing=smoothing)
 
@@ -145,3 +143,125 @@ def test_fused_bad_input():
         epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=3, num_strong=3)
     with pytest.raises(ValueError, match="ref_logps must be on the device of logits"):
         epa_ext.fused_epa_loss(logits, labels, ref.to("meta"), num_candidates=3)
+
+
+# --- the reference's form (issue 17) and the SFT term -------------------------------------------
+
+
+def summed_sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return eager.sequence_logps(logits.double(), labels)
+
+
+def test_ipo_takes_summed_reference_log_probs_as_trl_does(device):
+    """TRL 1.16 (dpo_trainer.py, loss_type "ipo"): scores are summed policy minus summed reference
+    log-probs, divided by the completion-token count of each sequence."""
+    gen = torch.Generator().manual_seed(11)
+    prompts, seq_len, vocab = 3, 40, 50
+    policy_logits = torch.randn(2 * prompts, seq_len, vocab, generator=gen, dtype=torch.float64)
+    ref_logits = policy_logits + 0.3 * torch.randn(policy_logits.shape, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (2 * prompts, seq_len), generator=gen)
+    labels[:prompts, : seq_len // 2] = epa_ext.IGNORE_INDEX  # chosen answers shorter than the rejected ones
+    labels[prompts:, : seq_len // 8] = epa_ext.IGNORE_INDEX
+    ref_sums = summed_sequence_logps(ref_logits, labels)  # as sequence_logps / linear_sequence_logps return them
+    counts = (labels != epa_ext.IGNORE_INDEX).sum(-1).double()
+    scores = (summed_sequence_logps(policy_logits, labels) - ref_sums) / counts
+    beta = 0.1
+    trl = ((scores[:prompts] - scores[prompts:] - 1 / (2 * beta)) ** 2).mean()
+
+    logits, ref = policy_logits.float().to(device), ref_sums.float().to(device)
+    loss, _ = epa_ext.fused_dpo_loss(logits, labels.to(device), ref, loss_type="ipo", beta=beta)
+    assert_close_to_truth(loss, trl, dtype=torch.float32, what="IPO with summed ref_logps")
+    averaged_ref = (ref_sums / counts).float().to(device)
+    loss_avg, _ = epa_ext.fused_dpo_loss(logits, labels.to(device), averaged_ref, loss_type="ipo", beta=beta,
+                                         ref_logps_averaged=True)
+    assert_close_to_truth(loss_avg, trl, dtype=torch.float32, what="IPO with ref_logps_averaged=True")
+    # the old contract (a summed reference taken as if averaged) is far off: the issue's 1704.75 vs 23.19
+    old_scores = summed_sequence_logps(policy_logits, labels) / counts - ref_sums
+    old = ((old_scores[:prompts] - old_scores[prompts:] - 1 / (2 * beta)) ** 2).mean()
+    assert old.item() > 10 * trl.item()
+
+
+def test_ref_logps_averaged_needs_an_averaging_loss():
+    logits, labels, ref = make_batch(2, 2, 4, 10, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="ref_logps_averaged=True says ref_logps are length-averaged"):
+        epa_ext.fused_dpo_loss(logits, labels, ref, ref_logps_averaged=True)
+    with pytest.raises(ValueError, match="ref_logps_averaged=True"):
+        epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=2, ref_logps_averaged=True)
+
+
+def trl_sft_nll(token_logps: torch.Tensor, labels: torch.Tensor, prompts: int) -> torch.Tensor:
+    """TRL 1.16's "sft" loss term: -chosen_per_token_logps[chosen_mask].mean()."""
+    chosen_mask = labels[:prompts] != epa_ext.IGNORE_INDEX
+    return -token_logps[:prompts][chosen_mask].mean()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("average", [False, True])
+def test_sft_weight_adds_the_chosen_answers_nll(reduction, average, device):
+    candidates, prompts, sft = 3, 4, 0.7
+    logits, labels, ref = make_batch(candidates, prompts, 9, 40, torch.float32, device)
+    labels[1] = epa_ext.IGNORE_INDEX  # a chosen answer without tokens
+    options = dict(num_candidates=candidates, beta=0.2, reduction=reduction, average=average)
+    check_fused(epa_ext.fused_epa_loss, eager.fused_epa_loss, logits, labels, ref, inplace=False,
+                sft_weight=sft, **options)
+    check_fused(epa_ext.fused_dpo_loss, eager.fused_dpo_loss, logits[: 2 * prompts], labels[: 2 * prompts],
+                ref[: 2 * prompts], inplace=True, sft_weight=sft, beta=0.2, reduction=reduction, average=average)
+    # the term itself: TRL's definition, added to every prompt's loss
+    with_sft, _ = epa_ext.fused_epa_loss(logits, labels, ref, sft_weight=sft, **options)
+    without, _ = epa_ext.fused_epa_loss(logits, labels, ref, **options)
+    nll = trl_sft_nll(eager.token_logps(logits.double(), labels), labels, prompts)
+    per_prompt = {"mean": 1, "sum": prompts, "none": torch.ones(prompts, dtype=torch.float64)}[reduction]
+    assert_close_to_truth(with_sft - without, sft * nll * per_prompt, dtype=torch.float32, what="sft term")
+
+
+@pytest.mark.parametrize("loss", ["dpo", "epa"])
+def test_plain_losses_sft_term(loss, device):
+    """The plain losses take the chosen answers' token counts; `averaged` says the log-probs are
+    length-averaged, so the term is the same whichever form the loss is taken on."""
+    gen = torch.Generator().manual_seed(2)
+    prompts, candidates = 6, 3
+    counts = torch.randint(0, 30, (prompts,), generator=gen).to(device)
+    sums = (-torch.rand(prompts, candidates, generator=gen, dtype=torch.float64) * 40).to(device)
+    ref = (-torch.rand(prompts, candidates, generator=gen, dtype=torch.float64) * 40).to(device)
+    expected_nll = -sums[:, 0].sum() / counts.sum()
+    for averaged in (False, True):
+        policy = sums[:, 0] / counts.clamp_min(1) if averaged else sums[:, 0]
+        if loss == "dpo":
+            def ours(p, **kw):
+                return epa_ext.dpo_loss(p, sums[:, 1].float(), ref[:, 0].float(), ref[:, 1].float(), **kw)
+        else:
+            def ours(p, **kw):
+                return epa_ext.epa_loss(torch.cat([p[:, None], sums[:, 1:].float()], 1), ref.float(), **kw)
+        x = policy.float().requires_grad_()
+        term = ours(x, sft_weight=0.5, chosen_token_counts=counts, averaged=averaged) - ours(x)
+        assert_close_to_truth(term, 0.5 * expected_nll, dtype=torch.float32, what=f"{loss} sft term")
+        (grad,) = torch.autograd.grad(term, [x])
+        expected_grad = -0.5 * (counts if averaged else torch.ones_like(counts)) / counts.sum()
+        assert_close_to_truth(grad, expected_grad, dtype=torch.float32, what=f"{loss} sft gradient")
+
+
+SFT_BAD = [
+    (dict(sft_weight=-0.1), ValueError, "sft_weight must be a finite number >= 0; got -0.1"),
+    (dict(sft_weight=float("nan")), ValueError, "sft_weight must be a finite number >= 0; got nan"),
+    (dict(sft_weight=float("inf")), ValueError, "sft_weight must be a finite number >= 0; got inf"),
+    (dict(sft_weight="0.1"), TypeError, "sft_weight must be a real number; got str"),
+    (dict(sft_weight=0.5), ValueError, "chosen_token_counts is required when sft_weight > 0"),
+    (dict(sft_weight=0.5, chosen_token_counts=[1, 2]), TypeError, "chosen_token_counts must be a torch.Tensor"),
+    (dict(sft_weight=0.5, chosen_token_counts=torch.ones(3)), ValueError,
+     r"chosen_token_counts must have shape \[B\] = \[4\]; got \[3\]"),
+]
+
+
+@pytest.mark.parametrize("options,error,pattern", SFT_BAD, ids=lambda v: str(v)[:40])
+def test_sft_bad_options(options, error, pattern):
+    pairs = [-torch.rand(4) for _ in range(4)]
+    with pytest.raises(error, match=pattern):
+        epa_ext.dpo_loss(*pairs, **options)
+    with pytest.raises(error, match=pattern):
+        epa_ext.epa_loss(torch.stack(pairs[:2], 1), torch.stack(pairs[2:], 1), **options)
+    if "chosen_token_counts" not in options and options["sft_weight"] != 0.5:
+        with pytest.raises(error, match=pattern):
+            epa_ext.DPOLoss(**options)
+        logits, labels, ref = make_batch(2, 2, 4, 10, torch.float32, "cpu")
+        with pytest.raises(error, match=pattern):
+            epa_ext.fused_dpo_loss(logits, labels, ref, **options)

@@ -51,12 +51,12 @@ def test_matches_eager(shape, dtype, average, device):
     def ours(h, w, b):
         return epa_ext.linear_sequence_logps(h, w, labels, bias=b, average=average, chunk_size=chunk)
 
-    def eager(h, w, b):
+    def plain_torch(h, w, b):
         return eager.linear_sequence_logps(h, w, labels, b, average=average)
 
     value, grads = grads_of(ours, inputs[:3])
-    truth, truth_grads = grads_of(eager, [t.double() for t in inputs[:3]])
-    plain, plain_grads = grads_of(eager, inputs[:3])
+    truth, truth_grads = grads_of(plain_torch, [t.double() for t in inputs[:3]])
+    plain, plain_grads = grads_of(plain_torch, inputs[:3])
     assert value.dtype == torch.float32 and value.shape == (batch,)
     assert_close_to_truth(value, truth, dtype=dtype, plain=plain, what="sequence logps")
     for name, g, t, p in zip(("hidden", "weight", "bias"), grads, truth_grads, plain_grads):
@@ -168,9 +168,13 @@ def test_fused_linear_losses_equal_the_logits_path(device):
     mask[:, 0] = True
     cases = [
         (lambda h, w, b: epa_ext.fused_linear_epa_loss(h, w, labels, ref, bias=b, num_candidates=4, num_strong=2,
-                                                        weak_weight=0.5, mask=mask, chunk_size=7)[0],
+                                                        weak_weight=0.5, mask=mask, max_chunk_tokens=7)[0],
          lambda h, w, b: epa_ext.fused_epa_loss(h @ w.T + b, labels, ref, num_candidates=4, num_strong=2,
                                                 weak_weight=0.5, mask=mask)[0]),
+        (lambda h, w, b: epa_ext.fused_linear_epa_loss(h, w, labels, ref, bias=b, num_candidates=2, sft_weight=0.3,
+                                                        average=True)[0],
+         lambda h, w, b: epa_ext.fused_epa_loss(h @ w.T + b, labels, ref, num_candidates=2, sft_weight=0.3,
+                                                average=True)[0]),
         (lambda h, w, b: epa_ext.fused_linear_dpo_loss(h, w, labels, ref, bias=b, loss_type="ipo", beta=0.5)[0],
          lambda h, w, b: epa_ext.fused_dpo_loss(h @ w.T + b, labels, ref, loss_type="ipo", beta=0.5)[0]),
         (lambda h, w, b: epa_ext.fused_linear_dpo_loss(h, w, labels, ref, bias=b, label_smoothing=0.1)[0],

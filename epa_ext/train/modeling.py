@@ -70,11 +70,11 @@ def score_hidden(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor
 
 
 @torch.no_grad()
-def reference_logps(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                    average: bool) -> Tensor:
-    """[R] sequence log-probs under a model that is not trained (no graph is kept)."""
+def reference_logps(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    """[R] summed sequence log-probs under a model that is not trained (no graph is kept); the fused
+    losses average them themselves where the loss needs it (IPO)."""
     hidden, weight, bias = score_hidden(causal_lm, input_ids, attention_mask)
-    return linear_sequence_logps(hidden, weight, labels, bias=bias, average=average).float()
+    return linear_sequence_logps(hidden, weight, labels, bias=bias).float()
 
 
 class PreferenceLoss(nn.Module):
@@ -91,11 +91,6 @@ class PreferenceLoss(nn.Module):
         self.policy = policy
         self.loss, self.beta, self.dpo_loss_type = loss, beta, dpo_loss_type
         self.label_smoothing, self.num_strong, self.weak_weight = label_smoothing, num_strong, weak_weight
-
-    @property
-    def average(self) -> bool:
-        """IPO works on length-averaged log-probs (and so must its reference)."""
-        return self.loss == "dpo" and self.dpo_loss_type == "ipo"
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
                 candidate_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -199,7 +199,7 @@ def unwrap_peft(model):
     return model
 
 
-def fingerprint(cfg: TrainConfig, split: Split, num_strong: int, num_weak: int, average: bool) -> str:
+def fingerprint(cfg: TrainConfig, split: Split, num_strong: int, num_weak: int) -> str:
     """What the cached reference log-probs depend on: the reference model, the tokenized data
     (hence the data file, tokenizer and truncation) and the candidate layout."""
     digest = hashlib.sha256()
@@ -210,21 +210,22 @@ def fingerprint(cfg: TrainConfig, split: Split, num_strong: int, num_weak: int, 
         model_id["config"] = Path(cfg.model, "config.json").read_text()
         model_id["weights"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                      for p in Path(cfg.model).glob("*.safetensors"))
-    digest.update(json.dumps([model_id, num_strong, num_weak, average, split.weak_sources], default=str).encode())
+    # "summed": the table holds summed log-probs (caches of length-averaged IPO tables are not reused)
+    digest.update(json.dumps([model_id, num_strong, num_weak, "summed", split.weak_sources], default=str).encode())
     for example in split.examples:
         digest.update(json.dumps([example.prompt_ids, example.answer_ids]).encode())
     return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
-def precompute_reference(split: Split, scorer, cfg, num_strong, num_weak, pad_id, runtime, average) -> torch.Tensor:
+def precompute_reference(split: Split, scorer, cfg, num_strong, num_weak, pad_id, runtime) -> torch.Tensor:
     """[n, C] reference log-probs of every example's candidates (0 for padding candidates)."""
     rows = []
     for start in range(0, len(split.examples), cfg.batch_size):
         ids = list(range(start, min(start + cfg.batch_size, len(split.examples))))
         batch = make_batch(split, ids, num_strong, num_weak, pad_id, runtime.device, cfg.max_length)
         with autocast(cfg, runtime):
-            logps = reference_logps(scorer, batch.input_ids, batch.attention_mask, batch.labels, average)
+            logps = reference_logps(scorer, batch.input_ids, batch.attention_mask, batch.labels)
         rows.append(logps.view(batch.num_candidates, len(ids)).T.cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 1 + num_strong + num_weak)
 
@@ -350,12 +351,11 @@ def run(cfg: TrainConfig) -> list[dict]:
     if cfg.ref == "precompute":
         reference_tables = {}
         for name, split in (("train", train), ("eval", held_out)):
-            key = fingerprint(cfg, split, num_strong, num_weak, loss_module.average)
+            key = fingerprint(cfg, split, num_strong, num_weak)
             with reference_mode(policy, reference) as scorer:
                 reference_tables[name] = cached_reference(
                     output_dir / f"reference_logps-{name}-{key}.pt",
-                    lambda: precompute_reference(split, scorer, cfg, num_strong, num_weak, pad_id, runtime,
-                                                 loss_module.average), runtime)
+                    lambda: precompute_reference(split, scorer, cfg, num_strong, num_weak, pad_id, runtime), runtime)
         reference = None  # no reference model in memory from here on
 
     def reference_for(split_name: str, split: Split, batch: Batch) -> torch.Tensor:
@@ -363,7 +363,7 @@ def run(cfg: TrainConfig) -> list[dict]:
             table = reference_tables[split_name][batch.example_ids]
             return table.T.reshape(-1).to(runtime.device)
         with reference_mode(policy, reference) as scorer, autocast(cfg, runtime):
-            return reference_logps(scorer, batch.input_ids, batch.attention_mask, batch.labels, loss_module.average)
+            return reference_logps(scorer, batch.input_ids, batch.attention_mask, batch.labels)
 
     model = loss_module
     if cfg.fsdp:
