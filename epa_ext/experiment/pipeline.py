@@ -343,6 +343,8 @@ def run_settings(base: ExperimentConfig, settings: list[Setting]) -> dict:
     started = time.perf_counter()
     Path(base.output_dir).mkdir(parents=True, exist_ok=True)
     device = resolve_device(base.device)
+    if base.threads:  # the reference's SFT and the evaluations here, as in the training processes
+        torch.set_num_threads(base.threads)
     prepared = prepare(settings, base.seeds, device)
     runs = execute(settings, base.seeds, prepared, device, workers=base.workers, threads=base.threads,
                    progress=base.progress)
