@@ -1,6 +1,7 @@
-"""The known-reward experiment (epa_ext.experiment): the task's definitions, the metrics, and a
-smoke run of the whole pipeline on a tiny budget. (The two-disjoint-pairs toy that shows DPO's
-flat direction and EPA's unique minimum is in test_losses.py.)"""
+"""The known-reward experiment (epa_ext.experiment): the task's definitions, the metrics, the
+flags, a smoke run of the whole pipeline and of each sweep on a tiny budget. (The
+two-disjoint-pairs toy that shows DPO's flat direction and EPA's unique minimum is in
+test_losses.py.)"""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from epa_ext.experiment.config import ExperimentConfig, ReferenceSpec, TaskSpec, parse_method
 from epa_ext.experiment.metrics import slope1_metrics
-from epa_ext.experiment.run import ExperimentConfig, format_table, main, run_experiment
-from epa_ext.experiment.task import (EOS_ID, FIRST_LETTER_ID, KnownRewardTask, ReferenceSpec, TaskSpec,
-                                     answer_logps, sample_answers, train_reference, write_preferences)
+from epa_ext.experiment.report import format_table
+from epa_ext.experiment.run import build_parser, main, run_experiment
+from epa_ext.experiment.task import (EOS_ID, FIRST_LETTER_ID, KnownRewardTask, answer_logps, sample_answers,
+                                     train_reference, write_preferences)
 from epa_ext.train.data import parse_rows
 from epa_ext.train.modeling import build_tiny_model
 
@@ -173,14 +176,14 @@ def test_rerun_reuses_finished_work(smoke_results, capsys):
     argv = ["--output-dir", cfg.output_dir, "--seeds", "0", "1", "--methods", "dpo", "epa_k3_m4", "--steps", "40",
             "--train-prompts", "320", "--eval-prompts", "64", "--reference-steps", "150", "--lr", "5e-4",
             "--device", "cpu"]
-    evals = sorted(Path(cfg.output_dir).glob("seed*/*/eval.json"))
+    evals = sorted(Path(cfg.output_dir).glob("runs/*/eval.json"))
     written = [p.stat().st_mtime_ns for p in evals]
     main(argv)
     out = capsys.readouterr().out
     assert len(evals) == 4 and [p.stat().st_mtime_ns for p in evals] == written  # nothing retrained
     assert "EPA K=3 M=4 vs DPO: reward" in out and "slope1_error" in out
     for name in ("reward_vs_kl.png", "slope1.png", "implicit_vs_true.png"):
-        assert f"plot: {cfg.output_dir}/{name}" in out and (Path(cfg.output_dir) / name).stat().st_size > 10_000
+        assert f"wrote {cfg.output_dir}/{name}" in out and (Path(cfg.output_dir) / name).stat().st_size > 10_000
     rerun = json.loads((Path(cfg.output_dir) / "results.json").read_text())
     assert rerun["runs"] == json.loads(json.dumps(results["runs"]))
 
@@ -189,7 +192,8 @@ def test_worker_processes_give_the_numbers_of_one_process(smoke_results, tmp_pat
     """The smoke run trained in 2 processes with one thread each; one run repeated in this process
     (the reference copied over, so both start from the same weights) gives the same numbers."""
     cfg, results = smoke_results
-    shutil.copytree(Path(cfg.output_dir) / "reference", tmp_path / "reference")
+    (reference,) = Path(cfg.output_dir).glob("reference-*")
+    shutil.copytree(reference, tmp_path / reference.name)
     single = run_experiment(dataclasses.replace(cfg, output_dir=str(tmp_path), seeds=[1], methods=["epa_k3_m4"],
                                                 workers=1))
     parallel = results["runs"]["epa_k3_m4"][1]
@@ -198,7 +202,12 @@ def test_worker_processes_give_the_numbers_of_one_process(smoke_results, tmp_pat
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--methods", "ppo"], "invalid choice"),
+    (["--methods", "ppo"], "unknown method 'ppo'"),
+    (["--methods", "epa_k0_m2"], "unknown method 'epa_k0_m2'"),
+    (["--scheduler", "step"], "invalid choice"),
+    (["--eval-candidates", "1"], "--eval-candidates must be >= 2"),
+    (["--task-prompt-length", "13"], "--task-prompt-length"),
+    (["--sweep", "negatives", "--negatives-num-weak", "-1"], "--negatives-num-weak"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--beta", "0"], "--beta and --temperature must be > 0"),
     (["--workers", "0"], "--workers must be >= 1"),
@@ -212,3 +221,146 @@ def test_bad_flags_are_reported(argv, message, tmp_path, capsys):
 def test_too_few_candidates_for_the_negatives(tmp_path):
     with pytest.raises(SystemExit, match="--candidates 3 is too few for 3 strong negatives"):
         main(["--candidates", "3", "--methods", "epa_k3", "--output-dir", str(tmp_path)])
+
+
+def test_method_names():
+    assert parse_method("dpo") == parse_method("dpo") and parse_method("dpo").loss == "dpo"
+    k3 = parse_method("epa_k3")
+    assert (k3.loss, k3.num_strong, k3.num_weak, k3.label) == ("epa", 3, 0, "EPA K=3 M=0")
+    k2m16 = parse_method("epa_k2_m16")
+    assert (k2m16.num_strong, k2m16.num_weak, k2m16.label) == (2, 16, "EPA K=2 M=16")
+    for bad in ("epa", "epa_k0", "epa_k1_m", "ipo", "epa_k1_m-1"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_method(bad)
+
+
+def _leaves(cfg, prefix=""):
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}-")
+        else:
+            yield (prefix + f.name).replace("_", "-"), value
+
+
+def test_every_setting_is_a_documented_flag(capsys):
+    """Each ExperimentConfig field, nested specs included, is a flag with help and its default in
+    --help; a non-default value given on the command line reaches the config."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    from epa_ext.experiment.config import config_from_flags
+
+    leaves = dict(_leaves(ExperimentConfig()))
+    assert len(leaves) > 35
+    for flag in leaves:
+        assert f"--{flag} " in help_text or f"--{flag}\n" in help_text or f"--{flag}," in help_text, flag
+    argv = ["--eval-candidates", "5", "--policy-samples", "3", "--task-alphabet-size", "10", "--reference-lr", "1e-3",
+            "--negatives-num-weak", "0", "32", "--practical-weak-weights", "0.1", "--no-progress", "--threads", "1",
+            "--methods", "epa_k2_m16", "--scheduler", "constant"]
+    given = vars(build_parser().parse_args(argv))
+    assert given.pop("sweep") is None
+    cfg = config_from_flags(given)
+    assert (cfg.eval_candidates, cfg.policy_samples, cfg.task.alphabet_size, cfg.reference.lr) == (5, 3, 10, 1e-3)
+    assert cfg.negatives.num_weak == [0, 32] and cfg.practical.weak_weights == [0.1]
+    assert (cfg.progress, cfg.threads, cfg.methods, cfg.scheduler) == (False, 1, ["epa_k2_m16"], "constant")
+    # Untouched settings keep their defaults, nested ones included.
+    assert cfg.task.prompt_length == TaskSpec().prompt_length and cfg.negatives.num_strong == 3
+    assert ExperimentConfig().negatives.num_weak == [0, 1, 2, 4, 8, 16]  # defaults are not shared lists
+
+
+TINY = ["--seeds", "0", "--steps", "8", "--train-prompts", "96", "--eval-prompts", "16", "--eval-candidates", "4",
+        "--policy-samples", "2", "--reference-steps", "20", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+
+
+def _trained(out: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in out.glob("runs/*/eval.json")}
+
+
+@pytest.fixture(scope="module")
+def negatives_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("negatives")
+    argv = ["--sweep", "negatives", "--output-dir", str(out), "--negatives-num-weak", "0", "2",
+            "--negatives-strong-values", "1", "3", "--negatives-strong-at-weak", "2", *TINY]
+    main(argv)
+    return out, argv
+
+
+def test_negatives_sweep_writes_results_and_plots(negatives_sweep, capsys):
+    out, _ = negatives_sweep
+    results = json.loads((out / "results.json").read_text())
+    assert results["sweep"] == "negatives"
+    # DPO, the M sweep at K = 3 (M = 0, 2), the K sweep at M = 2 (K = 1; K = 3 is shared).
+    assert list(results["settings"]) == ["dpo", "epa_k3_m0", "epa_k3_m2", "epa_k1_m2"]
+    for name, setting in results["settings"].items():
+        assert set(results["summary"][name]) >= {"slope1_error", "rho", "slope", "reward", "kl"}
+        (run,) = results["runs"][name]
+        # The settings are the ones the runs were trained with, as epa_ext.train recorded them.
+        trained = run["train_config"]
+        assert (trained["loss"], trained["num_weak"], trained["max_steps"], trained["seed"]) == \
+            (setting["method"]["loss"], setting["method"]["num_weak"], 8, 0)
+        if trained["loss"] == "epa":
+            assert trained["num_strong"] == setting["method"]["num_strong"]
+        assert len(run["train_loss"]) == 8 and math.isfinite(run["slope1_error"])
+    assert results["config"]["steps"] == 8 and results["config"]["workers"] == 1  # the sweep's default
+    for name in ("table.md", "negatives_vs_m.png", "negatives_vs_k.png", "reward_vs_kl.png", "slope1.png"):
+        assert (out / name).stat().st_size > 500, name
+    table = (out / "table.md").read_text()
+    assert "| EPA K=3 M=2 | 3 | 2 |" in table and "| DPO | – | – |" in table
+
+
+def test_sweep_rerun_trains_nothing(negatives_sweep, capsys):
+    out, argv = negatives_sweep
+    before = _trained(out)
+    assert len(before) == 4
+    main(argv)
+    assert _trained(out) == before
+    assert "EPA K=3 M=2 vs DPO" in capsys.readouterr().out
+    # A setting added to the grid trains that setting alone.
+    main([*argv[:5], "0", "2", "4", *argv[7:]])
+    after = _trained(out)
+    assert len(after) == 5 and {k: after[k] for k in before} == before
+
+
+def test_practical_sweep_settings(tmp_path):
+    """The grid: DPO and EPA at each α, each also with the SFT term, then again on the longer
+    reference; read back from the results of a tiny run without the SFT term (weight 0)."""
+    from epa_ext.experiment.sweep import practical_settings
+
+    cfg = ExperimentConfig()
+    settings = {s.name: s for s in practical_settings(cfg)}
+    assert list(settings) == ["dpo", "epa_k3_m4_a0.25", "epa_k3_m4_a0.5", "epa_k3_m4_a1", "dpo_sft",
+                              "epa_k3_m4_a0.25_sft", "epa_k3_m4_a0.5_sft", "epa_k3_m4_a1_sft", "dpo_longref",
+                              "epa_k3_m4_a1_longref", "dpo_sft_longref", "epa_k3_m4_a1_sft_longref"]
+    assert settings["dpo_sft"].label == "DPO + SFT 1 (RPO)" and settings["dpo_sft"].cfg.sft_weight == 1.0
+    assert settings["epa_k3_m4_a0.25"].cfg.weak_weight == 0.25 and settings["epa_k3_m4_a0.25"].cfg.sft_weight == 0
+    assert settings["epa_k3_m4_a1_longref"].cfg.reference.steps == 3200
+    assert settings["dpo"].cfg.reference.steps == 800
+
+    main(["--sweep", "practical", "--output-dir", str(tmp_path), "--practical-weak-weights", "0.5",
+          "--practical-sft-weight", "0", "--practical-long-reference-steps", "30",
+          "--practical-long-reference-weak-weights", "0.5", *TINY])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["settings"]) == ["dpo", "epa_k3_m4_a0.5", "dpo_longref", "epa_k3_m4_a0.5_longref"]
+    for name, setting in results["settings"].items():
+        (run,) = results["runs"][name]
+        reference = results["references"][setting["reference"]]
+        assert reference["steps"] == setting["reference_steps"] == (30 if name.endswith("longref") else 20)
+        assert run["train_config"]["model"].endswith(f"reference-{setting['reference'][:8]}")
+        if setting["method"]["loss"] == "epa":
+            assert run["train_config"]["weak_weight"] == setting["weak_weight"] == 0.5
+    assert len(results["references"]) == 2
+
+
+def test_convergence_sweep_curves(tmp_path):
+    main(["--sweep", "convergence", "--output-dir", str(tmp_path), "--methods", "dpo", "epa_k1_m2", "--eval-every",
+          "4", *TINY])
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name in ("dpo", "epa_k1_m2"):
+        (run,) = results["runs"][name]
+        assert [p["step"] for p in run["curve"]] == [4, 8]
+        assert run["curve"][-1]["slope1_error"] == run["slope1_error"]  # the final point is the final policy
+        assert run["train_config"]["scheduler"] == "constant" and run["train_config"]["save_steps"] == 4
+    assert not list(tmp_path.glob("runs/*/checkpoint-*"))  # evaluated, then removed
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "| step | ε̂ ↓ |" in (tmp_path / "table.md").read_text()

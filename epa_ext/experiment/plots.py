@@ -7,6 +7,14 @@
 - implicit_vs_true.png: r_θ against r* on held-out candidates (first seed), both centered per
   prompt, with the fitted slope (mean ± std over seeds); slope 1 through the origin is what a
   perfectly calibrated implicit reward gives.
+
+For the sweeps (sweep.py):
+
+- curves.png (convergence): the training loss and the held-out ε̂, slope, ρ, true reward and KL
+  over steps, one line per setting.
+- negatives_vs_m.png, negatives_vs_k.png (negatives): ε̂, slope and ρ against the number of weak
+  negatives M (symmetric log scale, so M = 0 shows) and against K, with DPO (mean ± std band) and
+  the target π* as horizontal lines.
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import METHODS
 
 
 def _pyplot():
@@ -27,12 +34,20 @@ def _pyplot():
     return plt
 
 
-def plot_results(results: dict, out_dir: Path) -> list[Path]:
-    """Writes the three plots into out_dir; returns their paths."""
+def _colors(plt, names: list[str]) -> dict:
+    cmap = plt.cm.tab10 if len(names) <= 10 else plt.cm.tab20
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def plot_results(results: dict, out_dir: Path, scatter: bool = True) -> list[Path]:
+    """Writes reward_vs_kl.png, slope1.png and (scatter=True) implicit_vs_true.png into out_dir;
+    returns their paths."""
     plt = _pyplot()
     names = list(results["summary"])
-    colors = {name: plt.cm.tab10(i) for i, name in enumerate(names)}
-    paths = [out_dir / "reward_vs_kl.png", out_dir / "slope1.png", out_dir / "implicit_vs_true.png"]
+    labels = {name: results["settings"][name]["label"] for name in names}
+    colors = _colors(plt, names)
+    paths = [out_dir / "reward_vs_kl.png", out_dir / "slope1.png"] + ([out_dir / "implicit_vs_true.png"] if scatter
+                                                                       else [])
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6), constrained_layout=True)
     frontier = results["frontier"]
@@ -46,18 +61,18 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
         ax.scatter([r["kl"] for r in runs], [r["reward"] for r in runs], color=colors[name], alpha=0.35, s=18)
         (kl, kl_std), (reward, reward_std) = results["summary"][name]["kl"], results["summary"][name]["reward"]
         ax.errorbar(kl, reward, xerr=kl_std, yerr=reward_std, fmt="o", color=colors[name], capsize=3,
-                    label=METHODS[name].label)
+                    label=labels[name])
     ax.set_xlabel("KL(π_θ ‖ π_ref), nats per answer")
     ax.set_ylabel("true reward r* of the policy's samples")
     ax.set_title("Known-reward task: reward against KL (held-out prompts)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7 if len(names) > 6 else 8)
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
     panels = [("rho", "Pearson ρ(r_θ, r*)  ↑"), ("slope1_error", "slope-1 error ε̂ = Var(r_θ − r*)  ↓"),
               ("accuracy", "preference accuracy  ↑")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(max(13, 1.1 * len(names) * 3), 3.8), constrained_layout=True)
     positions = np.arange(len(names))
     for ax, (metric, title) in zip(axes, panels):
         means = [results["summary"][n][metric][0] for n in names]
@@ -66,27 +81,142 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
         if metric == "slope1_error":
             ax.axhline(results["reference"]["slope1_error"], color="k", ls=":", lw=1, label="reference (r_θ = 0)")
             ax.legend(fontsize=8)
-        ax.set_xticks(positions, [METHODS[n].label for n in names], rotation=20, fontsize=8)
+        ax.set_xticks(positions, [labels[n] for n in names], rotation=30 if len(names) > 5 else 20, fontsize=8,
+                      ha="right")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
 
-    true = np.asarray(results["eval_true_rewards"])
-    true = true - true.mean(axis=1, keepdims=True)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), constrained_layout=True, squeeze=False,
-                             sharex=True, sharey=True)
-    limit = np.abs(true).max() * 1.1
-    for ax, name in zip(axes[0], names):
+    if scatter:
+        _plot_implicit_vs_true(plt, results, names, labels, colors, paths[2])
+    return paths
+
+
+def _plot_implicit_vs_true(plt, results: dict, names: list[str], labels: dict, colors: dict, path: Path) -> None:
+    columns = min(len(names), 5)
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), constrained_layout=True,
+                             squeeze=False, sharex=True, sharey=True)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        reference = results["references"][results["settings"][name]["reference"]]
+        true = np.asarray(reference["eval_true_rewards"])
+        true = true - true.mean(axis=1, keepdims=True)
+        limit = np.abs(true).max() * 1.1
         implicit = np.asarray(results["runs"][name][0]["implicit_rewards"])
         implicit = implicit - implicit.mean(axis=1, keepdims=True)
         ax.scatter(true.ravel(), implicit.ravel(), s=5, alpha=0.4, color=colors[name])
         ax.plot([-limit, limit], [-limit, limit], "k--", lw=1)
         slope, slope_std = results["summary"][name]["slope"]
-        ax.set_title(f"{METHODS[name].label}: slope {slope:.2f} ± {slope_std:.2f}", fontsize=10)
+        ax.set_title(f"{labels[name]}: slope {slope:.2f} ± {slope_std:.2f}", fontsize=10)
         ax.set_xlabel("r* (centered per prompt)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("r_θ = β·log π/π_ref (centered)")
-    fig.savefig(paths[2], dpi=110)
+    for row in axes:
+        row[0].set_ylabel("r_θ = β·log π/π_ref (centered)")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+CURVE_PANELS = (("train_loss", "training loss (mean over the interval)"), ("slope1_error", "ε̂ (held-out) ↓"),
+                ("slope", "fitted slope (1: slope-1)"), ("rho", "ρ (held-out) ↑"),
+                ("reward", "true reward of samples ↑"), ("kl", "KL(π_θ ‖ π_ref)"))
+
+
+def plot_curves(results: dict, out_dir: Path) -> list[Path]:
+    """curves.png: each setting's training loss and held-out metrics over steps (every seed's
+    curve; the loss averaged over each evaluation interval)."""
+    plt = _pyplot()
+    names = [n for n in results["runs"] if "curve" in results["runs"][n][0]]
+    colors = _colors(plt, names)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), constrained_layout=True)
+    for name in names:
+        for i, run in enumerate(results["runs"][name]):
+            steps = [p["step"] for p in run["curve"]]
+            label = results["settings"][name]["label"] if i == 0 else None
+            for ax, (metric, _) in zip(axes.flat, CURVE_PANELS):
+                values = interval_losses(run["train_loss"], steps) if metric == "train_loss" else \
+                    [p[metric] for p in run["curve"]]
+                ax.plot(steps, values, "-o", ms=2.5, lw=1.2, color=colors[name], label=label)
+    opt = results["optimum"]
+    targets = {"slope1_error": 0.0, "slope": 1.0, "rho": 1.0, "reward": opt["reward"], "kl": opt["kl"]}
+    for ax, (metric, title) in zip(axes.flat, CURVE_PANELS):
+        if metric in targets:
+            ax.axhline(targets[metric], color="k", ls="--", lw=1, label="target π*" if metric == "slope" else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    axes.flat[2].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Convergence: lr {results['config']['lr']:g} ({results['config']['scheduler']}), batch "
+                 f"{results['config']['batch_size']}, {results['config']['train_prompts']} training prompts")
+    path = out_dir / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def interval_losses(losses: list[list[float]], steps: list[int]) -> list[float]:
+    """The mean of the logged training losses [[step, loss], ...] in each interval (previous
+    step, step] of steps."""
+    means, start = [], 0
+    for end in steps:
+        window = [loss for step, loss in losses if start < step <= end]
+        means.append(float(np.mean(window)) if window else float("nan"))
+        start = end
+    return means
+
+
+def _baselines(ax, results: dict, metric: str, target: float) -> None:
+    """DPO's mean ± std as a band and the target π* as a line."""
+    if "dpo" in results["summary"]:
+        mean, std = results["summary"]["dpo"][metric]
+        ax.axhline(mean, color="tab:red", lw=1.2, label="DPO")
+        ax.axhspan(mean - std, mean + std, color="tab:red", alpha=0.15)
+    ax.axhline(target, color="k", ls="--", lw=1, label="target π*")
+
+
+NEGATIVES_PANELS = (("slope1_error", "slope-1 error ε̂ ↓", 0.0), ("slope", "fitted slope of r_θ on r*", 1.0),
+                    ("rho", "Pearson ρ(r_θ, r*) ↑", 1.0))
+
+
+def plot_negatives(results: dict, out_dir: Path) -> list[Path]:
+    """negatives_vs_m.png (ε̂, slope, ρ against M at the sweep's K) and negatives_vs_k.png (against
+    K at each M of the K sweep), mean ± std over seeds."""
+    plt = _pyplot()
+    grid = results["config"]["negatives"]
+    epa = {(s["method"]["num_strong"], s["method"]["num_weak"]): name
+           for name, s in results["settings"].items() if s["method"]["loss"] == "epa"}
+    seeds = len(results["config"]["seeds"])
+    figures = [("negatives_vs_m.png", "weak negatives M (symmetric log scale)",
+                [(f"EPA K={grid['num_strong']}", [(m, epa[grid["num_strong"], m]) for m in grid["num_weak"]])], True),
+               ("negatives_vs_k.png", "strong negatives K",
+                [(f"EPA M={m}", [(k, epa[k, m]) for k in grid["strong_values"]]) for m in grid["strong_at_weak"]],
+                False)]
+    paths = []
+    for filename, xlabel, series, log_x in figures:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+        for ax, (metric, title, target) in zip(axes, NEGATIVES_PANELS):
+            _baselines(ax, results, metric, target)
+            for label, points in series:
+                xs = [x for x, _ in points]
+                means = [results["summary"][name][metric][0] for _, name in points]
+                stds = [results["summary"][name][metric][1] for _, name in points]
+                ax.errorbar(xs, means, yerr=stds, fmt="-o", capsize=3, label=label)
+            if log_x:
+                ax.set_xscale("symlog", linthresh=1)
+                ax.set_xticks(xs, [str(x) for x in xs])
+            else:
+                ax.set_xticks(xs)
+            ax.set_xlabel(xlabel)
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"EPA's reward recovery against the number of negatives ({results['config']['steps']} steps, "
+                     f"mean ± std over {seeds} seed(s))")
+        path = out_dir / filename
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     return paths

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,28 +35,11 @@ from torch import Tensor
 
 import epa_ext
 
+from .config import ReferenceSpec, TaskSpec
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "=")
 BOS_ID, EOS_ID, PROMPT_END_ID = 1, 2, 4
 FIRST_LETTER_ID = len(SPECIAL_TOKENS)
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    alphabet_size: int = 12
-    prompt_length: int = 4
-    answer_length: int = 6
-    copy_prob: float = 0.5
-    in_prompt_reward: float = 0.5
-    letter_value_scale: float = 0.5
-    seed: int = 0  # of the letter values: the task itself, not a training seed
-
-    def __post_init__(self):
-        if not 1 <= self.prompt_length <= self.alphabet_size <= len(string.ascii_lowercase):
-            raise ValueError(f"need 1 <= prompt_length <= alphabet_size <= 26; got {self.prompt_length}, "
-                             f"{self.alphabet_size}")
-        if self.answer_length < 1 or not 0 <= self.copy_prob <= 1:
-            raise ValueError(f"need answer_length >= 1 and copy_prob in [0, 1]; got {self.answer_length}, "
-                             f"{self.copy_prob}")
 
 
 class KnownRewardTask:
@@ -208,16 +190,6 @@ def sample_answers(model, task: KnownRewardTask, prompts: Tensor, num_samples: i
             ids = torch.cat([ids, draw.to(device) + first], dim=1)
         out.append(ids[:, -steps:].cpu() - first)
     return torch.cat(out)
-
-
-@dataclass(frozen=True)
-class ReferenceSpec:
-    hidden_size: int = 64
-    layers: int = 2
-    steps: int = 800  # 400 left the reference's letters 0.03 short of the base's copy rate and
-    # 1.6 % of its answers malformed; 800 gets within 0.01 nats per letter of the base's entropy
-    batch_size: int = 128
-    lr: float = 3e-3
 
 
 def train_reference(task: KnownRewardTask, spec: ReferenceSpec, seed: int, device: torch.device,

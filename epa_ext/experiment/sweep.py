@@ -1,0 +1,155 @@
+"""`epa-demo --sweep NAME`: the experiment over a grid of settings, resumable like the default run.
+
+- ``convergence``: a few methods trained long at a constant learning rate, evaluated every
+  ``eval_every`` steps: the loss and the held-out metrics over steps, from which the other sweeps'
+  step count is chosen.
+- ``negatives`` (the paper's claim): EPA with K strong negatives and each M of
+  ``--negatives-num-weak`` weak ones, then each K of ``--negatives-strong-values`` at the M of
+  ``--negatives-strong-at-weak``; DPO as the baseline. Does ε̂ fall towards 0 and the slope rise
+  towards 1 as M grows?
+- ``practical``: can EPA keep its reward recovery and match DPO's true reward and KL? DPO, DPO +
+  SFT (TRL's RPO), and EPA at each weak weight α with and without the SFT term; then the same on
+  a longer-trained reference. Every setting has the same steps, batch and learning rate.
+
+Each sweep's defaults (below) differ from the default run's where the sweep needs it; a flag given
+on the command line wins. The grid itself is set by the --negatives-* and --practical-* flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ExperimentConfig, parse_method
+from .pipeline import Setting, run_settings, write_json
+from .report import COLUMNS, markdown_table
+
+# Shared by the negatives and practical sweeps, chosen before either was run (README: "How the
+# step count was chosen"): the convergence sweep's curves flatten by SWEEP_STEPS at a constant
+# learning rate, and the sweeps then decay it (cosine) over those steps. 8000 prompts per seed
+# keep SWEEP_STEPS x 16 prompts within a few epochs, so longer training does not turn into
+# memorizing the training prompts.
+SWEEP_STEPS = 1000
+SWEEP_TRAIN_PROMPTS = 8000
+# One training process with one thread: the machine is shared, and the tiny models gain little
+# from a second thread.
+_ONE_AT_A_TIME = {"workers": 1, "threads": 1}
+
+
+def method_settings(cfg: ExperimentConfig) -> list[Setting]:
+    """cfg.methods, each under cfg (the default run's settings)."""
+    return [Setting(name, parse_method(name).label, parse_method(name), cfg) for name in cfg.methods]
+
+
+def negatives_settings(cfg: ExperimentConfig) -> list[Setting]:
+    grid = cfg.negatives
+    pairs = [(grid.num_strong, m) for m in grid.num_weak]
+    pairs += [(k, m) for m in grid.strong_at_weak for k in grid.strong_values if (k, m) not in pairs]
+    methods = [parse_method("dpo")] + [parse_method(f"epa_k{k}_m{m}") for k, m in pairs]
+    return [Setting(m.name, m.label, m, cfg) for m in methods]
+
+
+def practical_settings(cfg: ExperimentConfig) -> list[Setting]:
+    grid = cfg.practical
+    epa = parse_method(grid.method)
+    sft_weights = [0.0, grid.sft_weight] if grid.sft_weight else [0.0]
+    long_reference = dataclasses.replace(cfg, reference=dataclasses.replace(cfg.reference,
+                                                                            steps=grid.long_reference_steps))
+
+    def settings_on(base: ExperimentConfig, weak_weights: list[float], suffix: str, label_suffix: str):
+        out = []
+        for sft in sft_weights:
+            sft_name, sft_label = ("_sft", f" + SFT {sft:g}") if sft else ("", "")
+            dpo_label = f"DPO + SFT {sft:g} (RPO)" if sft else "DPO"
+            out.append(Setting(f"dpo{sft_name}{suffix}", dpo_label + label_suffix, parse_method("dpo"),
+                               dataclasses.replace(base, sft_weight=sft)))
+            out += [Setting(f"{epa.name}_a{alpha:g}{sft_name}{suffix}", f"{epa.label} α={alpha:g}{sft_label}"
+                            f"{label_suffix}", epa, dataclasses.replace(base, weak_weight=alpha, sft_weight=sft))
+                    for alpha in weak_weights]
+        return out
+
+    return settings_on(cfg, grid.weak_weights, "", "") + settings_on(
+        long_reference, grid.long_reference_weak_weights, "_longref", f", ref. {grid.long_reference_steps} steps")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    defaults: dict[str, Any]  # ExperimentConfig fields, below the command line's flags
+    settings: Callable[[ExperimentConfig], list[Setting]]
+
+
+SWEEPS = {
+    "convergence": Sweep("convergence", {"methods": ["dpo", "epa_k3", "epa_k3_m4", "epa_k3_m16"], "seeds": [0],
+                                         "steps": 3000, "scheduler": "constant", "eval_every": 150,
+                                         "train_prompts": SWEEP_TRAIN_PROMPTS, **_ONE_AT_A_TIME},
+                         method_settings),
+    "negatives": Sweep("negatives", {"steps": SWEEP_STEPS, "train_prompts": SWEEP_TRAIN_PROMPTS, **_ONE_AT_A_TIME},
+                       negatives_settings),
+    "practical": Sweep("practical", {"steps": SWEEP_STEPS, "train_prompts": SWEEP_TRAIN_PROMPTS, **_ONE_AT_A_TIME},
+                       practical_settings),
+}
+
+
+def sweep_defaults(name: str) -> ExperimentConfig:
+    """The config a sweep starts from before the command line's flags."""
+    return dataclasses.replace(ExperimentConfig(output_dir=f"epa-demo-sweep-{name}"), **SWEEPS[name].defaults)
+
+
+def run_sweep(name: str, cfg: ExperimentConfig) -> tuple[dict, list[Path]]:
+    """Runs (or reuses) every setting of sweep `name` on cfg.seeds; writes results.json, table.md
+    and the plots into cfg.output_dir. Returns (results, paths written)."""
+    from .plots import plot_curves, plot_negatives, plot_results
+
+    cfg.validate()
+    settings = SWEEPS[name].settings(cfg)
+    results = {"sweep": name, **run_settings(cfg, settings)}
+    out = Path(cfg.output_dir)
+    write_json(out / "results.json", results)
+    (out / "table.md").write_text(sweep_markdown(results) + "\n")
+    paths = [out / "results.json", out / "table.md", *plot_results(results, out, scatter=False)]
+    if name == "convergence":
+        paths += plot_curves(results, out)
+    if name == "negatives":
+        paths += plot_negatives(results, out)
+    return results, paths
+
+
+def _method_of(setting: dict):
+    return setting["method"]
+
+
+def sweep_markdown(results: dict) -> str:
+    """The sweep's tables in Markdown (what README shows)."""
+    seeds = len(results["config"]["seeds"])
+    lines = [f"{results['sweep']} sweep: mean ± std over {seeds} seed(s); {results['config']['steps']} steps, "
+             f"{results['config']['train_prompts']} training prompts per seed, scheduler "
+             f"{results['config']['scheduler']}; {results['seconds']:.0f} s on {results['device']}", ""]
+    if results["sweep"] == "negatives":
+        leading = (("K", lambda s: _method_of(s)["num_strong"] if _method_of(s)["loss"] == "epa" else "–"),
+                   ("M", lambda s: _method_of(s)["num_weak"] if _method_of(s)["loss"] == "epa" else "–"))
+        lines.append(markdown_table(results, leading=leading))
+    elif results["sweep"] == "practical":
+        leading = (("α", lambda s: f"{s['weak_weight']:g}" if _method_of(s)["num_weak"] else "–"),
+                   ("SFT", lambda s: f"{s['sft_weight']:g}"), ("ref. steps", lambda s: s["reference_steps"]))
+        lines.append(markdown_table(results, leading=leading))
+    else:
+        lines.append(markdown_table(results))
+        lines += ["", curves_markdown(results)]
+    return "\n".join(lines)
+
+
+def curves_markdown(results: dict, metrics=("slope1_error", "rho", "slope", "reward", "kl")) -> str:
+    """Per setting of a convergence sweep (first seed): the metrics at each evaluated step."""
+    lines = []
+    titles = {m: title for m, title, _, _ in COLUMNS}
+    for name, setting in results["settings"].items():
+        curve = results["runs"][name][0]["curve"]
+        lines += [f"{setting['label']} (seed {results['runs'][name][0]['seed']})", "",
+                  "| step | " + " | ".join(titles[m] for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+        lines += ["| " + " | ".join([str(point["step"]), *(f"{point[m]:.3f}" for m in metrics)]) + " |"
+                  for point in curve]
+        lines.append("")
+    return "\n".join(lines)
