@@ -26,28 +26,25 @@ as TRL does (TRL 1.16's precomputed reference columns are sums too, for IPO as w
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
+from ._autograd import check_autograd_support
+from ._validation import check_bool, check_int, check_optional_tensor, check_same_device, check_tensor
 from .linear import linear_token_logps
 from .linear_losses import output_mask
 from .logps import IGNORE_INDEX, token_logps
-from .losses import check_loss_options, check_sft_weight, dpo_loss, epa_loss
+from .losses import check_loss_options, check_num_strong, check_sft_weight, dpo_loss, epa_loss
 
 
 def _check_stacking(name: str, stacked: Tensor, ref_logps: Tensor, num_candidates: int) -> int:
     """stacked: the [C*B, T, X] logits or hidden states. Returns B, the number of prompts."""
-    if not isinstance(stacked, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(stacked).__name__}")
-    if not isinstance(ref_logps, Tensor):
-        raise TypeError(f"ref_logps must be a torch.Tensor; got {type(ref_logps).__name__}")
+    check_tensor(name, stacked)
+    check_tensor("ref_logps", ref_logps)
     if stacked.dim() != 3:
         last = "V" if name == "logits" else "H"
         raise ValueError(f"{name} must have shape [C*B, T, {last}]; got {list(stacked.shape)}")
-    if isinstance(num_candidates, bool) or not isinstance(num_candidates, numbers.Integral):
-        raise TypeError(f"num_candidates must be an int; got {type(num_candidates).__name__}")
+    num_candidates = check_int("num_candidates", num_candidates)
     rows = stacked.shape[0]
     if num_candidates < 2 or rows % num_candidates:
         raise ValueError(
@@ -56,44 +53,37 @@ def _check_stacking(name: str, stacked: Tensor, ref_logps: Tensor, num_candidate
         )
     if ref_logps.shape != (rows,):
         raise ValueError(f"ref_logps must have shape [C*B] = [{rows}]; got {list(ref_logps.shape)}")
-    if ref_logps.device != stacked.device:
-        raise ValueError(f"ref_logps must be on the device of {name} ({stacked.device}); got {ref_logps.device}")
+    check_same_device("ref_logps", ref_logps, name, stacked)
     return rows // num_candidates
 
 
 def _check_options(labels: Tensor, mask: Tensor | None, average: bool, ref_logps_averaged: bool,
                    sft_weight: float) -> None:
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
-    if mask is not None and not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a bool torch.Tensor or None; got {type(mask).__name__}")
+    check_tensor("labels", labels)
+    check_optional_tensor("mask", mask)
+    check_bool("average", average)
+    check_bool("ref_logps_averaged", ref_logps_averaged)
     if ref_logps_averaged and not average:
         raise ValueError("ref_logps_averaged=True says ref_logps are length-averaged, but this loss is taken on "
                          "summed log-probs (average=False): pass summed ref_logps, or average=True")
     check_sft_weight(sft_weight)
 
 
-def _num_strong(num_strong: int | None, num_candidates: int) -> int:
-    """K, checked: an int in [1, C - 1] (None: all C - 1 negatives are strong)."""
-    if num_strong is None:
-        return num_candidates - 1
-    if isinstance(num_strong, bool) or not isinstance(num_strong, numbers.Integral):
-        raise TypeError(f"num_strong must be an int or None; got {type(num_strong).__name__}")
-    if not 1 <= num_strong <= num_candidates - 1:
-        raise ValueError(f"num_strong must lie in [1, C - 1] = [1, {num_candidates - 1}]; got {num_strong}")
-    return int(num_strong)
-
-
-def _check_budget(max_chunk_tokens: int | None) -> int:
-    """max_chunk_tokens as the op takes it (0: automatic)."""
+def _check_linear_options(function: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_logps: Tensor,
+                          max_chunk_tokens: int | None, fp32_weight_grad: bool, differentiable_logps: bool) -> int:
+    """The fused-linear functions' own options; returns max_chunk_tokens as the op takes it (0: automatic)."""
+    check_tensor("weight", weight)
+    check_optional_tensor("bias", bias)
+    check_bool("fp32_weight_grad", fp32_weight_grad)
+    check_bool("differentiable_logps", differentiable_logps)
+    check_autograd_support(function, hidden, weight, bias, ref_logps)
     if max_chunk_tokens is None:
         return 0
-    if isinstance(max_chunk_tokens, bool) or not isinstance(max_chunk_tokens, numbers.Integral):
-        raise TypeError(f"max_chunk_tokens must be an int or None; got {type(max_chunk_tokens).__name__}")
-    if max_chunk_tokens <= 0:
+    budget = check_int("max_chunk_tokens", max_chunk_tokens)
+    if budget <= 0:
         raise ValueError(f"max_chunk_tokens must be a positive number of tokens or None (automatic: max(H, 512)); "
-                         f"got {max_chunk_tokens}")
-    return int(max_chunk_tokens)
+                         f"got {budget}")
+    return budget
 
 
 def _forms_gradient_in_forward(reduction: str, differentiable_logps: bool, ref_logps: Tensor) -> bool:
@@ -207,7 +197,7 @@ def fused_epa_loss(
         (loss, policy_seq_logps [C*B] fp32, summed or averaged as the loss used them).
     """
     batch = _check_stacking("logits", logits, ref_logps, num_candidates)
-    num_strong = _num_strong(num_strong, num_candidates)
+    num_strong = check_num_strong(num_strong, num_candidates)
     _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
     token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
@@ -259,7 +249,8 @@ def fused_linear_dpo_loss(
     batch = _check_stacking("hidden", hidden, ref_logps, 2)
     average = (loss_type == "ipo") if average is None else average
     _check_options(labels, None, average, ref_logps_averaged, sft_weight)
-    budget = _check_budget(max_chunk_tokens)
+    budget = _check_linear_options("fused_linear_dpo_loss", hidden, weight, bias, ref_logps, max_chunk_tokens,
+                                   fp32_weight_grad, differentiable_logps)
     if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
         check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
         loss, seq, *_ = torch.ops.epa_ext.linear_dpo_loss(
@@ -310,9 +301,10 @@ def fused_linear_epa_loss(
         three-matmul path policy_seq_logps are detached (see ``fused_linear_dpo_loss``).
     """
     batch = _check_stacking("hidden", hidden, ref_logps, num_candidates)
-    num_strong = _num_strong(num_strong, num_candidates)
+    num_strong = check_num_strong(num_strong, num_candidates)
     _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
-    budget = _check_budget(max_chunk_tokens)
+    budget = _check_linear_options("fused_linear_epa_loss", hidden, weight, bias, ref_logps, max_chunk_tokens,
+                                   fp32_weight_grad, differentiable_logps)
     if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
         check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
         loss, seq, *_ = torch.ops.epa_ext.linear_epa_loss(

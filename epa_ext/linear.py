@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import check_autograd_support
+from ._validation import check_bool, check_int, check_optional_tensor, check_tensor
 from .logps import _SUPPORTED_LOGITS_DTYPES, IGNORE_INDEX, _accumulate_dtype
 
 
@@ -132,10 +134,11 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         bias; gradients that are not needed (a frozen head) are not computed.
     """
     for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
+        check_tensor(name, value)
+    check_optional_tensor("bias", bias)
+    check_int("ignore_index", ignore_index)
+    check_bool("fp32_weight_grad", fp32_weight_grad)
+    check_autograd_support("linear_token_logps", hidden, weight, bias)
     if hidden.dim() < 2:
         raise ValueError(f"hidden must have shape [B, T, H] or [N, H]; got {list(hidden.shape)}")
     if hidden.shape[:-1] != labels.shape:
@@ -143,7 +146,7 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
                          f"({list(hidden.shape[:-1])}); got {list(labels.shape)}")
     if labels.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
         labels = labels.long()
-    if chunk_size is not None and chunk_size <= 0:
+    if chunk_size is not None and check_int("chunk_size", chunk_size) <= 0:
         raise ValueError(f"chunk_size must be a positive number of rows or None; got {chunk_size}")
     logps, _ = torch.ops.epa_ext.linear_token_logps(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), ignore_index, chunk_size or 0,

@@ -45,7 +45,7 @@ def check_loss_options(*, beta: float, reduction: str, loss_type: str = "sigmoid
     check_float("weak_weight", weak_weight, at_least=0.0)
 
 
-def _check_num_strong(num_strong: object, candidates: int) -> int:
+def check_num_strong(num_strong: object, candidates: int) -> int:
     """K in [1, C - 1] (None: C - 1, every negative strong)."""
     if num_strong is None:
         return candidates - 1
@@ -353,7 +353,7 @@ def epa_loss(
     mask = check_optional_tensor("mask", mask)
     if policy_logps.dim() != 2:
         raise ValueError(f"policy_logps must have shape [B, C]; got {list(policy_logps.shape)}")
-    num_strong = _check_num_strong(num_strong, policy_logps.shape[1])
+    num_strong = check_num_strong(num_strong, policy_logps.shape[1])
     check_sft_options(sft_weight, chosen_token_counts, policy_logps)
     check_bool("averaged", averaged)
     check_autograd_support("epa_loss", policy_logps, ref_logps)
@@ -429,7 +429,7 @@ def preference_metrics(policy_logps: Tensor, ref_logps: Tensor, *, beta: float =
         raise ValueError(f"policy_logps and ref_logps must have one shape [B, C]; got {list(policy.shape)} and "
                          f"{list(ref.shape)}")
     candidates = policy.shape[1]
-    num_strong = _check_num_strong(num_strong, candidates)
+    num_strong = check_num_strong(num_strong, candidates)
     present = torch.ones_like(policy, dtype=torch.bool) if mask is None else mask
     rewards = beta * (policy - ref)
     strong = slice(1, 1 + num_strong)

@@ -143,9 +143,9 @@ def test_fused_bad_input():
         epa_ext.fused_epa_loss(logits[0], labels[0], ref, num_candidates=3)
     with pytest.raises(ValueError, match=r"num_strong must lie in \[1, C - 1\] = \[1, 2\]; got 3"):
         epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=3, num_strong=3)
-    with pytest.raises(TypeError, match="num_strong must be an int or None; got float"):
+    with pytest.raises(TypeError, match="num_strong must be an int; got float"):
         epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=3, num_strong=1.5)
-    with pytest.raises(TypeError, match="mask must be a bool torch.Tensor or None; got list"):
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor; got list"):
         epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=3, mask=[[True, False, True]] * 2)
     with pytest.raises(TypeError, match="logits must be a torch.Tensor; got list"):
         epa_ext.fused_dpo_loss(list(logits[:4]), labels[:4], ref[:4])

@@ -459,6 +459,21 @@ def test_second_order_gradients_of_the_losses_are_refused(device):
             torch.autograd.grad(out, [h], create_graph=True)
 
 
+def test_torch_func_differentiating_transforms_are_refused():
+    """torch.func.grad / jacfwd over the linear functions raise our error (not PyTorch's internal
+    one about setup_context, and not a zero forward-mode tangent)."""
+    hidden, weight, bias, labels, ref = small_batch("cpu")
+    calls = {
+        "linear_token_logps": lambda h: epa_ext.linear_sequence_logps(h, weight, labels).sum(),
+        "fused_linear_dpo_loss": lambda h: epa_ext.fused_linear_dpo_loss(h, weight, labels, ref)[0],
+        "fused_linear_epa_loss": lambda h: epa_ext.fused_linear_epa_loss(h, weight, labels, ref, num_candidates=2)[0],
+    }
+    for name, fn in calls.items():
+        for transform in (torch.func.grad, torch.func.jacfwd):
+            with pytest.raises(NotImplementedError, match=f"epa_ext.{name} does not support torch.func"):
+                transform(fn)(hidden)
+
+
 def test_when_each_path_is_taken(device):
     """Detached policy log-probs on the three-matmul path; the recomputing path (differentiable
     log-probs) for differentiable_logps=True, reduction="none" and a reference that needs a gradient."""
@@ -575,7 +590,7 @@ BAD = [  # (call(hidden, weight, bias, labels, ref), error, pattern)
     (lambda h, w, b, y, r: epa_ext.fused_linear_dpo_loss(list(h), w, y, r), TypeError,
      "hidden must be a torch.Tensor; got list"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=2, mask=[[True, True]] * 3),
-     TypeError, "mask must be a bool torch.Tensor or None; got list"),
+     TypeError, "mask must be a torch.Tensor; got list"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r, sft_weight=-0.5), ValueError,
      "sft_weight must be a finite number >= 0; got -0.5"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r, max_chunk_tokens=0), ValueError,
@@ -583,7 +598,7 @@ BAD = [  # (call(hidden, weight, bias, labels, ref), error, pattern)
     (lambda h, w, b, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r, max_chunk_tokens=-3), ValueError,
      "max_chunk_tokens must be a positive number of tokens or None"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r, max_chunk_tokens=2.5), TypeError,
-     "max_chunk_tokens must be an int or None; got float"),
+     "max_chunk_tokens must be an int; got float"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_dpo_loss(h, w, y.index_fill(1, torch.tensor([4]), 20), r),
      ValueError, r"linear_dpo_loss: labels must lie in \[0, V\) = \[0, 20\) .* got 20 at labels\[0, 4\]"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=2,

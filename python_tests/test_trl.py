@@ -24,7 +24,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 import epa_ext  # noqa: E402
 from epa_ext import eager  # noqa: E402
 from epa_ext.integrations.trl import EPAConfig, EPATrainer  # noqa: E402
-from epa_ext.train.data import weak_negative_sources  # noqa: E402
+from epa_ext.train.batching import weak_negative_sources  # noqa: E402
 from epa_ext.train.modeling import build_tiny_model, train_tiny_tokenizer  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

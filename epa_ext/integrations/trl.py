@@ -77,7 +77,7 @@ from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss  # noqa: E402
 from ..linear import linear_sequence_logps  # noqa: E402
 from ..logps import IGNORE_INDEX, completion_labels  # noqa: E402
 from ..losses import DPO_LOSS_TYPES, preference_metrics  # noqa: E402
-from ..train.data import weak_negative_sources  # noqa: E402
+from ..train.batching import weak_negative_sources  # noqa: E402
 from ..train.modeling import decoder_and_head, head_inputs, unwrap  # noqa: E402
 
 __all__ = ["EPAConfig", "EPADataCollator", "EPATrainer", "SUPPORTED_LOSS_TYPES", "SUPPORTED_TRL_VERSIONS"]
