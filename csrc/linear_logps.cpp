@@ -64,12 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logps_backward(
     int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask, bool fp32_weight_grad) {
   linear::check_linear_inputs(kBackward, hidden, weight, bias, labels);
   TORCH_CHECK_VALUE(hidden.dim() == 2, kBackward, ": hidden must have shape [N, H]; got ", hidden.sizes());
-  TORCH_CHECK_VALUE(
-      grad_logps.sizes() == labels.sizes() && lse.sizes() == labels.sizes() && logps.sizes() == labels.sizes(),
-      kBackward, ": grad_logps, lse and logps must have the shape of labels (", labels.sizes(), "); got ",
-      grad_logps.sizes(), ", ", lse.sizes(), " and ", logps.sizes());
-  TORCH_CHECK_TYPE(grad_logps.is_floating_point(), kBackward, ": grad_logps must be a floating-point tensor; got ",
-                   grad_logps.scalar_type());
+  check_gradient_and_saved(kBackward, grad_logps, hidden, labels, lse, logps);
   const int64_t chunk = linear::chunk_tokens(kBackward, "chunk_size", chunk_size, hidden.size(1));
   const auto [need_hidden, need_weight, need_bias] = output_mask;
   const bool reduced = hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf;

@@ -73,23 +73,29 @@ inline void check_rows_writable(const char* op, const at::Tensor& logits) {
                     "logits.contiguous()");
 }
 
-// grad_logps: the incoming gradient; lse and logps: the forward's outputs.
-inline void check_backward_inputs(const char* op, const at::Tensor& grad_logps, const at::Tensor& logits,
-                                  const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps) {
-  check_logits_and_labels(op, logits, labels);
+// grad_logps: the incoming gradient; lse and logps: the outputs of a forward that read source
+// (the logits, or the hidden states of the fused-linear op).
+inline void check_gradient_and_saved(const char* op, const at::Tensor& grad_logps, const at::Tensor& source,
+                                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps) {
   TORCH_CHECK_TYPE(grad_logps.is_floating_point(), op, ": grad_logps must be a floating-point tensor; got ",
                    grad_logps.scalar_type());
-  TORCH_CHECK_VALUE(grad_logps.sizes() == labels.sizes() && grad_logps.device() == logits.device(), op,
+  TORCH_CHECK_VALUE(grad_logps.sizes() == labels.sizes() && grad_logps.device() == source.device(), op,
                     ": grad_logps must have the shape and device of labels (", labels.sizes(), " on ",
-                    logits.device(), "); got ", grad_logps.sizes(), " on ", grad_logps.device());
-  const at::ScalarType acc = accumulate_dtype(logits);
+                    source.device(), "); got ", grad_logps.sizes(), " on ", grad_logps.device());
+  const at::ScalarType acc = accumulate_dtype(source);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"lse", lse}, {"logps", logps}}) {
     TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be the forward's ", acc, " output; got ",
                      t.scalar_type());
-    TORCH_CHECK_VALUE(t.sizes() == labels.sizes() && t.device() == logits.device(), op, ": ", name,
-                      " must be the forward's output of shape ", labels.sizes(), " on ", logits.device(), "; got ",
+    TORCH_CHECK_VALUE(t.sizes() == labels.sizes() && t.device() == source.device(), op, ": ", name,
+                      " must be the forward's output of shape ", labels.sizes(), " on ", source.device(), "; got ",
                       t.sizes(), " on ", t.device());
   }
+}
+
+inline void check_backward_inputs(const char* op, const at::Tensor& grad_logps, const at::Tensor& logits,
+                                  const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps) {
+  check_logits_and_labels(op, logits, labels);
+  check_gradient_and_saved(op, grad_logps, logits, labels, lse, logps);
 }
 
 }  // namespace epa_ext

@@ -8,7 +8,7 @@
 //     (torch.library.register_fake), from Python: epa_ext/logps.py (token_logps,
 //     token_logps_backward, token_logps_backward_), epa_ext/losses.py (dpo_loss, epa_loss,
 //     epa_loss_backward), epa_ext/linear.py (linear_token_logps, linear_token_logps_backward) and
-//     epa_ext/linear_losses.py (linear_dpo_loss, linear_epa_loss, linear_loss_backward).
+//     epa_ext/linear_losses.py (linear_dpo_loss, linear_epa_loss).
 //
 // No C++ exception may reach a caller that cannot translate it (a static initializer, a
 // PyCFunction, PyInit): it would end the process with std::terminate. So the schemas are

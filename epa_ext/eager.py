@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .logps import IGNORE_INDEX
-
-
-def _out_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .logps import IGNORE_INDEX, _accumulate_dtype
 
 
 def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -23,7 +19,7 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
     keep = labels != ignore_index
     safe_labels = labels.masked_fill(~keep, 0)
     logps = torch.log_softmax(logits, dim=-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    return logps.to(_out_dtype(logits)).masked_fill(~keep, 0.0)
+    return logps.to(_accumulate_dtype(logits)).masked_fill(~keep, 0.0)
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, average: bool = False) -> Tensor:
@@ -77,7 +73,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         raise ValueError(f"unknown loss_type {loss_type!r}")
     if sft_weight:
         losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, averaged)
-    return _reduce(losses.to(_out_dtype(delta)), reduction)
+    return _reduce(losses.to(_accumulate_dtype(delta)), reduction)
 
 
 def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_strong: int | None = None,
@@ -95,7 +91,7 @@ def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_str
     losses = torch.logsumexp(scores, dim=1) - scores[:, 0]
     if sft_weight:
         losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, averaged)
-    return _reduce(losses.to(_out_dtype(scores)), reduction)
+    return _reduce(losses.to(_accumulate_dtype(scores)), reduction)
 
 
 def _policy_and_reference(logits: Tensor, labels: Tensor, ref_logps: Tensor, ignore_index: int, average: bool,

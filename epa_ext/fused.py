@@ -57,10 +57,13 @@ def _check_stacking(name: str, stacked: Tensor, ref_logps: Tensor, num_candidate
     return rows // num_candidates
 
 
-def _check_options(labels: Tensor, mask: Tensor | None, average: bool, ref_logps_averaged: bool,
-                   sft_weight: float) -> None:
+def _check_options(name: str, stacked: Tensor, labels: Tensor, mask: Tensor | None, ignore_index: int, average: bool,
+                   ref_logps_averaged: bool, sft_weight: float) -> None:
+    """The options every fused function takes; stacked: the logits or hidden states (name)."""
     check_tensor("labels", labels)
-    check_optional_tensor("mask", mask)
+    if check_optional_tensor("mask", mask) is not None:
+        check_same_device("mask", mask, name, stacked)
+    check_int("ignore_index", ignore_index)
     check_bool("average", average)
     check_bool("ref_logps_averaged", ref_logps_averaged)
     if ref_logps_averaged and not average:
@@ -154,8 +157,9 @@ def fused_dpo_loss(
         (loss, policy_seq_logps [2B] fp32, in the form the loss used: summed, or averaged).
     """
     batch = _check_stacking("logits", logits, ref_logps, 2)
+    check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
     average = (loss_type == "ipo") if average is None else average
-    _check_options(labels, None, average, ref_logps_averaged, sft_weight)
+    _check_options("logits", logits, labels, None, ignore_index, average, ref_logps_averaged, sft_weight)
     token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     loss = _dpo_on_sequences(seq, ref, counts, batch, average, beta=beta, loss_type=loss_type,
@@ -197,8 +201,9 @@ def fused_epa_loss(
         (loss, policy_seq_logps [C*B] fp32, summed or averaged as the loss used them).
     """
     batch = _check_stacking("logits", logits, ref_logps, num_candidates)
+    check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
     num_strong = check_num_strong(num_strong, num_candidates)
-    _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
+    _check_options("logits", logits, labels, mask, ignore_index, average, ref_logps_averaged, sft_weight)
     token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     loss = _epa_on_sequences(seq, ref, counts, num_candidates, batch, average, beta=beta, num_strong=num_strong,
@@ -247,12 +252,12 @@ def fused_linear_dpo_loss(
         backward through the same graph raises.
     """
     batch = _check_stacking("hidden", hidden, ref_logps, 2)
+    check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
     average = (loss_type == "ipo") if average is None else average
-    _check_options(labels, None, average, ref_logps_averaged, sft_weight)
+    _check_options("hidden", hidden, labels, None, ignore_index, average, ref_logps_averaged, sft_weight)
     budget = _check_linear_options("fused_linear_dpo_loss", hidden, weight, bias, ref_logps, max_chunk_tokens,
                                    fp32_weight_grad, differentiable_logps)
     if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
-        check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
         loss, seq, *_ = torch.ops.epa_ext.linear_dpo_loss(
             hidden, weight, bias, _long(labels), ref_logps, float(beta), loss_type, float(label_smoothing),
             float(sft_weight), bool(average), bool(ref_logps_averaged), reduction, ignore_index, budget,
@@ -301,12 +306,12 @@ def fused_linear_epa_loss(
         three-matmul path policy_seq_logps are detached (see ``fused_linear_dpo_loss``).
     """
     batch = _check_stacking("hidden", hidden, ref_logps, num_candidates)
+    check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
     num_strong = check_num_strong(num_strong, num_candidates)
-    _check_options(labels, mask, average, ref_logps_averaged, sft_weight)
+    _check_options("hidden", hidden, labels, mask, ignore_index, average, ref_logps_averaged, sft_weight)
     budget = _check_linear_options("fused_linear_epa_loss", hidden, weight, bias, ref_logps, max_chunk_tokens,
                                    fp32_weight_grad, differentiable_logps)
     if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
-        check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
         loss, seq, *_ = torch.ops.epa_ext.linear_epa_loss(
             hidden, weight, bias, _long(labels), ref_logps, mask, num_candidates, float(beta), num_strong,
             float(weak_weight), float(sft_weight), bool(average), bool(ref_logps_averaged), reduction, ignore_index,

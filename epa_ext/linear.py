@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._autograd import check_autograd_support
 from ._validation import check_bool, check_int, check_optional_tensor, check_tensor
-from .logps import _SUPPORTED_LOGITS_DTYPES, IGNORE_INDEX, _accumulate_dtype
+from .logps import _SUPPORTED_LOGITS_DTYPES, IGNORE_INDEX, _accumulate_dtype, _check_gradient_and_saved
 
 
 def _check_linear(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
@@ -82,6 +82,7 @@ def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, 
                                       output_mask, fp32_weight_grad):
     _check_linear("linear_token_logps_backward", hidden, weight, bias, labels)
     _check_chunk_size("linear_token_logps_backward", hidden, chunk_size)
+    _check_gradient_and_saved("linear_token_logps_backward", grad_logps, hidden, labels, lse, logps)
     need_hidden, need_weight, need_bias = output_mask
     return (
         torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None,
@@ -168,6 +169,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     Returns:
         [B] fp32 (a scalar for [N, H] hidden): ``sum_t log softmax(hidden[b, t] @ weight.T + bias)[labels[b, t]]``.
     """
+    check_bool("average", average)
     tokens = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size,
                                 fp32_weight_grad=fp32_weight_grad)
     total = tokens.sum(-1)

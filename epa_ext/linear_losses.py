@@ -88,6 +88,8 @@ def _linear_epa_loss_fake(hidden, weight, bias, labels, ref_logps, mask, num_can
         torch._check_value(mask.shape == (prompts, num_candidates),
                            lambda: f"{op}: mask must have shape [B, C] = [{prompts}, {num_candidates}]; "
                            f"got {list(mask.shape)}")
+        torch._check_value(mask.device == hidden.device,
+                           lambda: f"{op}: mask must be on the device of hidden ({hidden.device}); got {mask.device}")
     return _fake_outputs(hidden, weight, bias, output_mask)
 
 

@@ -76,25 +76,32 @@ def _check_rows_writable(op: str, logits: Tensor) -> None:
     )
 
 
+def _check_gradient_and_saved(op: str, grad_logps: Tensor, source: Tensor, labels: Tensor, lse: Tensor,
+                              logps: Tensor) -> None:
+    """csrc/logps_checks.h's check_gradient_and_saved: the incoming gradient and the forward's
+    outputs of a backward op whose forward read ``source`` (the logits, or the hidden states)."""
+    torch._check_type(grad_logps.is_floating_point(),
+                      lambda: f"{op}: grad_logps must be a floating-point tensor; got {grad_logps.dtype}")
+    torch._check_value(
+        grad_logps.shape == labels.shape and grad_logps.device == source.device,
+        lambda: f"{op}: grad_logps must have the shape and device of labels ({list(labels.shape)} on "
+        f"{source.device}); got {list(grad_logps.shape)} on {grad_logps.device}",
+    )
+    acc = _accumulate_dtype(source)
+    for name, t in (("lse", lse), ("logps", logps)):
+        torch._check_type(t.dtype == acc, lambda: f"{op}: {name} must be the forward's {acc} output; got {t.dtype}")
+        torch._check_value(
+            t.shape == labels.shape and t.device == source.device,
+            lambda: f"{op}: {name} must be the forward's output of shape {list(labels.shape)} on {source.device}; "
+            f"got {list(t.shape)} on {t.device}",
+        )
+
+
 def _check_backward_inputs(op: str, grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
                            logps: Tensor) -> None:
     """csrc/logps_checks.h's check_backward_inputs."""
     _check_logits_and_labels(op, logits, labels)
-    torch._check_type(grad_logps.is_floating_point(),
-                      lambda: f"{op}: grad_logps must be a floating-point tensor; got {grad_logps.dtype}")
-    torch._check_value(
-        grad_logps.shape == labels.shape and grad_logps.device == logits.device,
-        lambda: f"{op}: grad_logps must have the shape and device of labels ({list(labels.shape)} on "
-        f"{logits.device}); got {list(grad_logps.shape)} on {grad_logps.device}",
-    )
-    acc = _accumulate_dtype(logits)
-    for name, t in (("lse", lse), ("logps", logps)):
-        torch._check_type(t.dtype == acc, lambda: f"{op}: {name} must be the forward's {acc} output; got {t.dtype}")
-        torch._check_value(
-            t.shape == labels.shape and t.device == logits.device,
-            lambda: f"{op}: {name} must be the forward's output of shape {list(labels.shape)} on {logits.device}; "
-            f"got {list(t.shape)} on {t.device}",
-        )
+    _check_gradient_and_saved(op, grad_logps, logits, labels, lse, logps)
 
 
 @torch.library.register_fake("epa_ext::token_logps")

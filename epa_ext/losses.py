@@ -422,12 +422,24 @@ def preference_metrics(policy_logps: Tensor, ref_logps: Tensor, *, beta: float =
     fp32 tensors (no host synchronization); masked candidates are left out.
     """
     check_positive_float("beta", beta)
-    policy = check_tensor("policy_logps", policy_logps).float()
-    ref = check_tensor("ref_logps", ref_logps).float()
+    policy = check_tensor("policy_logps", policy_logps)
+    ref = check_tensor("ref_logps", ref_logps)
     mask = check_optional_tensor("mask", mask)
-    if policy.dim() != 2 or ref.shape != policy.shape:
-        raise ValueError(f"policy_logps and ref_logps must have one shape [B, C]; got {list(policy.shape)} and "
-                         f"{list(ref.shape)}")
+    for name, t in (("policy_logps", policy), ("ref_logps", ref)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor of log-probs; got {t.dtype}")
+    if policy.dim() != 2 or policy.shape[1] < 2:
+        raise ValueError(f"policy_logps must have shape [B, C] with C >= 2 (the chosen answer and at least one "
+                         f"negative); got {list(policy.shape)}")
+    for name, t in (("ref_logps", ref), ("mask", mask)):
+        if t is None:
+            continue
+        if t.shape != policy.shape:  # a broadcastable mask would silently reweight the means
+            raise ValueError(f"{name} must have the shape of policy_logps ({list(policy.shape)}); got {list(t.shape)}")
+        check_same_device(name, t, "policy_logps", policy)
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor; got {mask.dtype}")
+    policy, ref = policy.float(), ref.float()
     candidates = policy.shape[1]
     num_strong = check_num_strong(num_strong, candidates)
     present = torch.ones_like(policy, dtype=torch.bool) if mask is None else mask

@@ -151,6 +151,17 @@ def test_fused_bad_input():
         epa_ext.fused_dpo_loss(list(logits[:4]), labels[:4], ref[:4])
     with pytest.raises(ValueError, match="ref_logps must be on the device of logits"):
         epa_ext.fused_epa_loss(logits, labels, ref.to("meta"), num_candidates=3)
+    with pytest.raises(ValueError, match=r"mask must be on the device of logits \(cpu\); got meta"):
+        epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=3,
+                               mask=torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    with pytest.raises(TypeError, match="ignore_index must be an int; got float"):
+        epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=3, ignore_index=1.5)
+    # the options are checked up front, before the kernels read the logits (here: a bad label)
+    out_of_range = labels.masked_fill(labels == epa_ext.IGNORE_INDEX, 99)
+    with pytest.raises(TypeError, match=r"beta must be a real number \(float or int\); got str"):
+        epa_ext.fused_dpo_loss(logits[:4], out_of_range[:4], ref[:4], beta="0.1")
+    with pytest.raises(ValueError, match="weak_weight must be finite; got inf"):
+        epa_ext.fused_epa_loss(logits, out_of_range, ref, num_candidates=3, weak_weight=float("inf"))
 
 
 # --- the reference's form (issue 17) and the SFT term -------------------------------------------

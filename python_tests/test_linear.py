@@ -621,7 +621,48 @@ BAD = [  # (call(hidden, weight, bias, labels, ref), error, pattern)
     (lambda h, w, b, y, r: torch.ops.epa_ext.linear_epa_loss(*op_args("epa", h, w, b, y, r, [False] * 3,
                                                                       mask=torch.ones(3, 2))),
      TypeError, "linear_epa_loss: mask must be a bool tensor"),
+    # issue 15: every option checked, on every path; a meta tensor among real ones is a device error
+    (lambda h, w, b, y, r: epa_ext.linear_sequence_logps(h, w, y, average="yes"), TypeError,
+     "average must be True or False; got str"),
+    (lambda h, w, b, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r, ignore_index=1.5), TypeError,
+     "ignore_index must be an int; got float"),
+    (lambda h, w, b, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r, beta="0.1", reduction="none"), TypeError,
+     r"beta must be a real number \(float or int\); got str"),
+    (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=2, weak_weight=float("inf"),
+                                                         differentiable_logps=True),
+     ValueError, "weak_weight must be finite; got inf"),
+    (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=2,
+                                                         mask=torch.ones(3, 2, dtype=torch.bool, device="meta")),
+     ValueError, r"mask must be on the device of hidden \(cpu\); got meta"),
+    (lambda h, w, b, y, r: torch.ops.epa_ext.linear_epa_loss(*op_args(
+        "epa", h, w, b, y, r, [False] * 3, mask=torch.ones(3, 2, dtype=torch.bool, device="meta"))),
+     ValueError, r"linear_epa_loss: mask must be on the device of hidden \(cpu\); got meta"),
+    (lambda h, w, b, y, r: torch.ops.epa_ext.linear_token_logps_backward(
+        *backward_args(h, w, b, y, lse_dtype=torch.float64)),
+     TypeError, "linear_token_logps_backward: lse must be the forward's (Float|torch.float32) output"),
+    (lambda h, w, b, y, r: torch.ops.epa_ext.linear_token_logps_backward(
+        *backward_args(h, w, b, y, grad_dtype=torch.long)),
+     TypeError, "linear_token_logps_backward: grad_logps must be a floating-point tensor"),
+    (lambda h, w, b, y, r: torch.ops.epa_ext.linear_token_logps_backward(
+        *backward_args(h, w, b, y, lse_device="meta")),
+     ValueError, r"linear_token_logps_backward: lse must be the forward's output of shape \[54\] on cpu; got "
+                 r"\[54\] on meta"),
+    (lambda h, w, b, y, r: torch.ops.epa_ext.linear_token_logps_backward(
+        *backward_args(h, w, b, y, grad_device="meta")),
+     ValueError, r"linear_token_logps_backward: grad_logps must have the shape and device of labels"),
 ]
+
+
+def backward_args(hidden, weight, bias, labels, *, grad_dtype=torch.float32, grad_device=None,
+                  lse_dtype=torch.float32, lse_device=None):
+    """Positional arguments of epa_ext::linear_token_logps_backward on the flattened batch, with
+    the incoming gradient or the saved lse of the given dtype and device."""
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    rows = flat_labels.shape[0]
+    grad = torch.ones(rows, dtype=grad_dtype, device=grad_device or hidden.device)
+    lse = torch.zeros(rows, dtype=lse_dtype, device=lse_device or hidden.device)
+    logps = torch.zeros(rows, device=hidden.device)
+    return grad, flat_hidden, weight, bias, flat_labels, lse, logps, -100, 0, [True, True, True], True
 
 
 @pytest.mark.parametrize("call,error,pattern", BAD, ids=[b[2][:50] for b in BAD])
@@ -630,7 +671,8 @@ def test_bad_input_is_a_clear_error(call, error, pattern):
         call(*hidden_weight_labels_ref())
 
 
-META_BAD = [b for b in BAD if not any(word in b[2] for word in ("labels must lie", "mask\\[:, 0\\]", "list", "device"))]
+META_BAD = [b for b in BAD
+            if not any(word in b[2] for word in ("labels must lie", "mask\\[:, 0\\]", "list", "device", "meta"))]
 
 
 @pytest.mark.parametrize("call,error,pattern", META_BAD, ids=[b[2][:50] for b in META_BAD])

@@ -291,6 +291,34 @@ def test_preference_metrics():
     torch.testing.assert_close(masked["rewards/rejected"], torch.tensor([0.0, 0.5, -1.0]).mean())
 
 
+METRICS_BAD = [  # (policy, ref, mask), error type, pattern
+    ((torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(1, 3, dtype=torch.bool)), ValueError,
+     r"mask must have the shape of policy_logps \(\[4, 3\]\); got \[1, 3\]"),  # broadcasting reweighted the means
+    ((torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(4, 4, dtype=torch.bool)), ValueError,
+     r"mask must have the shape of policy_logps"),
+    ((torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(4, 3)), TypeError,
+     "mask must be a bool tensor; got torch.float32"),
+    ((torch.zeros(4, 3), torch.zeros(4, 3, device="meta"), None), ValueError,
+     r"ref_logps must be on the device of policy_logps \(cpu\); got meta"),
+    ((torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(4, 3, dtype=torch.bool, device="meta")), ValueError,
+     r"mask must be on the device of policy_logps \(cpu\); got meta"),
+    ((torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3), None), TypeError,
+     "policy_logps must be a floating-point tensor of log-probs; got torch.int64"),
+    ((torch.zeros(4, 1), torch.zeros(4, 1), None), ValueError, r"policy_logps must have shape \[B, C\] with C >= 2"),
+    ((torch.zeros(4, 3), torch.zeros(4, 2), None), ValueError, "ref_logps must have the shape of policy_logps"),
+    (([[0.0, 0.0]], torch.zeros(1, 2), None), TypeError, "policy_logps must be a torch.Tensor; got list"),
+]
+
+
+@pytest.mark.parametrize("inputs,error,pattern", METRICS_BAD, ids=lambda v: str(v)[:40])
+def test_preference_metrics_bad_input(inputs, error, pattern):
+    """Issue 15: preference_metrics is held to the losses' checks (a [1, C] mask used to broadcast
+    and report an accuracy of 2.0)."""
+    policy, ref, mask = inputs
+    with pytest.raises(error, match=pattern):
+        epa_ext.preference_metrics(policy, ref, mask=mask)
+
+
 BAD_OPTIONS = [  # (options, error type, pattern), for dpo_loss and DPOLoss
     (dict(beta=0.0), ValueError, r"beta must be > 0.0; got 0.0"),
     (dict(beta=-1.0), ValueError, "beta must be > 0.0"),

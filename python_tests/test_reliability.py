@@ -224,3 +224,54 @@ def test_fused_logits_losses_refuse_torch_func_grad():
     logits, labels, ref = torch.randn(4, 3, 7), torch.randint(0, 7, (4, 3)), torch.zeros(4)
     with pytest.raises(NotImplementedError, match="does not support torch.func's differentiating transforms"):
         torch.func.grad(lambda x: epa_ext.fused_dpo_loss(x, labels, ref)[0])(logits)
+
+
+def fused_losses(kind: str, labels: torch.Tensor, ref: torch.Tensor, **options):
+    """The fused functions of one loss, each as a function of (hidden, weight): from the logits
+    h W^T, and from hidden states on the three-matmul and on the recomputing path; and the
+    plain-torch definition (epa_ext.eager) they must equal."""
+    logits_fn, linear_fn, eager_fn = ((epa_ext.fused_dpo_loss, epa_ext.fused_linear_dpo_loss, eager.fused_dpo_loss)
+                                      if kind == "dpo" else
+                                      (epa_ext.fused_epa_loss, epa_ext.fused_linear_epa_loss, eager.fused_epa_loss))
+    return {
+        "from logits": lambda h, w: logits_fn(h @ w.T, labels, ref, **options)[0],
+        "three matmuls": lambda h, w: linear_fn(h, w, labels, ref, **options)[0],
+        "recomputing": lambda h, w: linear_fn(h, w, labels, ref, differentiable_logps=True, **options)[0],
+        "eager": lambda h, w: eager_fn(h @ w.T, labels, ref, **options)[0],
+    }
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=str)
+@pytest.mark.parametrize("kind", ["dpo", "epa"])
+def test_non_finite_reference_log_probs_in_every_fused_path(kind, bad):
+    """Issue 15: a non-finite reference log-prob of one candidate (the chosen answer, a strong or a
+    weak negative of prompt 1) gives every fused function, from logits and from hidden states on
+    both paths, the loss and gradients of the plain-torch formula: +inf where it is +inf (not
+    NaN), NaN where it is undefined; per prompt (reduction="none"), the other prompts untouched."""
+    candidates, prompts, vocab = (2 if kind == "dpo" else 3), 3, 11
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(candidates * prompts, 4, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (candidates * prompts, 4), generator=gen)
+    labels[:, 0] = epa_ext.IGNORE_INDEX
+    options = dict(beta=0.5) if kind == "dpo" else dict(beta=0.5, num_candidates=candidates, num_strong=1,
+                                                        weak_weight=0.5)
+    for candidate in range(candidates):
+        ref = -torch.rand(candidates * prompts, generator=gen, dtype=torch.float64) * 5
+        ref[candidate * prompts + 1] = bad
+        for reduction in ("mean", "none"):
+            paths = fused_losses(kind, labels, ref, reduction=reduction, **options)
+            if reduction == "none":
+                del paths["three matmuls"]  # reduction="none" always takes the recomputing path
+            results = {}
+            for name, fn in paths.items():
+                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+                loss = fn(h, w)
+                results[name] = (loss.detach(), *torch.autograd.grad(loss.sum(), [h, w]))
+            truth = results.pop("eager")
+            what = f"ref of candidate {candidate} = {bad}, reduction={reduction}"
+            for name, values in results.items():
+                for value, expected, part in zip(values, truth, ("loss", "d(hidden)", "d(weight)")):
+                    assert_close_to_truth(value, expected, dtype=torch.float64, what=f"{name}: {part}, {what}")
+            if reduction == "none":
+                assert torch.isfinite(truth[0][[0, 2]]).all(), what
