@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from epa_ext import IGNORE_INDEX
 from epa_ext.experiment.config import ExperimentConfig, ReferenceSpec, TaskSpec, parse_method
 from epa_ext.experiment.metrics import slope1_metrics
 from epa_ext.experiment.report import format_table
@@ -53,7 +54,7 @@ def test_labels_stop_at_the_first_end_token():
     tokens = torch.tensor([[FIRST_LETTER_ID, EOS_ID, FIRST_LETTER_ID + 1, EOS_ID]])
     ids, labels = task.sequence_ids(torch.tensor([[0, 1]]), tokens)
     assert ids.shape == labels.shape == (1, 8)
-    assert labels[0].tolist() == [-100] * 4 + [FIRST_LETTER_ID, EOS_ID, -100, -100]
+    assert labels[0].tolist() == [IGNORE_INDEX] * 4 + [FIRST_LETTER_ID, EOS_ID, IGNORE_INDEX, IGNORE_INDEX]
 
 
 def test_malformed_answers_score_as_the_worst_answer():

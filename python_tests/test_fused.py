@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import epa_ext
-from epa_ext import eager
+from epa_ext import IGNORE_INDEX, eager
 from numerics import assert_close_to_truth, assert_paths_agree
 
 
@@ -15,8 +15,8 @@ def make_batch(candidates, prompts, seq_len, vocab, dtype, device, ignore_fracti
     rows = candidates * prompts
     logits = (torch.randn(rows, seq_len, vocab, dtype=torch.float64) * 2).to(dtype).to(device)
     labels = torch.randint(0, vocab, (rows, seq_len))
-    labels[torch.rand(rows, seq_len) < ignore_fraction] = -100
-    labels[:, -1] = -100
+    labels[torch.rand(rows, seq_len) < ignore_fraction] = IGNORE_INDEX
+    labels[:, -1] = IGNORE_INDEX
     ref_logps = (-torch.rand(rows, dtype=torch.float64) * seq_len * 3).float().to(device)
     return logits, labels.to(device), ref_logps
 
@@ -107,9 +107,9 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(device):
 
 def test_inplace_backward_op_opcheck(device):
     logits, labels, _ = make_batch(2, 2, 3, 17, torch.float32, device)
-    logps, lse = torch.ops.epa_ext.token_logps(logits, labels, -100)
+    logps, lse = torch.ops.epa_ext.token_logps(logits, labels, IGNORE_INDEX)
     torch.library.opcheck(torch.ops.epa_ext.token_logps_backward_.default,
-                          (torch.rand(labels.shape, device=device), logits.clone(), labels, lse, logps, -100))
+                          (torch.rand(labels.shape, device=device), logits.clone(), labels, lse, logps, IGNORE_INDEX))
 
 
 def test_fused_compile_fullgraph(device):
@@ -157,7 +157,7 @@ def test_fused_bad_input():
     with pytest.raises(TypeError, match="ignore_index must be an int; got float"):
         epa_ext.fused_epa_loss(logits, labels, ref, num_candidates=3, ignore_index=1.5)
     # the options are checked up front, before the kernels read the logits (here: a bad label)
-    out_of_range = labels.masked_fill(labels == epa_ext.IGNORE_INDEX, 99)
+    out_of_range = labels.masked_fill(labels == IGNORE_INDEX, 99)
     with pytest.raises(TypeError, match=r"beta must be a real number \(float or int\); got str"):
         epa_ext.fused_dpo_loss(logits[:4], out_of_range[:4], ref[:4], beta="0.1")
     with pytest.raises(ValueError, match="weak_weight must be finite; got inf"):
@@ -179,10 +179,10 @@ def test_ipo_takes_summed_reference_log_probs_as_trl_does(device):
     policy_logits = torch.randn(2 * prompts, seq_len, vocab, generator=gen, dtype=torch.float64)
     ref_logits = policy_logits + 0.3 * torch.randn(policy_logits.shape, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, vocab, (2 * prompts, seq_len), generator=gen)
-    labels[:prompts, : seq_len // 2] = epa_ext.IGNORE_INDEX  # chosen answers shorter than the rejected ones
-    labels[prompts:, : seq_len // 8] = epa_ext.IGNORE_INDEX
+    labels[:prompts, : seq_len // 2] = IGNORE_INDEX  # chosen answers shorter than the rejected ones
+    labels[prompts:, : seq_len // 8] = IGNORE_INDEX
     ref_sums = summed_sequence_logps(ref_logits, labels)  # as sequence_logps / linear_sequence_logps return them
-    counts = (labels != epa_ext.IGNORE_INDEX).sum(-1).double()
+    counts = (labels != IGNORE_INDEX).sum(-1).double()
     scores = (summed_sequence_logps(policy_logits, labels) - ref_sums) / counts
     beta = 0.1
     trl = ((scores[:prompts] - scores[prompts:] - 1 / (2 * beta)) ** 2).mean()
@@ -210,7 +210,7 @@ def test_ref_logps_averaged_needs_an_averaging_loss():
 
 def trl_sft_nll(token_logps: torch.Tensor, labels: torch.Tensor, prompts: int) -> torch.Tensor:
     """TRL 1.16's "sft" loss term: -chosen_per_token_logps[chosen_mask].mean()."""
-    chosen_mask = labels[:prompts] != epa_ext.IGNORE_INDEX
+    chosen_mask = labels[:prompts] != IGNORE_INDEX
     return -token_logps[:prompts][chosen_mask].mean()
 
 
@@ -219,7 +219,7 @@ def trl_sft_nll(token_logps: torch.Tensor, labels: torch.Tensor, prompts: int) -
 def test_sft_weight_adds_the_chosen_answers_nll(reduction, average, device):
     candidates, prompts, sft = 3, 4, 0.7
     logits, labels, ref = make_batch(candidates, prompts, 9, 40, torch.float32, device)
-    labels[1] = epa_ext.IGNORE_INDEX  # a chosen answer without tokens
+    labels[1] = IGNORE_INDEX  # a chosen answer without tokens
     options = dict(num_candidates=candidates, beta=0.2, reduction=reduction, average=average)
     check_fused(epa_ext.fused_epa_loss, eager.fused_epa_loss, logits, labels, ref, inplace=False,
                 sft_weight=sft, **options)

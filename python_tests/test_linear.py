@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import epa_ext
-from epa_ext import eager
+from epa_ext import IGNORE_INDEX, eager
 from numerics import assert_close_to_truth, assert_paths_agree
 
 
@@ -20,7 +20,7 @@ def make_inputs(batch, seq_len, hidden_size, vocab, dtype, device, *, ignore_fra
     weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) / hidden_size**0.5 * 2
     bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if with_bias else None
     labels = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-    labels[torch.rand(batch, seq_len, generator=gen) < ignore_fraction] = -100
+    labels[torch.rand(batch, seq_len, generator=gen) < ignore_fraction] = IGNORE_INDEX
     cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
     return cast(hidden), cast(weight), cast(bias), labels.to(device)
 
@@ -87,7 +87,7 @@ def test_ignored_rows(ignore_fraction, device):
     assert_close_to_truth(value, truth, dtype=torch.float32)
     for g, t in zip(grads, truth_grads):
         assert_close_to_truth(g, t, dtype=torch.float32)
-    ignored = labels == -100
+    ignored = labels == IGNORE_INDEX
     assert torch.equal(grads[0][ignored], torch.zeros_like(grads[0][ignored]))
     if ignore_fraction == 1.0:
         assert torch.equal(value, torch.zeros_like(value))
@@ -168,11 +168,11 @@ def test_opcheck(with_bias, device):
     hidden, weight, bias, labels = make_inputs(2, 5, 6, 11, torch.float32, device, with_bias=with_bias)
     h2, y1 = hidden.reshape(10, 6), labels.reshape(10)
     torch.library.opcheck(torch.ops.epa_ext.linear_token_logps.default,
-                          (h2.requires_grad_(), weight.requires_grad_(), bias, y1, -100, 3, True))
-    logps, lse = torch.ops.epa_ext.linear_token_logps(h2.detach(), weight.detach(), bias, y1, -100, 3, True)
+                          (h2.requires_grad_(), weight.requires_grad_(), bias, y1, IGNORE_INDEX, 3, True))
+    logps, lse = torch.ops.epa_ext.linear_token_logps(h2.detach(), weight.detach(), bias, y1, IGNORE_INDEX, 3, True)
     torch.library.opcheck(torch.ops.epa_ext.linear_token_logps_backward.default,
-                          (torch.rand(10, device=device), h2.detach(), weight.detach(), bias, y1, lse, logps, -100, 3,
-                           [True, True, with_bias], True))
+                          (torch.rand(10, device=device), h2.detach(), weight.detach(), bias, y1, lse, logps,
+                           IGNORE_INDEX, 3, [True, True, with_bias], True))
 
 
 def test_compile_fullgraph(device):
@@ -211,11 +211,11 @@ def make_groups(lengths, hidden_size, vocab, dtype, device, *, prompt_len=3, wit
     hidden = torch.randn(candidates * prompts, steps, hidden_size, generator=gen, dtype=torch.float64)
     weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) / hidden_size**0.5 * 2
     bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if with_bias else None
-    labels = torch.full((candidates * prompts, steps), epa_ext.IGNORE_INDEX)
+    labels = torch.full((candidates * prompts, steps), IGNORE_INDEX)
     for b, row in enumerate(lengths):
         for c, length in enumerate(row):
             labels[c * prompts + b, prompt_len: prompt_len + length] = torch.randint(0, vocab, (length,), generator=gen)
-    ref = -torch.rand(candidates * prompts, generator=gen, dtype=torch.float64) * 3 * (labels != -100).sum(-1)
+    ref = -torch.rand(candidates * prompts, generator=gen, dtype=torch.float64) * 3 * (labels != IGNORE_INDEX).sum(-1)
     cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
     return cast(hidden), cast(weight), cast(bias), labels.to(device), ref.float().to(device)
 
@@ -394,7 +394,7 @@ def test_tied_embedding_as_the_lm_head(device):
 
 def test_frozen_head_and_no_gradient_form_no_buffers(device):
     hidden, weight, bias, labels, ref = make_groups(uniform(2, 2, 5), 8, 20, torch.float32, device)
-    args = (labels, ref, 0.1, "sigmoid", 0.0, 0.0, False, False, "mean", -100, 0)
+    args = (labels, ref, 0.1, "sigmoid", 0.0, 0.0, False, False, "mean", IGNORE_INDEX, 0)
     outputs = torch.ops.epa_ext.linear_dpo_loss(hidden, weight, bias, *args, [True, False, False], True)
     assert [tuple(t.shape) for t in outputs[2:]] == [tuple(hidden.shape), (0,), (0,)]
     outputs = torch.ops.epa_ext.linear_dpo_loss(hidden, weight, bias, *args, [False, False, False], True)
@@ -510,7 +510,7 @@ def test_upstream_gradient_of_one_is_used_as_is(device):
 def test_ipo_on_hidden_states_takes_summed_reference_log_probs(device):
     hidden, weight, bias, labels, ref = make_groups([[4, 12], [9, 3]], 8, 20, torch.float32, device)
     logits = (hidden @ weight.T + bias).double()
-    counts = (labels != -100).sum(-1).double()
+    counts = (labels != IGNORE_INDEX).sum(-1).double()
     scores = (eager.sequence_logps(logits, labels) - ref.double()) / counts
     trl = ((scores[:2] - scores[2:] - 1 / (2 * 0.5)) ** 2).mean()
     for differentiable in (False, True):
@@ -523,10 +523,10 @@ def op_args(kind, hidden, weight, bias, labels, ref, output_mask, **overrides):
     """Positional arguments of epa_ext::linear_{dpo,epa}_loss."""
     if kind == "dpo":
         options = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.1, sft_weight=0.2, average=False,
-                       ref_logps_averaged=False, reduction="mean", ignore_index=-100, max_chunk_tokens=5)
+                       ref_logps_averaged=False, reduction="mean", ignore_index=IGNORE_INDEX, max_chunk_tokens=5)
     else:
         options = dict(mask=None, num_candidates=2, beta=0.1, num_strong=1, weak_weight=1.0, sft_weight=0.2,
-                       average=True, ref_logps_averaged=False, reduction="sum", ignore_index=-100,
+                       average=True, ref_logps_averaged=False, reduction="sum", ignore_index=IGNORE_INDEX,
                        max_chunk_tokens=0)
     options.update(overrides)
     return (hidden, weight, bias, labels, ref, *options.values(), output_mask, True)
@@ -581,7 +581,7 @@ BAD = [  # (call(hidden, weight, bias, labels, ref), error, pattern)
      "hidden must be a torch.Tensor; got list"),
     (lambda h, w, b, y, r: epa_ext.linear_sequence_logps(h, w, y.index_fill(1, torch.tensor([3]), 57)), ValueError,
      r"labels must lie in \[0, V\) = \[0, 20\) or equal ignore_index \(-100\); got 57 at flat position 3 of labels"),
-    (lambda h, w, b, y, r: torch.ops.epa_ext.linear_token_logps(h[0], w, None, y[0], -100, -5, True), ValueError,
+    (lambda h, w, b, y, r: torch.ops.epa_ext.linear_token_logps(h[0], w, None, y[0], IGNORE_INDEX, -5, True), ValueError,
      r"linear_token_logps: chunk_size must be a positive number of tokens \(0: automatic, max\(H, 512\)\); got -5"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r[:5], num_candidates=2), ValueError,
      r"ref_logps must have shape \[C\*B\] = \[6\]"),
@@ -662,7 +662,7 @@ def backward_args(hidden, weight, bias, labels, *, grad_dtype=torch.float32, gra
     grad = torch.ones(rows, dtype=grad_dtype, device=grad_device or hidden.device)
     lse = torch.zeros(rows, dtype=lse_dtype, device=lse_device or hidden.device)
     logps = torch.zeros(rows, device=hidden.device)
-    return grad, flat_hidden, weight, bias, flat_labels, lse, logps, -100, 0, [True, True, True], True
+    return grad, flat_hidden, weight, bias, flat_labels, lse, logps, IGNORE_INDEX, 0, [True, True, True], True
 
 
 @pytest.mark.parametrize("call,error,pattern", BAD, ids=[b[2][:50] for b in BAD])

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CUDA
 
 import epa_ext
-from epa_ext import eager
+from epa_ext import IGNORE_INDEX, eager
 from numerics import assert_close_to_truth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -21,7 +22,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(37, 123), (3, 17, 123), (2, 5, 50257), (1, 1, 1), (1, 3, 2), (4, 33, 1000)]
 
 
-def make_inputs(shape, dtype, device, *, ignore_fraction=0.2, scale=3.0, ignore_index=-100):
+def make_inputs(shape, dtype, device, *, ignore_fraction=0.2, scale=3.0, ignore_index=IGNORE_INDEX):
     vocab = shape[-1]
     logits = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
     labels = torch.randint(0, vocab, shape[:-1])
@@ -29,7 +30,7 @@ def make_inputs(shape, dtype, device, *, ignore_fraction=0.2, scale=3.0, ignore_
     return logits, labels.to(device)
 
 
-def check_against_reference(logits, labels, *, ignore_index=-100, what="", grad_extra_rtol=0.0):
+def check_against_reference(logits, labels, *, ignore_index=IGNORE_INDEX, what="", grad_extra_rtol=0.0):
     """Forward and d(logits) of token_logps against float64 truth and plain torch in the dtype."""
     dtype = logits.dtype
     upstream = torch.randn(labels.shape, dtype=torch.float64)
@@ -74,11 +75,11 @@ def test_float64_matches_reference(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rows_and_sequences_all_ignored(dtype, device):
     logits, labels = make_inputs((4, 6, 77), dtype, device)
-    labels[1] = -100  # a sequence with no completion token
-    labels[:, 0] = -100
+    labels[1] = IGNORE_INDEX  # a sequence with no completion token
+    labels[:, 0] = IGNORE_INDEX
     check_against_reference(logits, labels, what="partly ignored")
 
-    labels[:] = -100
+    labels[:] = IGNORE_INDEX
     x = logits.clone().requires_grad_()
     out = epa_ext.sequence_logps(x, labels)
     out.sum().backward()
@@ -101,14 +102,14 @@ def test_strided_views_are_read_in_place(dtype, device):
     rows = logits.reshape(33, 301)[::2, :200]
     check_against_reference(rows, torch.randint(0, 200, (17,), device=device), what="row stride")
     # The op itself accepts such views (the public function makes no copy of them).
-    direct, _ = torch.ops.epa_ext.token_logps(sliced, labels[:, :-1].contiguous(), -100)
+    direct, _ = torch.ops.epa_ext.token_logps(sliced, labels[:, :-1].contiguous(), IGNORE_INDEX)
     torch.testing.assert_close(direct, epa_ext.token_logps(sliced.contiguous(), labels[:, :-1]))
 
 
 def test_non_unit_vocab_stride_is_copied(device):
     logits, labels = make_inputs((2, 4, 64), torch.float32, device)
     every_other = logits[..., ::2]
-    labels = labels.clamp(max=31).masked_fill(labels < 0, -100)
+    labels = labels.clamp(max=31).masked_fill(labels < 0, IGNORE_INDEX)
     check_against_reference(every_other, labels, what="logits[..., ::2]")
 
 
@@ -142,7 +143,7 @@ def test_large_low_precision_values(dtype, device):
 @pytest.mark.parametrize("average", [False, True])
 def test_sequence_logps_matches_reference(average, device):
     logits, labels = make_inputs((5, 13, 211), torch.float32, device)
-    labels[2] = -100
+    labels[2] = IGNORE_INDEX
     x = logits.clone().requires_grad_()
     ours = epa_ext.sequence_logps(x, labels, average=average)
     ours.backward(torch.arange(5.0, device=device))
@@ -175,11 +176,11 @@ def test_gradcheck_float64(average, check, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(dtype, device):
     logits, labels = make_inputs((2, 5, 33), dtype, device)
-    torch.library.opcheck(torch.ops.epa_ext.token_logps.default, (logits.requires_grad_(), labels, -100))
-    logps, lse = torch.ops.epa_ext.token_logps(logits.detach(), labels, -100)
+    torch.library.opcheck(torch.ops.epa_ext.token_logps.default, (logits.requires_grad_(), labels, IGNORE_INDEX))
+    logps, lse = torch.ops.epa_ext.token_logps(logits.detach(), labels, IGNORE_INDEX)
     grad = torch.randn(labels.shape, device=device)
     torch.library.opcheck(torch.ops.epa_ext.token_logps_backward.default,
-                          (grad, logits.detach(), labels, lse, logps, -100))
+                          (grad, logits.detach(), labels, lse, logps, IGNORE_INDEX))
 
 
 def test_torch_compile_fullgraph(device):
@@ -258,7 +259,7 @@ def test_bad_input_is_a_clear_error(shape, labels, error, pattern, device_):
     with pytest.raises(error, match=pattern):
         epa_ext.token_logps(logits, labels.to(device_))
     with pytest.raises(error, match=pattern):
-        torch.ops.epa_ext.token_logps(logits, labels.to(device_), -100)
+        torch.ops.epa_ext.token_logps(logits, labels.to(device_), IGNORE_INDEX)
 
 
 @pytest.mark.parametrize("label", [5, -7])
@@ -290,7 +291,7 @@ def test_bad_dtype_and_types():
 
 def test_raw_backward_ops_check_their_inputs():
     logits, labels = make_inputs((2, 3, 7), torch.float32, "cpu")
-    logps, lse = torch.ops.epa_ext.token_logps(logits, labels, -100)
+    logps, lse = torch.ops.epa_ext.token_logps(logits, labels, IGNORE_INDEX)
     good = torch.ones(2, 3)
     bad = [  # (grad_logps, lse, logps, error, pattern)
         (torch.ones(2, 3, dtype=torch.long), lse, logps, TypeError, "grad_logps must be a floating-point tensor; got"),
@@ -302,9 +303,9 @@ def test_raw_backward_ops_check_their_inputs():
         for grad, lse_, logps_, error, pattern in bad:
             args = [t.to(device_) for t in (grad, logits, labels, lse_, logps_)]
             with pytest.raises(error, match=pattern):
-                torch.ops.epa_ext.token_logps_backward(*args, -100)
+                torch.ops.epa_ext.token_logps_backward(*args, IGNORE_INDEX)
             with pytest.raises(error, match=pattern):
-                torch.ops.epa_ext.token_logps_backward_(*args, -100)
+                torch.ops.epa_ext.token_logps_backward_(*args, IGNORE_INDEX)
 
 
 def test_devices_must_match():
@@ -315,16 +316,16 @@ def test_devices_must_match():
         with pytest.raises(ValueError, match="labels must be on the device of logits"):
             epa_ext.token_logps(logits, labels)
         with pytest.raises(ValueError, match="labels and logits must be on the same device"):
-            torch.ops.epa_ext.token_logps(logits, labels, -100)
+            torch.ops.epa_ext.token_logps(logits, labels, IGNORE_INDEX)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@CUDA
 def test_devices_must_match_cuda():
     logits, labels = torch.randn(2, 3, 5, device="cuda"), torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="labels must be on the device of logits"):
         epa_ext.token_logps(logits, labels)
     with pytest.raises(ValueError, match="labels and logits must be on the same device"):
-        torch.ops.epa_ext.token_logps(logits, labels, -100)
+        torch.ops.epa_ext.token_logps(logits, labels, IGNORE_INDEX)
 
 
 def test_int32_labels_are_accepted():
@@ -338,7 +339,7 @@ def test_completion_labels(device):
     mask[0, 4:] = True
     mask[1, 2:6] = True  # then padding
     labels = epa_ext.completion_labels(input_ids, mask)
-    expected = torch.full((3, 8), -100, dtype=torch.long)
+    expected = torch.full((3, 8), IGNORE_INDEX, dtype=torch.long)
     for b in range(3):
         for t in range(7):
             if mask[b, t + 1]:
@@ -346,7 +347,7 @@ def test_completion_labels(device):
     assert labels.dtype == torch.long
     assert torch.equal(labels.cpu(), expected)
     assert torch.equal(epa_ext.completion_labels(input_ids, mask.int(), ignore_index=-1).cpu(),
-                       expected.masked_fill(expected == -100, -1))
+                       expected.masked_fill(expected == IGNORE_INDEX, -1))
 
 
 def test_completion_labels_bad_input():
@@ -523,12 +524,12 @@ def test_inplace_backward_refuses_overlapping_rows():
                                          r"rows share memory .*Pass inplace_backward=False"):
         epa_ext.token_logps(expanded, labels, inplace_backward=True)
     torch.testing.assert_close(epa_ext.token_logps(expanded, labels), eager.token_logps(expanded, labels))
-    logps, lse = torch.ops.epa_ext.token_logps(expanded.detach(), labels, -100)
+    logps, lse = torch.ops.epa_ext.token_logps(expanded.detach(), labels, IGNORE_INDEX)
     for device_ in ("cpu", "meta"):  # the raw in-place op, kernel and fake
         args = [t.to(device_) for t in (torch.ones(3, 4, dtype=torch.float64), labels, lse, logps)]
         args.insert(1, row.detach().to(device_).expand(3, 4, 20))
         with pytest.raises(ValueError, match="token_logps_backward_: inplace_backward=True writes the gradient over"):
-            torch.ops.epa_ext.token_logps_backward_(*args, -100)
+            torch.ops.epa_ext.token_logps_backward_(*args, IGNORE_INDEX)
 
 
 def test_inplace_backward_refuses_leaves_and_their_views():

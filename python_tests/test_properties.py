@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import epa_ext
-from epa_ext import eager
+from epa_ext import IGNORE_INDEX, eager
 from numerics import assert_close_to_truth
 
 EXAMPLES = int(os.environ.get("EPA_EXT_HYPOTHESIS_EXAMPLES", "80"))
@@ -45,7 +45,7 @@ def logits_cases(draw):
     logits = base.to(dtype)[:, :steps]
     ignore = draw(st.sampled_from([0.0, 0.2, 0.7, 1.0]))
     labels = torch.randint(0, vocab, (batch, steps), generator=gen)
-    labels[torch.rand(batch, steps, generator=gen) < ignore] = -100
+    labels[torch.rand(batch, steps, generator=gen) < ignore] = IGNORE_INDEX
     if two_d:
         logits, labels = logits.reshape(-1, vocab), labels.reshape(-1)
     return logits, labels
@@ -146,7 +146,7 @@ def test_linear_sequence_logps(hidden_size, vocab, rows, chunk, with_bias, ignor
     weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) / max(hidden_size, 1) ** 0.5
     bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if with_bias else None
     labels = torch.randint(0, vocab, (2, rows), generator=gen)
-    labels[torch.rand(2, rows, generator=gen) < ignore] = -100
+    labels[torch.rand(2, rows, generator=gen) < ignore] = IGNORE_INDEX
     params = [hidden, weight] + ([bias] if with_bias else [])
 
     def run(fn, tensors):
@@ -179,7 +179,7 @@ def test_fused_losses_equal_their_composition(prompts, candidates, steps, vocab,
     rows = prompts * candidates
     logits = torch.randn(rows, steps, vocab, generator=gen, dtype=torch.float64) * 2
     labels = torch.randint(0, vocab, (rows, steps), generator=gen)
-    labels[torch.rand(rows, steps, generator=gen) < 0.3] = -100
+    labels[torch.rand(rows, steps, generator=gen) < 0.3] = IGNORE_INDEX
     ref = -torch.rand(rows, generator=gen, dtype=torch.float64) * steps * 3
 
     def ours(x):
@@ -208,7 +208,7 @@ def linear_loss_cases(draw):
     hidden_size, vocab = draw(st.integers(1, 24)), draw(st.sampled_from([1, 2, 17, 64]))
     gen = seeded(draw(st.integers(0, 2**31 - 1)))
     steps = max(lengths) + 1
-    labels = torch.full((prompts * candidates, steps), -100)
+    labels = torch.full((prompts * candidates, steps), IGNORE_INDEX)
     for row, length in enumerate(lengths):
         labels[row, 1: 1 + length] = torch.randint(0, vocab, (length,), generator=gen)
     hidden = torch.randn(prompts * candidates, steps, hidden_size, generator=gen, dtype=torch.float64)

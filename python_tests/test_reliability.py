@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CUDA
 
 import epa_ext
-from epa_ext import eager
+from epa_ext import IGNORE_INDEX, eager
 from numerics import assert_close_to_truth
 
 
@@ -71,7 +72,7 @@ def test_target_at_minus_inf(device):
 
 def test_all_ignored_batch_gives_zeros(device):
     logits = torch.randn(3, 4, 50, device=device)
-    labels = torch.full((3, 4), -100, device=device)
+    labels = torch.full((3, 4), IGNORE_INDEX, device=device)
     for fn in (lambda x: epa_ext.token_logps(x, labels), lambda x: epa_ext.sequence_logps(x, labels, average=True)):
         out, grad = grad_of(fn, logits)
         assert torch.equal(out, torch.zeros_like(out)) and torch.equal(grad, torch.zeros_like(grad))
@@ -104,20 +105,20 @@ def test_offsets_beyond_2_pow_31_elements(device):
     kept = torch.tensor([0, rows // 2, rows - 1])
     values = (torch.randn(3, vocab) * 3).to(torch.bfloat16)
     logits[kept.to(device)] = values.to(device)
-    labels = torch.full((rows,), -100)
+    labels = torch.full((rows,), IGNORE_INDEX)
     labels[kept] = torch.tensor([5, vocab - 1, 77])
-    logps, lse = torch.ops.epa_ext.token_logps(logits, labels.to(device), -100)
+    logps, lse = torch.ops.epa_ext.token_logps(logits, labels.to(device), IGNORE_INDEX)
     truth, truth_grad = grad_of(lambda x: eager.token_logps(x, labels[kept]), values.double())
     plain, plain_grad = grad_of(lambda x: eager.token_logps(x, labels[kept]), values)
     assert_close_to_truth(logps.cpu()[kept], truth, dtype=torch.bfloat16, plain=plain, what="logps")
-    assert torch.equal(logps.cpu()[labels == -100], torch.zeros(rows - 3))
+    assert torch.equal(logps.cpu()[labels == IGNORE_INDEX], torch.zeros(rows - 3))
     torch.ops.epa_ext.token_logps_backward_(torch.ones(rows, device=device), logits, labels.to(device), lse, logps,
-                                            -100)
+                                            IGNORE_INDEX)
     assert_close_to_truth(logits.cpu()[kept], truth_grad, dtype=torch.bfloat16, plain=plain_grad, what="d(logits)")
     assert not logits[1].any() and not logits[rows - 2].any()  # ignored rows zero-filled, past 2^31 too
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@CUDA
 def test_cuda_is_bitwise_deterministic():
     """No kernel uses atomics: the same inputs give the same bits, run after run."""
     g = torch.Generator().manual_seed(0)
@@ -201,7 +202,7 @@ def test_fused_logits_losses_second_order_match_plain_torch():
     derivatives (gradgradcheck, float64) and a Hessian-vector product match plain torch."""
     logits = torch.randn(6, 3, 7, dtype=torch.float64)
     labels = torch.randint(0, 7, (6, 3))
-    labels[0, 0] = -100
+    labels[0, 0] = IGNORE_INDEX
     ref = -torch.rand(6, dtype=torch.float64) * 3
     cases = {
         "dpo": (lambda x: epa_ext.fused_dpo_loss(x, labels, ref, beta=0.5)[0],
@@ -253,7 +254,7 @@ def test_non_finite_reference_log_probs_in_every_fused_path(kind, bad):
     hidden = torch.randn(candidates * prompts, 4, 6, generator=gen, dtype=torch.float64)
     weight = torch.randn(vocab, 6, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, vocab, (candidates * prompts, 4), generator=gen)
-    labels[:, 0] = epa_ext.IGNORE_INDEX
+    labels[:, 0] = IGNORE_INDEX
     options = dict(beta=0.5) if kind == "dpo" else dict(beta=0.5, num_candidates=candidates, num_strong=1,
                                                         weak_weight=0.5)
     for candidate in range(candidates):

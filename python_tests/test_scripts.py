@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import CUDA
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -44,7 +44,7 @@ def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
     assert all(row["median_ms"] > 0 for row in report["results"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@CUDA
 def test_cuda_sanitizer_workload_passes(tmp_path):
     """bench/gpu_check.sh runs this workload under compute-sanitizer; it must pass without one."""
     assert "sanitizer workload: ok" in run([str(BENCH / "sanitizer_workload.py")], cwd=tmp_path)

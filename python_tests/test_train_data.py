@@ -15,7 +15,6 @@ from conftest import HH_RLHF, NEEDS_HH_RLHF, TEST_DATA, tiny_tokenizer
 from epa_ext import IGNORE_INDEX
 from epa_ext.train import batching, data
 
-FIXTURES = TEST_DATA
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -43,7 +42,7 @@ def ids(tokenizer, text):
 
 
 def test_explicit_fixture_parses_strings_and_rejected_lists():
-    rows = data.load_rows(str(FIXTURES / "prefs.jsonl"))
+    rows = data.load_rows(str(TEST_DATA / "prefs.jsonl"))
     examples, report = data.parse_rows(rows, source="prefs.jsonl")
     assert len(rows) == len(examples) == 40 and report.total() == 0
     assert report.summary() == "dropped 0 of 40 examples"
@@ -126,7 +125,7 @@ def test_implicit_identical_or_empty_is_a_bad_row(rejected, reason):
 
 
 def test_scored_fixture_both_layouts():
-    rows = data.load_rows(str(FIXTURES / "scored.jsonl"))
+    rows = data.load_rows(str(TEST_DATA / "scored.jsonl"))
     assert {data.detect_format(row) for row in rows} == {"scored"}
     examples, report = data.parse_rows(rows, source="scored.jsonl")
     assert len(examples) == 10 and report.total() == 0
@@ -388,7 +387,7 @@ def test_collate_keeps_first_strong_negatives_and_fits_weak_answers():
 def test_pipeline_on_fixture(tokenizer):
     """File to batch, checked against the fixture's own texts: every row of the batch is prompt +
     answer token ids as the tokenizer gives them (BOS, EOS), right-padded, labels on the answer."""
-    rows = data.load_rows(str(FIXTURES / "prefs.jsonl"))
+    rows = data.load_rows(str(TEST_DATA / "prefs.jsonl"))
     examples, report = data.parse_rows(rows, source="prefs.jsonl")
     tokenized = batching.tokenize(examples, tokenizer, max_length=48, max_prompt_length=16, report=report)
     assert len(tokenized) == 40 and report.total() == 0
@@ -423,7 +422,7 @@ def test_pipeline_on_fixture(tokenizer):
 
 
 def test_non_utf8_byte_is_reported_on_its_line(tmp_path):
-    lines = (FIXTURES / "prefs.jsonl").read_bytes().splitlines(keepends=True)
+    lines = (TEST_DATA / "prefs.jsonl").read_bytes().splitlines(keepends=True)
     lines[20] = lines[20].replace(b"a", b"\xff", 1)
     for name, payload in (("bad.jsonl", b"".join(lines)), ("bad.jsonl.gz", gzip.compress(b"".join(lines)))):
         (tmp_path / name).write_bytes(payload)
