@@ -33,6 +33,7 @@ from epa_ext import IGNORE_INDEX
 RTOL, ATOL = TOLERANCES[torch.float32]  # two runs whose reductions are ordered differently
 WORLD_SIZE = 2
 STRATEGIES = ("ddp", "fsdp")
+ON_CPU = ["--device", "cpu"]  # gloo on the CPU, also where a GPU is present (with one, rank 1 would have none)
 
 # --- the reduced gradients ------------------------------------------------------------------------
 
@@ -243,7 +244,7 @@ def assert_same_training(a: Path, b: Path) -> None:
 def test_ddp_over_two_processes_trains_as_one(tmp_path):
     """DDP over 2 processes, 2 prompts each and 2 micro-steps per step (no_sync on the first),
     against 1 process with 4: the same losses, evaluation and final weights."""
-    common = ["--max-steps", "3", "--grad-accum", "2", "--num-weak", "1", "--eval-fraction", "0.1"]
+    common = ["--max-steps", "3", "--grad-accum", "2", "--num-weak", "1", "--eval-fraction", "0.1", *ON_CPU]
     single, double = tmp_path / "single", tmp_path / "double"
     train_in_process(single, *common, "--batch-size", "4")
     torchrun_epa_train(double, *common, "--batch-size", "2")
@@ -261,7 +262,7 @@ def test_fsdp_over_two_processes_trains_as_one_and_resumes(tmp_path):
     same losses and final weights (gathered from the shards); then a resume of the sharded run
     from its gathered checkpoint (final/ deleted as if it had died after checkpoint-2) ends the
     same."""
-    common = ["--max-steps", "4", "--save-steps", "2", "--num-weak", "1", "--eval-fraction", "0"]
+    common = ["--max-steps", "4", "--save-steps", "2", "--num-weak", "1", "--eval-fraction", "0", *ON_CPU]
     plain = train_in_process(tmp_path / "plain", *common, "--batch-size", "4")
     out = tmp_path / "fsdp"
     torchrun_epa_train(out, *common, "--batch-size", "2", "--fsdp")
