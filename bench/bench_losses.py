@@ -56,7 +56,9 @@ def main() -> None:
 
     def fresh_logits():  # untimed: in-place providers overwrite the logits
         state.clear()
-        state["logits"] = base.clone().requires_grad_()
+        # The logits as an lm_head hands them over: the output of an op, not a leaf (which
+        # inplace_backward refuses to overwrite).
+        state["logits"] = base.clone().requires_grad_().clone()
 
     def step(fn):
         # autograd.grad hands d(logits) to the caller as an lm_head's backward would receive it

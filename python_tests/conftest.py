@@ -57,6 +57,22 @@ def torchrun() -> str:
     return shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 
 
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The weights a run saved in final/."""
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "model.safetensors")
+
+
+def initial_tiny_model(out: Path):
+    """The model a tiny run started from (its seed and sizes as TINY gives them)."""
+    from transformers import AutoTokenizer
+
+    from epa_ext.train.modeling import build_tiny_model
+
+    return build_tiny_model(len(AutoTokenizer.from_pretrained(out / "final")), 32, 1, 96 + 8, seed=0)
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

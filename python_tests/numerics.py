@@ -124,3 +124,15 @@ def assert_trl_parity(actual: float | Tensor, expected: float | Tensor, what: st
     scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale + extra_atol,
                                msg=lambda m: f"{what}: {m}")
+
+
+# --- epa-train runs against each other (python_tests/test_train*.py) ----------------------------------
+# Final weights of two fp32 runs of the same training whose reductions are ordered differently (2
+# ranks of B prompts against 1 process of 2B, DDP or FSDP2): AdamW divides each gradient element by
+# its own running RMS, which magnifies the rounding differences of near-zero gradients (rarely used
+# embedding rows), so elementwise tolerances do not fit. Instead each tensor's change from the initial
+# weights is compared in norm: |second - first| <= WEIGHT_CHANGE_RTOL * |first - initial|. Measured on
+# the tiny model (3-4 steps at lr 1e-3, torch 2.14.1, CPU): 1.5e-5 for DDP, 1.2e-5 for FSDP2, the
+# worst tensor. AdamW's update hardly depends on the gradient's scale, so final weights cannot tell a
+# sum over ranks from a mean: test_train_distributed.py compares the reduced gradients themselves.
+WEIGHT_CHANGE_RTOL = 10 * TOLERANCES[torch.float32][0]

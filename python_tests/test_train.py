@@ -1,13 +1,11 @@
 """epa-train end to end on a tiny Llama-architecture model and our own fixture data: what a run
-writes, resume, the reference (model, precomputed, LoRA), data parallel and FSDP2, gradient
-checkpointing, an evaluation set, TRL's metric names and TensorBoard."""
+writes, resume, the reference (model, precomputed, LoRA), gradient checkpointing, an evaluation
+set, TRL's metric names and TensorBoard. Several processes (DDP, FSDP2): test_train_distributed.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -15,24 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (HH_RLHF, NEEDS_HH_RLHF, PREFS, TINY, epa_train_command, last_line, read_metrics,
-                      torchrun, train_in_process, train_losses)
+from conftest import (HH_RLHF, NEEDS_HH_RLHF, PREFS, TINY, epa_train_command, final_weights, initial_tiny_model,
+                      last_line, read_metrics, train_in_process, train_losses)
 from numerics import TOLERANCES
 
 RTOL, ATOL = TOLERANCES[torch.float32]  # two runs whose reductions are ordered differently
-# Final weights of two such runs: AdamW divides each gradient element by its own running RMS, which
-# magnifies the rounding differences of near-zero gradients (rarely used embedding rows), so their
-# changes from the initial weights are compared in norm, tensor by tensor, to 10x the fp32 rtol.
-CHANGE_RTOL = 10 * RTOL
 TRL_METRICS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "num_tokens", "tokens_per_second",
                "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected", "logits/chosen", "logits/rejected"}
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(out / "final" / "model.safetensors")
 
 
 def assert_same_weights(a: Path, b: Path, **tolerance) -> None:
@@ -40,24 +28,6 @@ def assert_same_weights(a: Path, b: Path, **tolerance) -> None:
     assert first.keys() == second.keys()
     for key, value in first.items():
         torch.testing.assert_close(second[key], value, **(tolerance or {"rtol": 0, "atol": 0}), msg=key)
-
-
-def assert_same_training(a: Path, b: Path) -> None:
-    """The final weights of runs a and b (on the tiny model) changed the same, to CHANGE_RTOL."""
-    first, second, initial = final_weights(a), final_weights(b), initial_tiny_model(a).state_dict()
-    assert first.keys() == second.keys()
-    for key, value in first.items():
-        change = (value - initial[key]).norm()
-        assert (second[key] - value).norm() <= CHANGE_RTOL * change, key
-
-
-def initial_tiny_model(out: Path):
-    """The model a tiny run started from (its seed and sizes as TINY gives them)."""
-    from transformers import AutoTokenizer
-
-    from epa_ext.train.modeling import build_tiny_model
-
-    return build_tiny_model(len(AutoTokenizer.from_pretrained(out / "final")), 32, 1, 96 + 8, seed=0)
 
 
 def mean_chosen_logps(model, out: Path, dataset: Path, *extra: str) -> float:
@@ -327,51 +297,6 @@ def test_yaml_config_mirrors_the_flags(tmp_path):
     assert (resolved["loss"], resolved["max_steps"], resolved["batch_size"], resolved["beta"],
             resolved["weight_decay"]) == ("dpo", 2, 4, 0.3, 1e-2)
     assert len(train_losses(records)) == 2
-
-
-def test_torchrun_two_processes_equal_one(tmp_path):
-    """DDP over 2 CPU processes (gloo), 2 prompts each, against 1 process with 4: the same losses
-    and final weights."""
-    common = ["--max-steps", "3", "--num-weak", "1", "--eval-fraction", "0.1"]
-    single, double = tmp_path / "single", tmp_path / "double"
-    subprocess.run(epa_train_command(single, *common, "--batch-size", "4"), cwd=tmp_path, check=True,
-                   capture_output=True)
-    command = epa_train_command(double, *common, "--batch-size", "2")
-    result = subprocess.run([torchrun(), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-                             *command[1:]], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert train_losses(read_metrics(double)) == pytest.approx(train_losses(read_metrics(single)), rel=RTOL, abs=ATOL)
-    # the metrics that are means over prompts (rejected ones are means over present negatives,
-    # averaged batch by batch as TRL does, so they depend on how the batches are cut)
-    per_prompt = ("eval/loss", "eval/logps/chosen", "eval/rewards/chosen")
-    evaluation = lambda out: [r[k] for r in read_metrics(out) if "eval/loss" in r for k in per_prompt]  # noqa: E731
-    assert evaluation(double) == pytest.approx(evaluation(single), rel=RTOL, abs=ATOL)
-    assert_same_training(single, double)
-
-
-def test_fsdp_across_two_processes_equals_one_and_resumes(tmp_path):
-    """FSDP2 (fully_shard) over 2 CPU processes (gloo), 2 prompts each, against 1 plain process
-    with 4: the same losses and final weights; then a resume of the sharded run from its gathered
-    checkpoint (final/ deleted as if it had died after checkpoint-2) ends the same."""
-    common = ["--max-steps", "4", "--save-steps", "2", "--num-weak", "1", "--eval-fraction", "0"]
-    plain = train_in_process(tmp_path / "plain", *common, "--batch-size", "4")
-    out = tmp_path / "fsdp"
-    command = [torchrun(), "--nproc-per-node", "2", "--master-port", str(30500 + os.getpid() % 1000),
-               *epa_train_command(out, *common, "--batch-size", "2", "--fsdp")[1:]]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=environment)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert train_losses(read_metrics(out)) == pytest.approx(train_losses(plain), rel=RTOL, abs=ATOL)
-    assert (out / "checkpoint-2" / "model.safetensors").is_file()
-    assert_same_training(tmp_path / "plain", out)
-
-    shutil.rmtree(out / "final")
-    result = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, env=environment)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
-    assert train_losses(read_metrics(out)) == pytest.approx(train_losses(plain), rel=RTOL, abs=ATOL)
-    assert_same_training(tmp_path / "plain", out)
 
 
 @NEEDS_HH_RLHF

@@ -343,12 +343,16 @@ def run_settings(base: ExperimentConfig, settings: list[Setting]) -> dict:
     started = time.perf_counter()
     Path(base.output_dir).mkdir(parents=True, exist_ok=True)
     device = resolve_device(base.device)
+    caller_threads = torch.get_num_threads()
     if base.threads:  # the reference's SFT and the evaluations here, as in the training processes
         torch.set_num_threads(base.threads)
-    prepared = prepare(settings, base.seeds, device)
-    runs = execute(settings, base.seeds, prepared, device, workers=base.workers, threads=base.threads,
-                   progress=base.progress)
-    return collect(base, settings, runs, prepared, device, time.perf_counter() - started)
+    try:
+        prepared = prepare(settings, base.seeds, device)
+        runs = execute(settings, base.seeds, prepared, device, workers=base.workers, threads=base.threads,
+                       progress=base.progress)
+        return collect(base, settings, runs, prepared, device, time.perf_counter() - started)
+    finally:  # a caller in the same process (a test, a notebook) keeps its own thread count
+        torch.set_num_threads(caller_threads)
 
 
 def say(cfg: ExperimentConfig, message: str) -> None:
