@@ -29,6 +29,10 @@ TOLERANCES = {
     torch.float64: (1e-10, 1e-12),
     torch.float32: (1e-5, 1e-6),
 }
+# torch.autograd.gradcheck / gradgradcheck on float64 log-probs of O(1) logits: a central difference
+# with step eps is off by about eps^2 + 2^-52 / eps ~ 1e-10, so atol can be 1000x tighter than
+# gradcheck's default 1e-5, which would let a gradient off by 1e-6 pass.
+GRADCHECK = dict(eps=1e-6, atol=1e-8)
 LOW_PRECISION_FACTOR = 2.0
 LOW_PRECISION_SLACK = {torch.bfloat16: torch.finfo(torch.bfloat16).eps, torch.float16: torch.finfo(torch.float16).eps}
 # dtype -> rtol of one rounding to that dtype of an fp32 (fp64) result: half its machine epsilon for
@@ -76,13 +80,18 @@ def assert_close_to_truth(actual: Tensor, truth: Tensor, *, dtype: torch.dtype, 
     assert error <= bound, f"{what} ({dtype}): max error {error:.3g} > {bound:.3g} (2x plain torch + slack)"
 
 
-def assert_paths_agree(actual: Tensor, expected: Tensor, *, what: str = "result") -> None:
-    """Two epa_ext paths of the same fp32 computation (the fused-linear op against the logits
-    path, the three-matmul path against the recomputing one, compiled against eager): each lies
-    within the fp32 tolerance of the float64 truth, so they agree within twice that tolerance."""
+def assert_paths_agree(actual: Tensor | float, expected: Tensor | float, *, what: str = "result",
+                       inputs_scale: float = 0.0) -> None:
+    """Two paths of the same fp32 computation (the fused-linear op against the logits path, the
+    three-matmul path against the recomputing one, compiled against eager, a metric epa-train
+    logged against the test's own plain-torch forward): each lies within the fp32 tolerance of
+    the float64 truth, so they agree within twice that tolerance. inputs_scale: the magnitude of
+    the inputs a result is computed from (a reward beta * (policy - reference) from log-probs of
+    magnitude M cancels down to an absolute error of about eps32 * M; see the module docstring)."""
     rtol, atol = TOLERANCES[torch.float32]
-    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
-    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    actual = torch.as_tensor(actual).detach().cpu().double()
+    expected = torch.as_tensor(expected).detach().cpu().double()
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, inputs_scale, 1.0)
     torch.testing.assert_close(actual, expected, rtol=2 * rtol, atol=2 * atol * scale, equal_nan=True,
                                msg=lambda m: f"{what}: {m}")
 

@@ -15,7 +15,7 @@ from conftest import CUDA
 
 import epa_ext
 from epa_ext import IGNORE_INDEX, eager
-from numerics import assert_close_to_truth
+from numerics import GRADCHECK, assert_close_to_truth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # 2-D and 3-D; odd vocabularies; row counts that are no multiple of any block or vector size.
@@ -169,8 +169,8 @@ def test_gradcheck_float64(average, check, device):
     """First and second derivatives (the second through create_graph=True) against finite differences."""
     logits, labels = make_inputs((2, 4, 7), torch.float64, device)
     x = logits.clone().requires_grad_()
-    assert check(lambda t: epa_ext.sequence_logps(t, labels, average=average), (x,), eps=1e-6, atol=1e-8)
-    assert check(lambda t: epa_ext.token_logps(t, labels), (x,), eps=1e-6, atol=1e-8)
+    assert check(lambda t: epa_ext.sequence_logps(t, labels, average=average), (x,), **GRADCHECK)
+    assert check(lambda t: epa_ext.token_logps(t, labels), (x,), **GRADCHECK)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
