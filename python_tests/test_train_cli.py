@@ -139,6 +139,12 @@ def test_the_refusals_are_value_errors_of_trainconfig(tmp_path):
 
 
 ENVIRONMENT_REFUSALS = [
+    # issue 16's flags that cannot be meant, from a real process too (the rest of FLAG_REFUSALS go through main())
+    (["--warmup-ratio", "2"], {}, "--warmup-ratio must be in [0, 1]"),
+    (["--label-smoothing", "0.1"], {}, "--label-smoothing applies to --loss dpo only"),
+    (["--beta", "inf"], {}, "--beta must be a finite number > 0; got inf"),
+    (["--weak-weight", "inf"], {}, "--weak-weight must be a finite number >= 0; got inf"),
+    (["--save-total-limit", "0"], {}, "--save-total-limit must be >= 1; got 0 (leave it out to keep every checkpoint)"),
     (["--device", "cuda"], {}, "--device cuda, but no CUDA device is available here"),
     (["--model", "/nonexistent"], {}, "--model /nonexistent: no such directory"),
     (["--model", "someone/no-such-model"], {"HF_HUB_OFFLINE": "1"},
@@ -149,7 +155,7 @@ ENVIRONMENT_REFUSALS = [
 
 
 @pytest.mark.parametrize("flags, env, message", ENVIRONMENT_REFUSALS)
-def test_environment_problems_are_one_line_from_a_real_process(flags, env, message, tmp_path):
+def test_refusals_are_one_line_from_a_real_process(flags, env, message, tmp_path):
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("a CUDA device is available here")
     (tmp_path / "empty").mkdir()
@@ -159,6 +165,7 @@ def test_environment_problems_are_one_line_from_a_real_process(flags, env, messa
     result = subprocess.run(command, capture_output=True, text=True, env={**environment, **env})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_a_hub_id_without_network_fails_fast(tmp_path):
