@@ -420,6 +420,11 @@ def preference_metrics(policy_logps: Tensor, ref_logps: Tensor, *, beta: float =
     1..num_strong); margins and accuracies are over (chosen, strong negative) pairs, so with one
     negative they are TRL's. Weak negatives, when present, add "rewards/weak". Values are 0-d
     fp32 tensors (no host synchronization); masked candidates are left out.
+
+    Args:
+        policy_logps, ref_logps: [B, C] floating-point, C >= 2, on one device; as for ``epa_loss``.
+        mask: [B, C] bool (False: an absent candidate), exactly that shape: a broadcastable one
+            would change the weights of the means, so it is refused.
     """
     check_positive_float("beta", beta)
     policy = check_tensor("policy_logps", policy_logps)
