@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from . import hub
+
 
 class ConfigError(ValueError):
     """A bad option or combination of options; the message names the flag (or YAML key) and what
@@ -220,7 +222,6 @@ class TrainConfig:
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
         from .data import check_source
-        from .modeling import check_model_source
 
         check_model_source(self.model)
         check_source(self.dataset, "--dataset")
@@ -239,9 +240,30 @@ def _check(cfg: TrainConfig, name: str, ok: bool, allowed: str, hint: str = "") 
         raise ConfigError(f"{_flag(name)} must be {allowed}; got {getattr(cfg, name)}" + (f" ({hint})" if hint else ""))
 
 
-def _tiny_heads_fit(hidden_size: int) -> bool:
-    from .modeling import tiny_attention_heads
+def tiny_attention_heads(hidden_size: int) -> tuple[int, int]:
+    """(attention heads, key-value heads) of the tiny model of this hidden size."""
+    return max(hidden_size // 16, 1), max(hidden_size // 32, 1)
 
+
+def check_model_source(model: str) -> None:
+    """--model without loading it: 'tiny', a model directory, or a hub id that can be had.
+    Raises ConfigError saying what to do instead."""
+    if model == "tiny":
+        return
+    if hub.looks_local(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"--model {model}: no such directory; give a local model directory (with "
+                              f"config.json), a hub id, or tiny")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {model}: not a transformers model directory (it has no config.json)")
+        return
+    if hub.offline() and not hub.model_in_cache(model):
+        raise ConfigError(f"--model {model}: a hub id, but HF_HUB_OFFLINE is set and it is not in the local cache; "
+                          f"download it where there is network, or give a local model directory")
+
+
+def _tiny_heads_fit(hidden_size: int) -> bool:
     heads, kv_heads = tiny_attention_heads(hidden_size)
     return hidden_size % heads == 0 and heads % kv_heads == 0 and hidden_size % 16 == 0
 

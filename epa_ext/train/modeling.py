@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss
 from ..logps import IGNORE_INDEX
 from . import hub
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, tiny_attention_heads
 
 # --- the tiny model ------------------------------------------------------------------------------
 
@@ -39,11 +39,6 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_attention_heads(hidden_size: int) -> tuple[int, int]:
-    """(attention heads, key-value heads) of the tiny model of this hidden size."""
-    return max(hidden_size // 16, 1), max(hidden_size // 32, 1)
-
-
 def build_tiny_model(vocab_size: int, hidden_size: int, layers: int, max_positions: int, seed: int):
     """A small randomly initialized Llama-architecture causal LM (tied embeddings), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,24 +54,6 @@ def build_tiny_model(vocab_size: int, hidden_size: int, layers: int, max_positio
 
 
 # --- where a pretrained model comes from ---------------------------------------------------------
-
-
-def check_model_source(model: str) -> None:
-    """--model without loading it: 'tiny', a model directory, or a hub id that can be had.
-    Raises ConfigError saying what to do instead."""
-    if model == "tiny":
-        return
-    if hub.looks_local(model):
-        path = Path(model).expanduser()
-        if not path.is_dir():
-            raise ConfigError(f"--model {model}: no such directory; give a local model directory (with "
-                              f"config.json), a hub id, or tiny")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"--model {model}: not a transformers model directory (it has no config.json)")
-        return
-    if hub.offline() and not hub.model_in_cache(model):
-        raise ConfigError(f"--model {model}: a hub id, but HF_HUB_OFFLINE is set and it is not in the local cache; "
-                          f"download it where there is network, or give a local model directory")
 
 
 def pretrained_kwargs(model: str) -> dict[str, Any]:
