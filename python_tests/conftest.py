@@ -40,8 +40,10 @@ TINY = TINY_MODEL + SHORT
 
 
 def epa_train_command(out: Path, *extra: str, dataset: Path = PREFS, model: list[str] = TINY_MODEL) -> list[str]:
-    """The command line of a real epa-train process (on the tiny model unless model says)."""
-    return [sys.executable, "-m", "epa_ext.train", "--dataset", str(dataset), "--output-dir", str(out), *model,
+    """The command line of a real epa-train process (on the tiny model unless model says). -P: the
+    working directory is not put on sys.path, so a test run from the source tree (make test) starts
+    the installed package, not the uncompiled source next to it."""
+    return [sys.executable, "-P", "-m", "epa_ext.train", "--dataset", str(dataset), "--output-dir", str(out), *model,
             *SHORT, *extra]
 
 

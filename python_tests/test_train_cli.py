@@ -37,7 +37,7 @@ def base(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_help_shows_defaults_once_and_no_empty_ones():
-    result = subprocess.run([sys.executable, "-m", "epa_ext.train", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-P", "-m", "epa_ext.train", "--help"], capture_output=True, text=True,
                             check=True)
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "(default: )" not in text and "(default: None)" not in text
