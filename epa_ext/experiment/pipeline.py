@@ -180,7 +180,10 @@ def train_and_evaluate(setting: Setting, seed: int, task: KnownRewardTask, refer
         weak_weight=cfg.weak_weight, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
         scheduler=cfg.scheduler, eval_fraction=0.0, max_length=cfg.task.prompt_length + cfg.task.answer_length + 3,
         max_prompt_length=cfg.task.prompt_length + 2, ref="precompute", logging_steps=max(cfg.steps // 100, 1),
-        save_steps=cfg.eval_every, seed=seed, device=device.type, **extra)
+        save_steps=cfg.eval_every, seed=seed, device=device.type,
+        # The reference's samples can repeat an answer; epa-train refuses a rejected answer equal to
+        # the chosen one as bad data, and here drops such rows instead (it counts them).
+        skip_bad_rows=True, **extra)
     train_cfg.validate()
     started = time.perf_counter()
     records = train(train_cfg)
