@@ -224,7 +224,9 @@ def test_two_ranks_reduce_to_the_gradients_of_the_global_batch(reduced, strategy
 
 def torchrun_epa_train(out: Path, *extra: str) -> subprocess.CompletedProcess:
     """epa-train on the tiny model in WORLD_SIZE processes (torchrun --standalone: a free port)."""
-    command = [torchrun(), "--standalone", "--nproc-per-node", str(WORLD_SIZE), *epa_train_command(out, *extra)[1:]]
+    single = epa_train_command(out, *extra)
+    # torchrun takes "-m module args", not the interpreter and its flags (it runs in out.parent)
+    command = [torchrun(), "--standalone", "--nproc-per-node", str(WORLD_SIZE), *single[single.index("-m"):]]
     result = subprocess.run(command, cwd=out.parent, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
