@@ -6,9 +6,12 @@
 - recompute: epa_ext.fused_linear_*_loss(differentiable_logps=True), the recomputing path
   (4 matmuls: the backward recomputes each chunk's logits);
 - epa_ext: epa_ext.fused_linear_*_loss, the three-matmul path (gradient formed in the forward,
-  whole prompt groups per chunk).
+  whole prompt groups per chunk);
+- epa_ext@N (with --max-chunk-tokens N): the same with a budget of N tokens per chunk; a group
+  over it goes in pieces, the logits of all but the last recomputed (less memory, more matmuls).
 
     python bench/bench_fused_linear.py          # CPU: 4096 tokens, H = 512, V = 32000 and 65536, fp32
+    python bench/bench_fused_linear.py --vocab 32000 --losses dpo --max-chunk-tokens 256 128
     python bench/bench_fused_linear.py --device cuda --tokens 16384 --hidden 4096 --vocab 128256 --dtype bf16
 
 DPO takes pairs of 256-token sequences, EPA groups of 4 candidates of 128 tokens (so a prompt
@@ -36,7 +39,7 @@ import argparse
 import statistics
 
 import torch
-from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
+from common import add_ratios_to_eager, finish, peak_allocated_mib, peak_extra_mib, time_interleaved, time_ms
 
 import epa_ext
 from epa_ext import eager
@@ -54,24 +57,23 @@ def liger_dpo():
     return LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False, compiled=True)
 
 
-def providers(loss: str, candidates: int) -> dict:
+def providers(loss: str, candidates: int, budgets: list[int]) -> dict:
     """name -> fn(hidden, weight, labels, ref) -> loss."""
     if loss == "dpo":
-        table = {
-            "eager": lambda h, w, y, r: eager.fused_dpo_loss(h @ w.T, y, r)[0],
-            "recompute": lambda h, w, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r, differentiable_logps=True)[0],
-            "epa_ext": lambda h, w, y, r: epa_ext.fused_linear_dpo_loss(h, w, y, r)[0],
-        }
-        liger = liger_dpo()
-        if liger is not None:
-            table["liger"] = lambda h, w, y, r: liger(w, h, y)[0]
-        return table
-    return {
-        "eager": lambda h, w, y, r: eager.fused_epa_loss(h @ w.T, y, r, candidates)[0],
-        "recompute": lambda h, w, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=candidates,
-                                                                      differentiable_logps=True)[0],
-        "epa_ext": lambda h, w, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=candidates)[0],
-    }
+        ours = lambda h, w, y, r, **options: epa_ext.fused_linear_dpo_loss(h, w, y, r, **options)[0]  # noqa: E731
+        table = {"eager": lambda h, w, y, r: eager.fused_dpo_loss(h @ w.T, y, r)[0]}
+    else:
+        ours = lambda h, w, y, r, **options: epa_ext.fused_linear_epa_loss(  # noqa: E731
+            h, w, y, r, num_candidates=candidates, **options)[0]
+        table = {"eager": lambda h, w, y, r: eager.fused_epa_loss(h @ w.T, y, r, candidates)[0]}
+    table["recompute"] = lambda h, w, y, r: ours(h, w, y, r, differentiable_logps=True)
+    table["epa_ext"] = ours
+    for budget in budgets:
+        table[f"epa_ext@{budget}"] = lambda h, w, y, r, budget=budget: ours(h, w, y, r, max_chunk_tokens=budget)
+    liger = liger_dpo() if loss == "dpo" else None
+    if liger is not None:
+        table["liger"] = lambda h, w, y, r: liger(w, h, y)[0]
+    return table
 
 
 def matmul_tflops(hidden_size: int, vocab: int, dtype, device: str, reps: int) -> float:
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["dpo", "epa"], choices=list(LAYOUTS))
     parser.add_argument("--providers", nargs="+", default=["eager", "liger", "recompute", "epa_ext"])
     parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "forward"])
+    parser.add_argument("--max-chunk-tokens", type=int, nargs="*", default=[],
+                        help="also run epa_ext with these chunk budgets (providers epa_ext@N)")
     parser.add_argument("--ignored", nargs="+", type=float, default=[0.0, 0.5], help="shares of ignored labels")
     parser.add_argument("--reps", type=int, default=None, help="timed runs (default: 3 on CPU, 10 on CUDA)")
     parser.add_argument("--out", default=None, help="directory for the JSON report (default bench/results)")
@@ -136,13 +140,15 @@ def main() -> None:
             weight = (torch.randn(vocab, args.hidden, dtype=dtype, device=args.device)
                       / args.hidden**0.5).requires_grad_()
             ref = torch.zeros(sequences, device=args.device)
-            table = {k: v for k, v in providers(loss, candidates).items() if k in args.providers}
+            table = {k: v for k, v in providers(loss, candidates, args.max_chunk_tokens).items()
+                     if k in args.providers or k.startswith("epa_ext@")}
             for ignored in args.ignored:
                 labels = torch.randint(0, vocab, (sequences, seq_len), device=args.device)
                 labels[:, : int(seq_len * ignored)] = epa_ext.IGNORE_INDEX  # the prompt comes first
                 kept = int((labels != epa_ext.IGNORE_INDEX).sum())
                 baseline = None
                 for mode in args.modes:
+                    runs, case_rows = {}, []
                     for name, fn in table.items():
                         def run(fn=fn, mode=mode):
                             if mode == "forward":
@@ -159,20 +165,27 @@ def main() -> None:
                             if baseline is not None:
                                 row.update(deviations(result, baseline))
                         del result
-                        row.update(time_ms(run, args.device, reps=reps, warmup=1))
                         row["peak_extra_mib"] = peak_extra_mib(run, args.device)
+                        row["peak_allocated_mib"] = peak_allocated_mib(run, args.device)
+                        runs[name] = run
+                        case_rows.append(row)
+                    # timed in turns, so that a drift in the machine's speed slows every provider alike
+                    timings = time_interleaved(runs, args.device, reps=reps)
+                    for row in case_rows:
+                        row.update(timings[row["provider"]])
                         flops = (2 if mode == "forward" else 6) * kept * args.hidden * vocab
                         row["tflops_kept"] = flops / row["median_ms"] / 1e9
                         if args.device == "cuda":
-                            row["queued_ms"] = queued_ms(run, reps)
+                            row["queued_ms"] = queued_ms(runs[row["provider"]], reps)
                             row["fraction_of_matmul"] = row["tflops_kept"] / rate
-                        rows.append(row)
-                        print(f"V={vocab} {loss} ignored={ignored} {mode} {name}: {row['median_ms']:.1f} ms, "
-                              f"{row['peak_extra_mib']} MiB", flush=True)
+                        print(f"V={vocab} {loss} ignored={ignored} {mode} {row['provider']}: "
+                              f"{row['median_ms']:.1f} ms, {row['peak_extra_mib']} MiB resident, "
+                              f"{row['peak_allocated_mib']} MiB allocated", flush=True)
+                    rows.extend(case_rows)
     add_ratios_to_eager(rows, ("vocab", "loss", "ignored", "mode"))
     print(f"{args.dtype}, H = {args.hidden}, {args.tokens} tokens per step")
     columns = ["vocab", "loss", "ignored", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager",
-               "peak_extra_mib", "memory_vs_eager", "loss_dev", "d_hidden_rel_dev", "d_weight_rel_dev",
+               "peak_extra_mib", "memory_vs_eager", "peak_allocated_mib", "allocated_vs_eager", "loss_dev", "d_hidden_rel_dev", "d_weight_rel_dev",
                "tflops_kept"] + (["queued_ms", "fraction_of_matmul"] if args.device == "cuda" else [])
     finish("fused_linear", args.device, rows, columns, {"args": vars(args)}, args.out)
 

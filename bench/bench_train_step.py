@@ -85,7 +85,8 @@ class Step:
         self.ref_logps = -torch.rand(self.rows, device=args.device) * 100
         self.candidate_mask = torch.ones(prompts, args.candidates, dtype=torch.bool, device=args.device)
         self.fused = PreferenceLoss(self.model, loss="epa", beta=0.1, num_strong=args.candidates - 1)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
+        # fused AdamW: epa-train's optimizer, and transformers' default (adamw_torch_fused) for TRL users
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6, fused=True)
         self.tokens = self.rows * args.seq_len
 
     def prepare_state(self) -> None:

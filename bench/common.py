@@ -1,9 +1,13 @@
 """Timing, memory and reporting shared by the benchmarks in bench/.
 
 Times: median with 20 % / 80 % quantiles over repeated runs after warm-up (CUDA: events around
-the region; CPU: a host clock). Memory: peak bytes allocated during the region above what was
-allocated before it (CUDA: the caching allocator's peak; CPU: the process's peak resident set,
-reset through /proc/self/clear_refs). Results go to bench/results/<benchmark>_<device>.json.
+the region; CPU: a host clock); time_interleaved runs the providers of one case in turns, so
+that a machine whose speed drifts (a shared host) slows them alike. Memory: peak bytes allocated
+during the region above what was allocated before it (CUDA: the caching allocator's peak; CPU:
+the process's peak resident set, reset through /proc/self/clear_refs, and, from
+peak_allocated_mib, the peak of the tensors torch allocated, from the profiler's memory
+timeline, which leaves out what BLAS and the C allocator keep for themselves).
+Results go to bench/results/<benchmark>_<device>.json.
 """
 
 from __future__ import annotations
@@ -62,7 +66,23 @@ def time_ms(fn: Callable[[], object], device: str, *, reps: int, warmup: int = 2
             elapsed = (time.perf_counter() - begin) * 1e3
         if i >= warmup:
             samples.append(elapsed)
-    samples.sort()
+    return _summary(samples)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, *, reps: int,
+                     warmup: int = 1) -> dict[str, dict[str, float]]:
+    """time_ms for each of fns, run in turns (warm-up rounds, then reps rounds of one call each)."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + reps):
+        for name, fn in fns.items():
+            timing = time_ms(fn, device, reps=1, warmup=0)
+            if i >= warmup:
+                samples[name].append(timing["median_ms"])
+    return {name: _summary(values) for name, values in samples.items()}
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    samples = sorted(samples)
     q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
     return {"median_ms": statistics.median(samples), "q20_ms": q[0], "q80_ms": q[3]}
 
@@ -106,6 +126,37 @@ def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
     return peak
 
 
+def peak_allocated_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak bytes of the tensors fn allocates beyond those that exist when it starts, in MiB, with
+    fn's result kept alive. CUDA: the caching allocator's peak (as peak_extra_mib); CPU: replayed
+    from the profiler's memory timeline (a private torch API: None where it is missing)."""
+    if device == "cuda":
+        return peak_extra_mib(fn, device)
+    try:
+        from torch.profiler import _memory_profiler
+    except ImportError:
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
+                                with_stack=True) as prof:
+        result = fn()
+    del result
+    try:
+        timeline = prof._memory_profile().timeline
+    except (AttributeError, RuntimeError):
+        return None
+    current = peak = 0
+    for _, action, (key, _version), size in timeline:
+        if key.device.type != "cpu":
+            continue
+        if action == _memory_profiler.Action.CREATE:
+            current += size
+        elif action == _memory_profiler.Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak / 2**20
+
+
 def write_report(benchmark: str, device: str, payload: dict, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +177,8 @@ def write_report(benchmark: str, device: str, payload: dict, out_dir: Path | Non
 
 
 def add_ratios_to_eager(rows: list[dict], case_keys: tuple[str, ...]) -> None:
-    """Adds speedup_vs_eager and memory_vs_eager to each row, against the "eager" row of the same
-    case (the rows that agree on case_keys)."""
+    """Adds speedup_vs_eager, memory_vs_eager (and allocated_vs_eager) to each row, against the
+    "eager" row of the same case (the rows that agree on case_keys)."""
     for row in rows:
         base = next((r for r in rows if r["provider"] == "eager" and all(r.get(k) == row.get(k) for k in case_keys)),
                     None)
@@ -136,6 +187,8 @@ def add_ratios_to_eager(rows: list[dict], case_keys: tuple[str, ...]) -> None:
         row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"]
         if base["peak_extra_mib"] and row["peak_extra_mib"] is not None:
             row["memory_vs_eager"] = row["peak_extra_mib"] / base["peak_extra_mib"]
+        if base.get("peak_allocated_mib") and row.get("peak_allocated_mib") is not None:
+            row["allocated_vs_eager"] = row["peak_allocated_mib"] / base["peak_allocated_mib"]
 
 
 def finish(benchmark: str, device: str, rows: list[dict], columns: list[str], payload: dict,

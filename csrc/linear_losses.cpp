@@ -15,8 +15,9 @@
 //   d(weight) += G^T h                          matmul 3 (fp32 accumulation for bf16/fp16)
 //   d(bias) += sum of G's rows
 // A group larger than the budget is processed in pieces: a first pass for its log-probs, then
-// a second that recomputes each piece's logits (4 matmuls for that group only), so memory stays
-// bounded whatever the sequence length. Gradients that are not asked for cost nothing: a frozen
+// a second that forms the gradient, starting with the last piece (its logits are still in the
+// buffer) and recomputing the logits of the others: 4 - 1/k matmuls' worth for a group of k
+// pieces, so memory stays bounded whatever the sequence length. Gradients that are not asked for cost nothing: a frozen
 // head skips d(weight) (2 matmuls), no gradient at all leaves 1 matmul and no buffers.
 //
 // The op returns the gradients of the loss (for an upstream gradient of 1) next to the loss; the
@@ -189,26 +190,29 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
     const at::Tensor positions = plan.token_positions.slice(0, span.first_token, span.end_token);
     const at::Tensor span_labels = flat_labels.index_select(0, positions);
     const at::Tensor counts = plan.sequence_counts.slice(0, span.first_group * candidates, span.end_group * candidates);
-    // A span within the budget keeps its logits (and hidden rows) from the forward to the
-    // gradient; a larger one goes in pieces of `budget` tokens and recomputes their logits.
-    const bool one_piece = n <= budget;
-    at::Tensor piece_hidden, piece_logits, logps, lse;
-    if (one_piece) {
-      piece_hidden = hidden_rows.index_select(0, positions);
+    // A span within the budget is one piece whose logits (and hidden rows) are kept from the
+    // forward to the gradient; a larger one goes in pieces of `budget` tokens, of which only the
+    // last stays in the buffer: the gradient pass starts with it and recomputes the others.
+    const int64_t pieces = std::max<int64_t>(1, (n + budget - 1) / budget);
+    const auto piece_range = [&](int64_t p) { return std::make_pair(p * budget, std::min((p + 1) * budget, n)); };
+    at::Tensor piece_hidden, piece_logits, logps, lse;  // piece_*: the last piece's
+    for (int64_t p = 0; p < pieces; ++p) {
+      const auto [start, end] = piece_range(p);
+      piece_hidden = hidden_rows.index_select(0, positions.slice(0, start, end));
       piece_logits = chunk.compute(piece_hidden, weight, bias);
-      std::tie(logps, lse) = linear::call_token_logps(piece_logits, span_labels, o.ignore_index);
-    } else {
-      logps = at::empty({n}, acc_options);
-      lse = at::empty({n}, acc_options);
-      for (int64_t start = 0; start < n; start += budget) {
-        const int64_t end = std::min(start + budget, n);
-        const at::Tensor logits = chunk.compute(hidden_rows.index_select(0, positions.slice(0, start, end)),
-                                                weight, bias);
-        auto [piece_logps, piece_lse] = linear::call_token_logps(logits, span_labels.slice(0, start, end),
-                                                                 o.ignore_index);
-        logps.slice(0, start, end).copy_(piece_logps);
-        lse.slice(0, start, end).copy_(piece_lse);
+      auto [piece_logps, piece_lse] = linear::call_token_logps(piece_logits, span_labels.slice(0, start, end),
+                                                               o.ignore_index);
+      if (pieces == 1) {
+        logps = piece_logps;
+        lse = piece_lse;
+        break;
       }
+      if (p == 0) {
+        logps = at::empty({n}, acc_options);
+        lse = at::empty({n}, acc_options);
+      }
+      logps.slice(0, start, end).copy_(piece_logps);
+      lse.slice(0, start, end).copy_(piece_lse);
     }
 
     // Sequence log-probs: each sequence's tokens are contiguous in the span; summed in fp64
@@ -242,11 +246,12 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
     const at::Tensor grad_tokens =
         grad_sequences.index_select(0, plan.token_sequences.slice(0, span.first_token, span.end_token));
 
-    for (int64_t start = 0; start < n; start += budget) {
-      const int64_t end = std::min(start + budget, n);
+    for (int64_t k = 0; k < pieces; ++k) {
+      const int64_t p = (pieces - 1 + k) % pieces;  // the last piece first: its logits are in the buffer
+      const auto [start, end] = piece_range(p);
       const at::Tensor rows = positions.slice(0, start, end);
-      const at::Tensor h = one_piece ? piece_hidden : hidden_rows.index_select(0, rows);
-      at::Tensor g = one_piece ? piece_logits : chunk.compute(h, weight, bias);  // logits, then G in place
+      const at::Tensor h = k == 0 ? piece_hidden : hidden_rows.index_select(0, rows);
+      at::Tensor g = k == 0 ? piece_logits : chunk.compute(h, weight, bias);  // logits, then G in place
       linear::call_token_logps_backward_(grad_tokens.slice(0, start, end), g, span_labels.slice(0, start, end),
                                          lse.slice(0, start, end), logps.slice(0, start, end), o.ignore_index);
       if (need_hidden) grad_hidden_rows.index_copy_(0, rows, at::mm(g, weight));

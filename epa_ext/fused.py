@@ -239,7 +239,8 @@ def fused_linear_dpo_loss(
             as in ``fused_dpo_loss``.
         max_chunk_tokens: the token budget of a chunk (None: max(H, 512), so that a chunk's
             [n, V] logits take about the memory of the [V, H] lm_head). Whole prompt groups are
-            packed into a chunk; a group over the budget goes in pieces with recomputed logits.
+            packed into a chunk; a group over the budget goes in pieces, the logits of all but
+            the last recomputed for the gradient.
         fp32_weight_grad: accumulate the weight and bias gradients in fp32 for bf16/fp16 weights.
         differentiable_logps: return policy_seq_logps that carry gradients (the recomputing
             path, 4 matmuls instead of 3).

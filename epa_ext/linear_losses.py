@@ -97,6 +97,10 @@ def _setup_context(ctx, inputs, output) -> None:
     _, policy, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.mark_non_differentiable(policy, grad_hidden, grad_weight, grad_bias)
+    # Only the loss has a gradient; autograd would otherwise hand backward zero-filled gradients
+    # for the other outputs, the size of the hidden states and of the lm_head (one more copy of
+    # the weight gradient at the peak, and the time to fill it).
+    ctx.set_materialize_grads(False)
     ctx.num_inputs = len(inputs)
     ctx.output_mask = inputs[-2]
     ctx.consumed = False
@@ -119,7 +123,7 @@ def _scaled(buffer: Tensor, grad: Tensor) -> Tensor:
     return buffer * grad if _traced(buffer) else buffer.mul_(grad)
 
 
-def _backward(ctx, grad_loss: Tensor, *_unused):
+def _backward(ctx, grad_loss: Tensor | None, *_unused):
     if ctx.consumed:
         raise RuntimeError(
             "fused_linear_*_loss: the gradients this loss formed in its forward were handed out by the first "
@@ -128,6 +132,8 @@ def _backward(ctx, grad_loss: Tensor, *_unused):
         )
     refuse_second_order("fused_linear_*_loss")
     ctx.consumed = True
+    if grad_loss is None:  # not materialized: no gradient reached the loss
+        return (None,) * ctx.num_inputs
     unit = _is_one(grad_loss)
     grads = []
     for name, buffer, needed, formed in zip(("hidden", "weight", "bias"), ctx.saved_tensors, ctx.needs_input_grad,

@@ -25,8 +25,9 @@ def run(args, cwd):
         ("bench_logps.py", ["--tokens", "64", "--seq-len", "16", "--vocab", "300", "--reps", "2", "--providers",
                             "eager", "epa_ext"], {"eager", "epa_ext"}),
         ("bench_losses.py", ["--seq-len", "8", "--vocab", "100", "--reps", "2"], {"eager", "epa_ext", "epa_ext inplace"}),
-        ("bench_fused_linear.py", ["--tokens", "1024", "--hidden", "8", "--vocab", "50", "--reps", "2"],
-         {"eager", "liger", "recompute", "epa_ext"}),
+        ("bench_fused_linear.py", ["--tokens", "1024", "--hidden", "8", "--vocab", "50", "--reps", "2",
+                                   "--max-chunk-tokens", "64"],
+         {"eager", "liger", "recompute", "epa_ext", "epa_ext@64"}),
         ("bench_train_step.py", ["--hidden", "16", "--layers", "1", "--vocab", "64", "--seq-len", "16", "--reps", "2"],
          {"eager", "epa_ext"}),
         ("bench_trl.py", ["--hidden", "16", "--layers", "1", "--vocab", "64", "--prompt-len", "8", "--answer-len", "8",
@@ -42,6 +43,8 @@ def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
     assert report["device"] and report["torch"]
     assert {row["provider"] for row in report["results"]} == expected_providers
     assert all(row["median_ms"] > 0 for row in report["results"])
+    if script == "bench_fused_linear.py":  # the allocator-level CPU peak, next to the resident one
+        assert all(row["peak_allocated_mib"] > 0 for row in report["results"])
 
 
 @CUDA

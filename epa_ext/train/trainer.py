@@ -90,7 +90,10 @@ def set_up(cfg: TrainConfig, runtime: Runtime) -> Training:
     policy, loss_module, reference = build_models(cfg, runtime, data, resume_dir)
     model = distribute(loss_module, cfg, runtime)
     trainable = [p for p in loss_module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters per step (CPU and CUDA), as transformers' default
+    # optimizer (adamw_torch_fused) is for TRL users
+    fused = all(p.device.type in ("cpu", "cuda") for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     total_steps = cfg.max_steps or max(math.ceil(cfg.epochs * batches_per_epoch(cfg, runtime, data) / cfg.grad_accum),
                                        1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
