@@ -127,11 +127,11 @@ def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
 
 
 def peak_allocated_mib(fn: Callable[[], object], device: str) -> float | None:
-    """Peak bytes of the tensors fn allocates beyond those that exist when it starts, in MiB, with
-    fn's result kept alive. CUDA: the caching allocator's peak (as peak_extra_mib); CPU: replayed
-    from the profiler's memory timeline (a private torch API: None where it is missing)."""
-    if device == "cuda":
-        return peak_extra_mib(fn, device)
+    """CPU: peak bytes of the tensors fn allocates beyond those that exist when it starts, in MiB,
+    with fn's result kept alive, replayed from the profiler's memory timeline (a private torch
+    API: None where it is missing). None on CUDA, where peak_extra_mib is already the allocator's."""
+    if device != "cpu":
+        return None
     try:
         from torch.profiler import _memory_profiler
     except ImportError:
