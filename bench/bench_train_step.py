@@ -31,7 +31,7 @@ import subprocess
 import sys
 
 import torch
-from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
+from common import add_ratios_to_eager, finish, peak_extra_mib, time_interleaved, time_ms
 
 import epa_ext
 from epa_ext import eager
@@ -114,13 +114,10 @@ class Step:
         self.optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: every step starts from the same state
 
 
-def measure(step: Step, reps: int, *, memory_first: bool) -> dict:
-    """Peak extra memory and timing of step. memory_first: the peak of the process's first step
-    (fresh process), else of a step after the timed ones."""
-    peak = peak_extra_mib(step, step.args.device) if memory_first else None
+def measure(step: Step, reps: int) -> dict:
+    """Peak extra memory of the process's first step (a fresh process), then the step's timing."""
+    peak = peak_extra_mib(step, step.args.device)
     timing = time_ms(step, step.args.device, reps=reps, warmup=1)
-    if peak is None:
-        peak = peak_extra_mib(step, step.args.device)
     return {**timing, "peak_extra_mib": peak, "tokens_per_second": step.tokens / timing["median_ms"] * 1e3}
 
 
@@ -156,8 +153,14 @@ def largest_fitting(args: argparse.Namespace, provider: str) -> tuple[int, dict 
             low, best, best_result = middle, middle, result
         else:
             high = middle
-    if best:
-        best_result = measure_in_child(args, provider, best)  # timed properly at the chosen batch
+    # Timed properly at the chosen batch. The peak resident set of a step varies a little from
+    # process to process (allocation order across threads): where this measurement no longer fits,
+    # the batch steps down, so that the reported row always keeps the budget.
+    while best:
+        best_result = measure_in_child(args, provider, best)
+        if fits(best_result):
+            break
+        best, best_result = best - 1, None
     return best, best_result
 
 
@@ -173,14 +176,17 @@ def main() -> None:
     if args.one:
         step = Step(args, args.one, args.prompts, args.gradient_checkpointing)
         step.prepare_state()
-        print(json.dumps(measure(step, args.reps, memory_first=True)))
+        print(json.dumps(measure(step, args.reps)))
         return
     print(describe(args))
     if args.mode == "speed":
         steps = {name: Step(args, name, args.prompts) for name in PROVIDERS}
         for step in steps.values():  # optimizer state and gradient buffers exist before measuring
             step()
-        rows = [{"provider": name, "prompts": args.prompts, **measure(step, args.reps, memory_first=False)}
+        # timed in turns, so that a drift in a shared host's speed slows both paths alike
+        timings = time_interleaved(steps, args.device, reps=args.reps)
+        rows = [{"provider": name, "prompts": args.prompts, **timings[name], "peak_extra_mib":
+                 peak_extra_mib(step, args.device), "tokens_per_second": step.tokens / timings[name]["median_ms"] * 1e3}
                 for name, step in steps.items()]
         add_ratios_to_eager(rows, ())
     elif args.mode == "max-batch":

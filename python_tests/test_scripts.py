@@ -51,3 +51,28 @@ def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
 def test_cuda_sanitizer_workload_passes(tmp_path):
     """bench/gpu_check.sh runs this workload under compute-sanitizer; it must pass without one."""
     assert "sanitizer workload: ok" in run([str(BENCH / "sanitizer_workload.py")], cwd=tmp_path)
+
+
+def test_max_batch_search_reports_a_batch_that_keeps_the_budget(monkeypatch):
+    """bench_train_step's max-batch mode: doubling, bisecting, then the timed measurement; where
+    that one's peak exceeds the budget (the resident peak varies between processes), the batch
+    steps down instead of reporting a row over the budget."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    probes, timed = [], []
+
+    def fake_measure(args, provider, prompts, checkpointing=False, reps=None):
+        (probes if reps == 1 else timed).append(prompts)
+        # 100 MiB per prompt in the probes; the timed runs of 6 and 5 prompts come out higher
+        peak = 100 * prompts + (250 if reps != 1 and prompts >= 5 else 0)
+        return {"peak_extra_mib": peak, "median_ms": 1.0, "tokens_per_second": prompts}
+
+    monkeypatch.setattr(bench_train_step, "measure_in_child", fake_measure)
+    args = bench_train_step.parse_args(["--mode", "max-batch", "--memory-budget-mib", "650", "--max-prompts", "64"])
+    prompts, result = bench_train_step.largest_fitting(args, "epa_ext")
+    assert probes == [1, 2, 4, 8, 6, 7]
+    assert timed == [6, 5, 4]
+    assert prompts == 4 and result["peak_extra_mib"] <= 650
