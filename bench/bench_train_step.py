@@ -18,7 +18,8 @@ Modes:
   recomputed in backward): peak memory and time.
 
 Same model, batch and reference log-probs (given, as with a precomputed reference) for both
-paths. max-batch and checkpointing measure each case in a fresh process, after the gradient
+paths; fused AdamW for both; gradients are set to None after each step, as the trainers do.
+max-batch and checkpointing measure each case in a fresh process, after the gradient
 buffers and the optimizer state exist but before any step ran: on CPU the peak resident set of a
 process that ran a bigger step before would hide memory reused from it.
 """
@@ -111,7 +112,7 @@ class Step:
             loss = self.loss()
         loss.backward()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: every step starts from the same state
+        self.optimizer.zero_grad(set_to_none=True)  # as epa-train and transformers' Trainer (TRL's) do
 
 
 def measure(step: Step, reps: int) -> dict:
@@ -181,7 +182,7 @@ def main() -> None:
     print(describe(args))
     if args.mode == "speed":
         steps = {name: Step(args, name, args.prompts) for name in PROVIDERS}
-        for step in steps.values():  # optimizer state and gradient buffers exist before measuring
+        for step in steps.values():  # the optimizer state exists before measuring
             step()
         # timed in turns, so that a drift in a shared host's speed slows both paths alike
         timings = time_interleaved(steps, args.device, reps=args.reps)
