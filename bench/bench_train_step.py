@@ -10,8 +10,8 @@ then the loss; autograd).
     python bench/bench_train_step.py --device cuda --dtype bf16 --hidden 2048 --layers 8 --vocab 128256 --seq-len 1024
 
 Modes:
-- speed: step time, tokens/s (all candidate tokens) and peak memory above the model, gradients
-  and optimizer state, for both paths at --prompts.
+- speed: step time, tokens/s (all candidate tokens) and peak memory above the model and the
+  optimizer state, for both paths at --prompts.
 - max-batch: for each path the largest micro-batch (prompts, doubling then bisecting) whose
   step's peak memory fits --memory-budget-mib, and tokens/s at that batch.
 - checkpointing: epa-train's step with and without --gradient-checkpointing (the decoder layers
@@ -19,9 +19,9 @@ Modes:
 
 Same model, batch and reference log-probs (given, as with a precomputed reference) for both
 paths; fused AdamW for both; gradients are set to None after each step, as the trainers do.
-max-batch and checkpointing measure each case in a fresh process, after the gradient
-buffers and the optimizer state exist but before any step ran: on CPU the peak resident set of a
-process that ran a bigger step before would hide memory reused from it.
+max-batch and checkpointing measure each case in a fresh process, after the optimizer state
+exists but before any step ran (so the peak includes the gradients the step forms): on CPU the
+peak resident set of a process that ran a bigger step before would hide memory reused from it.
 """
 
 from __future__ import annotations
@@ -91,10 +91,16 @@ class Step:
         self.tokens = self.rows * args.seq_len
 
     def prepare_state(self) -> None:
-        """Gradient buffers and AdamW state, as after a first step, without running one."""
+        """AdamW state as after a first step, without running one; no gradients, as after the
+        trainers' zero_grad, so that a step's peak includes the gradients it forms."""
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def timed_row(self, timing: dict, peak_mib: float | None) -> dict:
+        """A report row: the timing, the peak and tokens/s (all candidate tokens)."""
+        return {**timing, "peak_extra_mib": peak_mib, "tokens_per_second": self.tokens / timing["median_ms"] * 1e3}
 
     def loss(self) -> torch.Tensor:
         if self.provider == "eager":
@@ -119,7 +125,7 @@ def measure(step: Step, reps: int) -> dict:
     """Peak extra memory of the process's first step (a fresh process), then the step's timing."""
     peak = peak_extra_mib(step, step.args.device)
     timing = time_ms(step, step.args.device, reps=reps, warmup=1)
-    return {**timing, "peak_extra_mib": peak, "tokens_per_second": step.tokens / timing["median_ms"] * 1e3}
+    return step.timed_row(timing, peak)
 
 
 def measure_in_child(args: argparse.Namespace, provider: str, prompts: int, checkpointing: bool = False,
@@ -186,9 +192,8 @@ def main() -> None:
             step()
         # timed in turns, so that a drift in a shared host's speed slows both paths alike
         timings = time_interleaved(steps, args.device, reps=args.reps)
-        rows = [{"provider": name, "prompts": args.prompts, **timings[name], "peak_extra_mib":
-                 peak_extra_mib(step, args.device), "tokens_per_second": step.tokens / timings[name]["median_ms"] * 1e3}
-                for name, step in steps.items()]
+        rows = [{"provider": name, "prompts": args.prompts,
+                 **step.timed_row(timings[name], peak_extra_mib(step, args.device))} for name, step in steps.items()]
         add_ratios_to_eager(rows, ())
     elif args.mode == "max-batch":
         rows = []
