@@ -17,6 +17,7 @@ from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss
 from ..logps import IGNORE_INDEX
 from . import hub
 from .config import ConfigError, TrainConfig, tiny_attention_heads
+from .packing import Packed, packed_hidden
 
 # --- the tiny model ------------------------------------------------------------------------------
 
@@ -183,10 +184,15 @@ def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.base_model, base.get_output_embeddings()
 
 
-def score_hidden(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Final hidden states [R, T, H] and the lm_head's weight and bias, in one dtype (autocast's,
-    when active) so the fused linear op can take them."""
+def score_hidden(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                 packed: Packed | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Final hidden states [R, T, H] of the padded batch input_ids / attention_mask [R, T] and the
+    lm_head's weight and bias, in one dtype (autocast's, when active) so the fused linear op can
+    take them. With packed (the same batch, ``packing.pack``), the decoder runs on the packed rows
+    and their hidden states are gathered into the padded layout (padding positions: see Packed)."""
     decoder, head = decoder_and_head(causal_lm)
+    if packed is not None:
+        return head_inputs(packed_hidden(decoder, packed), head)
     return head_inputs(decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, head)
 
 
@@ -206,8 +212,9 @@ class PreferenceLoss(nn.Module):
     """The policy and its loss in one module, so DDP/FSDP see every parameter used in forward
     (the lm_head's weight is read by the fused linear loss, not by a forward call of its own).
 
-    forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C])
-    returns (loss, policy_seq_logps [C*B], logit_sums [C*B]) (see ``logit_sums``; no graph).
+    forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C],
+    packed=None) returns (loss, policy_seq_logps [C*B], logit_sums [C*B]) (see ``logit_sums``; no
+    graph). packed: the batch's rows packed without padding (``score_hidden``), or None.
     """
 
     def __init__(self, policy: nn.Module, *, loss: str, beta: float, dpo_loss_type: str = "sigmoid",
@@ -219,8 +226,8 @@ class PreferenceLoss(nn.Module):
         self.sft_weight = sft_weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
-                candidate_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        hidden, weight, bias = score_hidden(self.policy, input_ids, attention_mask)
+                candidate_mask: Tensor, packed: Packed | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        hidden, weight, bias = score_hidden(self.policy, input_ids, attention_mask, packed)
         if self.loss == "dpo":
             loss, seq = fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias, beta=self.beta,
                                               loss_type=self.dpo_loss_type, label_smoothing=self.label_smoothing,

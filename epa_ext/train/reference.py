@@ -49,7 +49,7 @@ class Reference:
     @torch.no_grad()
     def _score(self, batch: Batch) -> Tensor:
         with self._scorer() as scorer, autocast(self.cfg, self.runtime):
-            hidden, weight, bias = score_hidden(scorer, batch.input_ids, batch.attention_mask)
+            hidden, weight, bias = score_hidden(scorer, batch.input_ids, batch.attention_mask, batch.packed)
             return linear_sequence_logps(hidden, weight, batch.labels, bias=bias).float()
 
     def _score_all(self, split: Split, layout: Layout) -> Tensor:

@@ -1,0 +1,187 @@
+"""Padding-free batches: the sequences of a padded batch packed into rows without padding, the
+position ids restarting at 0 at every sequence, so that transformers' attention keeps each
+sequence to itself; the decoder's final hidden states are then gathered back into the padded
+(candidate-major) layout, where the fused-linear losses score them with the padded batch's own
+labels. Only the decoder runs on the packed rows: it is what padding costs (the fused losses
+already skip ignored labels), and the padded batch's labels cannot cross a sequence boundary.
+
+    packed = pack(batch.input_ids, batch.attention_mask, max_row_tokens=1024, pad_id=0)
+    hidden = packed_hidden(decoder, packed)  # [R, T, H]: decoder(input_ids, attention_mask)'s, on real tokens
+
+Which attention implementations keep packed sequences apart (read in transformers 5.25):
+
+- ``sdpa``, ``eager``, ``flex_attention``: ``masking_utils.create_causal_mask`` finds the
+  sequences from the restarting position ids (``find_packed_sequence_indices``) when the
+  attention mask is None and there is no cache, and masks attention block-diagonally, in rows of
+  any number. The mask's cost grows with the square of the row length, hence ``max_row_tokens``.
+- ``flash_attention_2`` / ``flash_attention_3``: ``_flash_attention_forward`` takes its varlen
+  path from the position ids only for a batch of one row (``_is_packed_sequence``); several rows
+  would attend across sequences. They get every sequence in one row (varlen attention computes
+  nothing across sequences, so the row needs no bound).
+- any other (paged, hub kernels, custom functions): refused.
+
+Without a cache only: a model called with ``use_cache`` (Llama's config default) creates one, and
+``create_causal_mask`` then ignores the restarts, so the decoder is called with
+``use_cache=False``. ``check_packed_attention`` refuses the implementations above and verifies the
+rest on the model itself (packed and padded hidden states of a few short sequences must agree), so
+a model whose attention ignores the restarts is refused instead of silently attending across
+sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+ROWS_OF_ANY_NUMBER = ("sdpa", "eager", "flex_attention")
+ONE_ROW_ONLY = ("flash_attention_2", "flash_attention_3")
+PACKED_ATTENTION = ROWS_OF_ANY_NUMBER + ONE_ROW_ONLY
+# The probe's bound on |packed - padded| / max|padded|: the same computation laid out differently
+# differs by rounding (measured 0 to 1e-7 in fp32), attention leaking into the previous sequence
+# by O(1) (measured 0.9 to 2.2 on a random tiny Llama); half precisions round at ~4e-3.
+_PROBE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}
+_PROBE_RTOL_HALF = 5e-2
+
+
+@dataclass
+class Packed:
+    """R right-padded sequences packed into P rows of S tokens.
+
+    ``index[r, t]`` is the position in the flattened [P * S] rows of token t of sequence r (for
+    t < its length; padding positions point at 0: their labels are ignored, and the fused losses
+    give them zero gradient). A row's positions after its last sequence hold pad_id, with position
+    ids restarting at 0 (a pseudo-sequence of their own, attended by nothing real).
+    """
+
+    input_ids: Tensor  # [P, S] int64
+    position_ids: Tensor  # [P, S] int64: 0, 1, ... restarting at every sequence
+    index: Tensor  # [R, T] int64 into the flattened [P * S] packed positions
+
+    def to(self, device: torch.device) -> Packed:
+        return Packed(self.input_ids.to(device), self.position_ids.to(device), self.index.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions the decoder computes: P * S."""
+        return self.input_ids.numel()
+
+
+def row_bound(attn_implementation: str, max_row_tokens: int | None) -> int | None:
+    """The bound on a packed row's length for this attention implementation: None (one row) for
+    flash attention, which keeps sequences apart only in a batch of one row."""
+    return None if attn_implementation in ONE_ROW_ONLY else max_row_tokens
+
+
+def pack_lengths(lengths: list[int], max_row_tokens: int | None) -> list[list[int]]:
+    """The sequences (indices into lengths) of each packed row: first fit, longest first, in rows
+    of at most max_row_tokens (None: one row); a sequence longer than the bound gets a row of its
+    own. Deterministic (ties keep index order); empty sequences are left out."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    if max_row_tokens is None:
+        return [order] if order else []
+    rows: list[list[int]] = []
+    room: list[int] = []  # free tokens of each row (negative for a row holding one overlong sequence)
+    for i in order:
+        fit = next((p for p, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            rows.append([])
+            room.append(max_row_tokens)
+            fit = len(rows) - 1
+        rows[fit].append(i)
+        room[fit] -= lengths[i]
+    return rows
+
+
+def pack(input_ids: Tensor, attention_mask: Tensor, max_row_tokens: int | None, pad_id: int) -> Packed:
+    """The padded batch input_ids / attention_mask [R, T] (right-padded) as packed rows
+    (``pack_lengths``) of the longest packed row's length, on input_ids' device (one host
+    synchronization, for the lengths).
+
+    Raises:
+        ValueError: the attention mask is not right padding (a prefix of ones in every row), or
+            max_row_tokens < 1.
+    """
+    if max_row_tokens is not None and max_row_tokens < 1:
+        raise ValueError(f"max_row_tokens must be >= 1 or None; got {max_row_tokens}")
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"need input_ids and attention_mask of one shape [R, T]; got {tuple(input_ids.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask, positions < lengths[:, None]):
+        raise ValueError("padding-free packing needs right-padded rows (the attention mask a prefix of ones in every "
+                         "row); this batch is left-padded or has holes")
+    lengths_list = lengths.tolist()
+    rows = pack_lengths(lengths_list, max_row_tokens)
+    fills = [sum(lengths_list[i] for i in row) for row in rows] or [0]
+    num_rows, width = len(fills), max(max(fills), 1)
+    starts = [0] * len(lengths_list)  # where each sequence starts in the flattened rows
+    for p, row in enumerate(rows):
+        offset = p * width
+        for i in row:
+            starts[i] = offset
+            offset += lengths_list[i]
+    device = input_ids.device
+    index = torch.where(mask, torch.tensor(starts, dtype=torch.long, device=device)[:, None] + positions, 0)
+    real = index[mask]
+    packed_ids = torch.full((num_rows * width,), pad_id, dtype=input_ids.dtype, device=device)
+    packed_ids[real] = input_ids[mask]
+    position_ids = torch.zeros(num_rows * width, dtype=torch.long, device=device)
+    position_ids[real] = positions.expand_as(mask)[mask]
+    for p, fill in enumerate(fills):  # a row's free tail: a pseudo-sequence restarting at 0
+        position_ids[p * width + fill:(p + 1) * width] = torch.arange(width - fill, device=device)
+    return Packed(packed_ids.view(num_rows, width), position_ids.view(num_rows, width), index)
+
+
+def unpack(hidden: Tensor, packed: Packed) -> Tensor:
+    """Packed hidden states [P, S, H] -> [R, T, H] in the padded layout (a differentiable gather;
+    padding positions hold row 0's first hidden state)."""
+    return hidden.reshape(-1, hidden.shape[-1])[packed.index]
+
+
+def packed_hidden(decoder: nn.Module, packed: Packed) -> Tensor:
+    """The decoder's last hidden state on the packed rows, in the padded layout [R, T, H]."""
+    output = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    return unpack(output.last_hidden_state, packed)
+
+
+def attn_implementation(model: nn.Module) -> str:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return str(getattr(config, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", ""))
+
+
+@torch.no_grad()
+def check_packed_attention(causal_lm: nn.Module, decoder: nn.Module) -> None:
+    """Raises ValueError (one line) unless packed rows of this model's decoder give the padded
+    batch's hidden states: its attention implementation must be one of PACKED_ATTENTION, and a
+    probe (four short sequences, packed two to a row, or one row for flash attention) must agree
+    with the padded batch. The model is run in eval mode (no dropout) and left as it was."""
+    implementation = attn_implementation(causal_lm)
+    name = type(causal_lm).__name__
+    if implementation not in PACKED_ATTENTION:
+        raise ValueError(f"{name} uses attn_implementation={implementation!r}, which does not keep packed sequences "
+                         f"apart in transformers 5.x; padding-free batches need one of {', '.join(PACKED_ATTENTION)} "
+                         f"(load the model with attn_implementation='sdpa'), or train with padding")
+    weight = decoder.get_input_embeddings().weight
+    lengths = [5, 3, 4, 2]
+    generator = torch.Generator().manual_seed(0)
+    vocab = weight.shape[0]
+    input_ids = torch.randint(0, vocab, (len(lengths), max(lengths)), generator=generator).to(weight.device)
+    attention_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long().to(weight.device)
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        padded = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        packed = packed_hidden(decoder, pack(input_ids, attention_mask, row_bound(implementation, 8), pad_id=0))
+    finally:
+        decoder.train(was_training)
+    real = attention_mask.bool()
+    scale = padded[real].abs().max().clamp(min=1e-30)
+    error = ((packed[real] - padded[real]).abs().max() / scale).item()
+    if not error <= _PROBE_RTOL.get(padded.dtype, _PROBE_RTOL_HALF):
+        raise ValueError(f"{name} with attn_implementation={implementation!r} does not keep packed sequences apart "
+                         f"(the hidden states of packed rows differ from the padded batch's by {error:.2g} of their "
+                         f"largest); train it with padding")
