@@ -307,12 +307,17 @@ def test_truncation_rule(tokenizer):
     assert t[1].prompt_ids == [bos] + ids(tokenizer, "Hi")
     assert report.counts == {"truncated": 1} and report.total() == 0
 
-    # A prompt that takes all of max_length leaves the answers nothing: the example is dropped.
-    report = data.DropReport()
-    t = batching.tokenize(examples, tokenizer, max_length=8, max_prompt_length=8, report=report)
+    # A prompt that takes all of max_length leaves the answers nothing: the example is dropped and
+    # reported by its row in the data, as bad rows are (here row 3: row 1 is a bad row, skipped).
+    rows = [{"prompt": "p", "chosen": "", "rejected": "r"}] + [
+        {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected[0]} for e in examples]
+    parsed, report = data.parse_rows(rows, source="prefs.jsonl", skip_bad_rows=True)
+    assert [e.row for e in parsed] == [2, 3]
+    t = batching.tokenize(parsed[::-1], tokenizer, max_length=8, max_prompt_length=8, report=report,
+                          source="prefs.jsonl")
     assert len(t) == 1 and t[0].prompt_ids == [bos] + ids(tokenizer, "Hi")
-    assert report.counts == {"answer truncated to nothing": 1} and report.total() == 1
-    assert report.messages[0].startswith("example 0: an answer has no token left")
+    assert report.counts["answer truncated to nothing"] == 1 and report.total() == 2
+    assert report.messages[-1].startswith("prefs.jsonl: row 2: an answer has no token left")
 
     with pytest.raises(ValueError, match="max_prompt_length <= max_length"):
         batching.tokenize(examples, tokenizer, max_length=4, max_prompt_length=5, report=data.DropReport())

@@ -76,7 +76,7 @@ class TokenizedExample:
 
 
 def tokenize(examples: list[PreferenceExample], tokenizer: Any, *, max_length: int, max_prompt_length: int,
-             report: DropReport) -> list[TokenizedExample]:
+             report: DropReport, source: str = "data") -> list[TokenizedExample]:
     """Token ids of the examples, truncated to fit max_length.
 
     Prompt and answers are rendered (``render``) and tokenized separately with
@@ -91,18 +91,20 @@ def tokenize(examples: list[PreferenceExample], tokenizer: Any, *, max_length: i
        matters most); the BOS stays in front and counts towards max_prompt_length.
     2. Each answer is then cut from the right so that prompt + answer <= max_length tokens (a cut
        answer loses its EOS).
-    3. An example with an answer that ends up empty is dropped and counted in report as "answer
-       truncated to nothing"; this happens when the prompt takes all of max_length (possible only
-       with max_prompt_length == max_length), or for an answer that tokenizes to nothing with a
-       tokenizer without EOS. Kept examples that were cut anywhere are counted as "truncated".
+    3. An example with an answer that ends up empty (every one of its tokens truncated away) is
+       dropped and counted in report as "answer truncated to nothing", with a message naming its
+       row (``PreferenceExample.row``) as bad rows are named; this happens when the prompt takes
+       all of max_length (possible only with max_prompt_length == max_length), or for an answer
+       that tokenizes to nothing with a tokenizer without EOS. Kept examples that were cut
+       anywhere are counted as "truncated".
 
     Args:
         examples: from ``parse_rows``.
         tokenizer: a transformers tokenizer.
         max_length: most tokens of prompt + one answer, >= 1.
         max_prompt_length: most tokens of a prompt, in [1, max_length].
-        report: where drops and truncations are counted (messages name the example's 0-based index
-            in examples).
+        report: where drops and truncations are counted.
+        source: the name messages give the data (a file name).
 
     Returns:
         The kept examples, in order.
@@ -131,9 +133,10 @@ def tokenize(examples: list[PreferenceExample], tokenizer: Any, *, max_length: i
                 ids, truncated = ids[:budget], True
             answers.append(ids)
         if not all(answers):
+            where = f"row {example.row}" if example.row is not None else f"example {index}"
             report.add("answer truncated to nothing",
-                       f"example {index}: an answer has no token left after a prompt of {len(prompt_ids)} tokens "
-                       f"within max_length={max_length}")
+                       f"{source}: {where}: an answer has no token left after a prompt of {len(prompt_ids)} "
+                       f"tokens within max_length={max_length}")
             continue
         if truncated:
             report.add("truncated")

@@ -21,7 +21,7 @@ import math
 import os
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,12 +48,14 @@ class PreferenceExample:
     """One prompt with its chosen answer and one or more rejected answers (strong negatives).
 
     The answers are of the prompt's kind: strings for a string prompt, lists of chat messages
-    (the first one an assistant message) for a message-list prompt.
+    (the first one an assistant message) for a message-list prompt. row: the 1-based row of the
+    data it was parsed from (``parse_rows``; None when made otherwise), for messages about it.
     """
 
     prompt: Part
     chosen: Part
     rejected: tuple[Part, ...]
+    row: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -319,7 +321,7 @@ def parse_rows(rows: list[dict], *, source: str = "data",
             continue
         for change in changes:
             report.add(change.reason, f"{source}: row {number}, field {change.field!r}: {change.problem}")
-        examples.append(example)
+        examples.append(replace(example, row=number))
     return examples, report
 
 

@@ -171,7 +171,7 @@ def read_examples(source: str, cfg: TrainConfig) -> tuple[list[PreferenceExample
 
 def tokenize_all(examples, tokenizer, cfg: TrainConfig, report: DropReport, source: str):
     tokenized = tokenize(examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                         report=report)
+                         report=report, source=source)
     if not tokenized:
         raise DataError(f"{source}: no example left after truncation ({report.summary()}); raise --max-length")
     return tokenized
