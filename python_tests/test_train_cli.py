@@ -6,6 +6,7 @@ mixes two runs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -194,7 +195,8 @@ def test_a_directory_holding_another_run_is_refused_unless_overwritten(tmp_path)
            "--eval-fraction", "0"]
     command = lambda *flags: epa_train_command(out, *flags)  # noqa: E731
     subprocess.run(command(*dpo), check=True, capture_output=True)
-    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8"}
+    dpo_checkpoints = {"checkpoint-4", "checkpoint-8", "checkpoint-9"}  # and the last step's
+    assert {p.name for p in out.glob("checkpoint-*")} == dpo_checkpoints
     epa = ["--tiny-hidden-size", "32", "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "1",
            "--batch-size", "2", "--eval-fraction", "0"]
     for extra in ([], ["--resume"]):
@@ -202,12 +204,12 @@ def test_a_directory_holding_another_run_is_refused_unless_overwritten(tmp_path)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         line = last_line(result.stderr)
         assert "--loss ('dpo' -> 'epa')" in line and "--tiny-hidden-size (64 -> 32)" in line, line
-        assert "--max-steps (9 -> 4)" in line and "--save-steps" not in line  # bookkeeping may differ
+        assert "--max-steps" not in line and "--save-steps" not in line  # bookkeeping may differ
         assert ("was trained with other options" in line) == bool(extra)
-    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8"}  # nothing deleted
+    assert {p.name for p in out.glob("checkpoint-*")} == dpo_checkpoints  # nothing deleted
 
     subprocess.run(command(*epa, "--overwrite-output-dir"), check=True, capture_output=True)
-    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2"}  # the new run's (limit 1, then final/)
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-4"}  # the new run's last (limit 1)
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert json.loads((out / "config.json").read_text())["loss"] == "epa"
 
@@ -216,14 +218,60 @@ def test_the_same_run_again_needs_resume_or_overwrite(tmp_path):
     out = tmp_path / "out"
     args = ["--max-steps", "4", "--save-steps", "2", "--batch-size", "2", "--eval-fraction", "0"]
     first = train_in_process(out, *args)
-    with pytest.raises(ConfigError, match=r"already holds this run \(newest checkpoint: checkpoint-2\); --resume "
+    with pytest.raises(ConfigError, match=r"already holds this run \(newest checkpoint: checkpoint-4\); --resume "
                                           r"continues it, --overwrite-output-dir starts it over"):
         train_in_process(out, *args)
-    assert train_losses(train_in_process(out, *args, "--resume")) == train_losses(first)
+    assert train_losses(train_in_process(out, *args, "--resume")) == train_losses(first)  # nothing left to train
     # bookkeeping options may change on resume
     train_in_process(out, *args, "--resume", "--logging-steps", "2", "--save-total-limit", "3")
     with pytest.raises(ConfigError, match=r"was trained with other options: --lr \(0.001 -> 0.002\)"):
         train_in_process(out, *args, "--resume", "--lr", "2e-3")
+
+
+def test_a_finished_run_resumes_to_train_longer(tmp_path, capsys):
+    """The issue's case: a finished run of --max-steps 4 --save-steps 2 keeps a checkpoint of step
+    4, and --resume --max-steps 6 trains steps 5 and 6 from it, saying what changed. With a
+    constant learning rate (no schedule to stretch), the result is bitwise a 6-step run's."""
+    args = ["--save-steps", "2", "--batch-size", "2", "--eval-fraction", "0.1", "--scheduler", "constant",
+            "--warmup-ratio", "0"]
+    out = tmp_path / "out"
+    four = train_in_process(out, *args, "--max-steps", "4")
+    assert (out / "checkpoint-4" / "trainer_state.pt").is_file()
+    capsys.readouterr()
+    resumed = train_in_process(out, *args, "--max-steps", "6", "--resume", "--logging-steps", "2")
+    note = [line for line in capsys.readouterr().err.splitlines() if "--resume from" in line]
+    assert note == ["epa-train: --resume from checkpoint-4: changed options: --max-steps (4 -> 6), --logging-steps "
+                    "(1 -> 2); the run now trains 6 steps instead of 4, and the learning-rate schedule (warm-up and "
+                    "decay) from step 5 on is the one over 6 steps"], note
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4, 6]  # steps 5 and 6, logged every 2
+    assert [r["step"] for r in resumed if "eval/loss" in r] == [4, 6]
+    assert resumed[:len(four)] == four  # the finished run's lines are kept
+    uninterrupted = train_in_process(tmp_path / "six", *args, "--max-steps", "6", "--logging-steps", "2")
+    losses = {r["step"]: r["loss"] for r in resumed if "loss" in r}
+    assert {r["step"]: r["loss"] for r in uninterrupted if "loss" in r} == {s: losses[s] for s in (2, 4, 6)}
+    from safetensors.torch import load_file
+
+    for key, value in load_file(tmp_path / "six" / "final" / "model.safetensors").items():
+        assert torch.equal(load_file(out / "final" / "model.safetensors")[key], value), key
+    assert (out / "checkpoint-6").is_dir()
+
+    # an option that changes what a step computes stays refused; a length the checkpoint is past too
+    with pytest.raises(ConfigError, match=r"trained with other options: --lr \(0.001 -> 0.002\)"):
+        train_in_process(out, *args, "--max-steps", "8", "--resume", "--lr", "2e-3")
+    with pytest.raises(ConfigError, match=r"checkpoint-6 is at step 6, past the 5 steps of --max-steps / --epochs"):
+        train_in_process(out, *args, "--max-steps", "5", "--resume")
+
+
+def test_the_learning_rate_after_a_resume_follows_the_new_schedule(tmp_path):
+    """Cosine decay over 4 steps ends at learning rate 0; resumed with --max-steps 8 it continues
+    with the cosine over 8 steps at step 5 (the optimizer's rate is not the one the old schedule
+    left), which the log shows."""
+    args = ["--batch-size", "2", "--eval-fraction", "0", "--warmup-ratio", "0"]
+    out = tmp_path / "out"
+    train_in_process(out, *args, "--max-steps", "4")
+    resumed = train_in_process(out, *args, "--max-steps", "8", "--resume")
+    rates = [r["learning_rate"] for r in resumed if "loss" in r]
+    assert rates[4:] == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * s / 8)) for s in range(4, 8)], rel=1e-12)
 
 
 def test_resume_refuses_another_number_of_processes(tmp_path, monkeypatch):

@@ -262,8 +262,8 @@ def test_ddp_over_two_processes_trains_as_one(tmp_path):
 def test_fsdp_over_two_processes_trains_as_one_and_resumes(tmp_path):
     """FSDP2 (fully_shard) over 2 processes, 2 prompts each, against 1 plain process with 4: the
     same losses and final weights (gathered from the shards); then a resume of the sharded run
-    from its gathered checkpoint (final/ deleted as if it had died after checkpoint-2) ends the
-    same."""
+    from its gathered checkpoint (final/ and the last step's checkpoint deleted as if it had died
+    after checkpoint-2) ends the same."""
     common = ["--max-steps", "4", "--save-steps", "2", "--num-weak", "1", "--eval-fraction", "0", *ON_CPU]
     plain = train_in_process(tmp_path / "plain", *common, "--batch-size", "4")
     out = tmp_path / "fsdp"
@@ -273,6 +273,7 @@ def test_fsdp_over_two_processes_trains_as_one_and_resumes(tmp_path):
     assert_same_training(tmp_path / "plain", out)
 
     shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoint-4")
     torchrun_epa_train(out, *common, "--batch-size", "2", "--fsdp", "--resume")
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert train_losses(read_metrics(out)) == pytest.approx(train_losses(plain), rel=RTOL, abs=ATOL)

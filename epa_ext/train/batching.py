@@ -1,6 +1,7 @@
 """From parsed preference examples to training batches: rendering and tokenizing (with the
-truncation rule), the held-out split, weak negatives, the seeded batch order, and collation into
-the candidate-major layout of epa_ext's EPA losses.
+truncation rule), the held-out split, weak negatives, the seeded batch order (optionally grouped
+by length), and collation into the candidate-major layout of epa_ext's EPA losses (optionally
+packed without padding as well, ``packing.py``).
 
     tokenized = tokenize(examples, tokenizer, max_length=512, max_prompt_length=256, report=report)
     weak = weak_negative_sources(len(tokenized), num_weak=2, seed=0)
@@ -22,6 +23,7 @@ import torch
 
 from ..logps import IGNORE_INDEX
 from .data import DataError, DropReport, Messages, Part, PreferenceExample
+from .packing import Packed, pack
 
 # --- rendering and tokenizing --------------------------------------------------------------------
 
@@ -196,6 +198,7 @@ class Batch:
     num_candidates: int  # C = 1 + K + M
     num_strong: int  # K
     example_ids: list[int]  # the B example indices
+    packed: Packed | None = None  # the rows packed without padding (padding-free batches), or None
 
 
 def collate(examples: list[TokenizedExample], example_ids: list[int], *, num_strong: int, num_weak: int,
@@ -312,24 +315,88 @@ def hold_out(examples: list[TokenizedExample], fraction: float, seed: int) -> tu
 
 
 def micro_batch_ids(num_examples: int, global_batch: int, seed: int, micro_index: int) -> list[int]:
-    """The examples of the micro_index-th global micro-batch: a fresh seeded permutation per
-    epoch, incomplete last batches dropped. A pure function of its arguments, so a resumed run
-    sees the same batches."""
-    per_epoch = num_examples // global_batch
-    epoch, within = divmod(micro_index, per_epoch)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return order[within * global_batch:(within + 1) * global_batch]
+    """The examples of the micro_index-th global micro-batch (``BatchOrder`` without grouping)."""
+    return BatchOrder(num_examples, global_batch, seed)(micro_index)
+
+
+# Global batches per mega-batch of --group-by-length: transformers' LengthGroupedSampler's 50.
+MEGA_BATCH_BATCHES = 50
+
+
+class BatchOrder:
+    """The examples of each global micro-batch of a run, a pure function of (seed, micro_index,
+    lengths), so that a resumed run sees the same batches.
+
+    Each epoch draws a fresh permutation (seeded with seed + epoch) and drops the incomplete last
+    batch. Without lengths, the batches are consecutive slices of it. With lengths
+    (--group-by-length: each example's longest row, ``longest_rows``), the permutation's kept
+    examples are cut into mega-batches of MEGA_BATCH_BATCHES global batches, each sorted by length
+    (longest first; ties keep the permutation's order) and cut into global batches; these are then
+    shuffled (so that the length does not trend over a run), except that the batch holding the
+    epoch's longest example comes first (a run that does not fit in memory fails at once, as with
+    transformers' sampler). Every example of an epoch's kept share appears once, so the ranks'
+    slices of a global batch stay disjoint.
+    """
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int, lengths: list[int] | None = None):
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(f"need one length per example; got {len(lengths)} for {num_examples}")
+        self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.per_epoch = num_examples // global_batch
+        self.lengths = None if lengths is None else torch.tensor(lengths, dtype=torch.long)
+        self._epoch, self._batches = -1, torch.empty(0, global_batch, dtype=torch.long)
+
+    def __call__(self, micro_index: int) -> list[int]:
+        epoch, within = divmod(micro_index, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[within].tolist()
+
+    def _epoch_batches(self, epoch: int) -> torch.Tensor:
+        """[per_epoch, global_batch] example indices of the epoch's batches, in order."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        kept = torch.randperm(self.num_examples, generator=generator)[:self.per_epoch * self.global_batch]
+        if self.lengths is None:
+            return kept.view(self.per_epoch, self.global_batch)
+        mega = self.global_batch * MEGA_BATCH_BATCHES
+        grouped = []
+        for start in range(0, len(kept), mega):
+            chunk = kept[start:start + mega]
+            grouped.append(chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices])
+        batches = torch.cat(grouped).view(self.per_epoch, self.global_batch)
+        order = torch.randperm(self.per_epoch, generator=generator)
+        longest = int(self.lengths[batches[:, 0]].argmax())  # a sorted batch's longest example is its first
+        order = torch.cat([order.new_tensor([longest]), order[order != longest]])
+        return batches[order]
+
+
+def longest_rows(split: Split, layout: Layout) -> list[int]:
+    """Per example of split, the longest row it brings to a batch (prompt + the longest of its
+    chosen answer, K strong and M weak answers, weak ones cut to max_length as ``collate`` cuts
+    them): what its batch is padded to, the length --group-by-length groups by."""
+    lengths = []
+    for i, example in enumerate(split.examples):
+        answers = [len(a) for a in example.answer_ids[:1 + layout.num_strong]]
+        if split.weak_sources:
+            room = layout.max_length - len(example.prompt_ids)
+            answers += [min(len(split.examples[j].answer_ids[k]), room)
+                        for j, k in split.weak_sources[i][:layout.num_weak]]
+        lengths.append(len(example.prompt_ids) + max(answers))
+    return lengths
 
 
 @dataclass(frozen=True)
 class Layout:
     """How every batch of a run is laid out: K strong and M weak negatives per prompt, the pad id
-    and the longest prompt + answer."""
+    and the longest prompt + answer; with padding_free, the rows are also packed (``packing.pack``)
+    into rows of at most max_row_tokens tokens (None: one row)."""
 
     num_strong: int
     num_weak: int
     pad_id: int
     max_length: int
+    padding_free: bool = False
+    max_row_tokens: int | None = None
 
     @property
     def num_candidates(self) -> int:
@@ -338,10 +405,12 @@ class Layout:
 
 def make_batch(split: Split, ids: list[int], layout: Layout, device: torch.device) -> Batch:
     """``collate`` of split.examples[ids] in layout (without weak negatives for a split that has
-    no weak pairing: one example), its tensors on device."""
+    no weak pairing: one example), packed as well when layout.padding_free; its tensors on device."""
     batch = collate([split.examples[i] for i in ids], ids, num_strong=layout.num_strong,
                     num_weak=layout.num_weak if split.weak_sources else 0, weak_sources=split.weak_sources,
                     all_examples=split.examples, pad_id=layout.pad_id, max_length=layout.max_length)
+    if layout.padding_free:
+        batch.packed = pack(batch.input_ids, batch.attention_mask, layout.max_row_tokens, layout.pad_id).to(device)
     for name in ("input_ids", "attention_mask", "labels", "candidate_mask"):
         setattr(batch, name, getattr(batch, name).to(device))
     return batch

@@ -25,14 +25,19 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from . import hub
 
 
+# --max-packed-length's default in units of --max-length (bench/bench_real_data.py --mode rows)
+PACKED_ROW_LENGTHS = 2
+
+
 class ConfigError(ValueError):
     """A bad option or combination of options; the message names the flag (or YAML key) and what
     is allowed instead."""
 
 
 def _opt(default: Any, help: str, *, required: bool = False, bookkeeping: bool = False) -> Any:
-    """A TrainConfig field. bookkeeping: the option does not change what is trained (logging,
-    saving, where the run lives, how it is computed), so --resume accepts a change of it."""
+    """A TrainConfig field. bookkeeping: the option does not change what a step computes (logging,
+    saving, where the run lives, how it is computed, how many steps are trained), so --resume
+    accepts a change of it."""
     return field(default=default, metadata={"help": help, "required": required, "bookkeeping": bookkeeping})
 
 
@@ -66,8 +71,10 @@ class TrainConfig:
                                   "over all their completion tokens in the batch, to the loss (DPO + SFT = RPO; "
                                   "TRL's rpo_alpha)")
     # --- optimization
-    max_steps: int | None = _opt(None, "optimizer steps (default: as many as --epochs takes)")
-    epochs: float = _opt(1.0, "passes over the training split when --max-steps is not given")
+    max_steps: int | None = _opt(None, "optimizer steps (default: as many as --epochs takes); may be raised on "
+                                       "--resume to train a finished run further", bookkeeping=True)
+    epochs: float = _opt(1.0, "passes over the training split when --max-steps is not given; may be raised on "
+                              "--resume", bookkeeping=True)
     batch_size: int = _opt(4, "prompts per device per micro-step")
     grad_accum: int = _opt(1, "micro-steps per optimizer step")
     lr: float = _opt(5e-6, "peak learning rate (AdamW)")
@@ -80,8 +87,21 @@ class TrainConfig:
                                                "them (less memory, one more forward; the same losses and weights)",
                                         bookkeeping=True)
     # --- data
-    max_length: int = _opt(512, "longest prompt + answer in tokens; answers are cut from the right")
+    max_length: int = _opt(512, "longest prompt + answer in tokens. Truncation: a prompt keeps its last "
+                                "--max-prompt-length tokens (its BOS stays in front), then each answer is cut from "
+                                "the right to fit (losing its EOS); an example left with an empty answer is dropped "
+                                "and reported by row")
     max_prompt_length: int = _opt(256, "longest prompt in tokens; prompts keep their last tokens")
+    group_by_length: bool = _opt(False, "batches of examples of similar length: each epoch's shuffled examples are "
+                                        "sorted by length within mega-batches of 50 global batches, whose batches "
+                                        "are then shuffled (the longest first); less padding, other batches than "
+                                        "without it")
+    padding_free: bool = _opt(False, "pack each batch's sequences into rows without padding, position ids restarting "
+                                     "at every sequence (attention sdpa, eager, flex or flash); the same log-probs "
+                                     "and losses as padded batches, to rounding", bookkeeping=True)
+    max_packed_length: int | None = _opt(None, "with --padding-free: most tokens in a packed row, >= --max-length "
+                                               "(attention's cost grows with its square; flash attention packs one "
+                                               "row; default: 2 x --max-length)", bookkeeping=True)
     eval_fraction: float | None = _opt(None, "share of --dataset held out for evaluation, in [0, 1) (default: 0.05, "
                                              "or 0 with --eval-dataset)")
     skip_bad_rows: bool = _opt(False, "warn about and count malformed rows instead of stopping", bookkeeping=True)
@@ -102,12 +122,15 @@ class TrainConfig:
                                                              "output_dir/runs (tags train/... and eval/..., as "
                                                              "transformers' Trainer writes them)", bookkeeping=True)
     eval_steps: int = _opt(0, "optimizer steps between evaluations (0: only at the end)", bookkeeping=True)
-    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: only final/, and a checkpoint when the run is "
-                              "interrupted)", bookkeeping=True)
+    save_steps: int = _opt(0, "optimizer steps between checkpoints (0: none during the run). The last step's "
+                              "checkpoint is always written (after final/), and one when the run is interrupted",
+                           bookkeeping=True)
     save_total_limit: int | None = _opt(None, "keep at most this many checkpoints of this run, >= 1, oldest deleted "
                                               "(default: keep all)", bookkeeping=True)
-    resume: bool = _opt(False, "continue from the newest complete checkpoint in output_dir; refused when that "
-                               "checkpoint was trained with other options", bookkeeping=True)
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in output_dir (a finished run keeps "
+                               "one of its last step: raise --max-steps or --epochs to train it further); refused "
+                               "when that checkpoint was trained with options that change what a step computes",
+                        bookkeeping=True)
     seed: int = _opt(0, "seed of model init (tiny), data order, weak-negative pairing and dropout")
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: cuda when available", bookkeeping=True)
     # --- the tiny model
@@ -121,6 +144,11 @@ class TrainConfig:
         if self.eval_fraction is not None:
             return self.eval_fraction
         return 0.0 if self.eval_dataset else 0.05
+
+    @property
+    def packed_row_tokens(self) -> int:
+        """Most tokens in a packed row (--padding-free): --max-packed-length, or its default."""
+        return self.max_packed_length or PACKED_ROW_LENGTHS * self.max_length
 
     def training_options(self) -> dict[str, Any]:
         """The options that change what is trained (all but the bookkeeping ones), with local
@@ -169,6 +197,8 @@ class TrainConfig:
         _check(self, "warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1] (a share of the steps)")
         _check(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
         _check(self, "eval_fraction", self.eval_fraction is None or 0 <= self.eval_fraction < 1, "in [0, 1)")
+        _check(self, "max_packed_length", self.max_packed_length is None or self.max_packed_length >= self.max_length,
+               f">= --max-length ({self.max_length})", "a sequence is never split across packed rows")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length "
                               f"({self.max_length}): the answers need room")
@@ -197,6 +227,8 @@ class TrainConfig:
             for name in ("tiny_hidden_size", "tiny_layers", "tiny_vocab_size"):
                 if getattr(self, name) != defaults[name].default:
                     raise ConfigError(f"{_flag(name)} applies to --model tiny only")
+        if self.max_packed_length is not None and not self.padding_free:
+            raise ConfigError("--max-packed-length applies to --padding-free only")
         if self.lora_alpha is not None and not self.lora_r:
             raise ConfigError("--lora-alpha needs --lora-r (the LoRA rank)")
         if self.fsdp and self.lora_r:

@@ -10,8 +10,10 @@
     training.finish()                 # final evaluation, final/, training_curves.png
 
 Each micro-batch's final hidden states go with the lm_head's weight straight into
-fused_linear_epa_loss / fused_linear_dpo_loss, so the batch's logits are never formed.
-Checkpoints are atomic and --resume continues bit-for-bit.
+fused_linear_epa_loss / fused_linear_dpo_loss, so the batch's logits are never formed; with
+--padding-free the decoder runs on the batch's sequences packed into rows without padding
+(packing.py). Checkpoints are atomic and --resume continues bit-for-bit; a finished run keeps a
+checkpoint of its last step, so --resume with a higher --max-steps (or --epochs) trains it further.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,11 +31,13 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import run_dir
-from .batching import Layout, Split, hold_out, make_batch, make_split, micro_batch_ids, render, tokenize
+from .batching import BatchOrder, Layout, Split, hold_out, longest_rows, make_batch, make_split, render, tokenize
 from .config import ConfigError, TrainConfig, parse_config
 from .data import DataError, DropReport, PreferenceExample, load_rows, parse_rows
 from .metrics import Mean, MetricsLog, batch_metrics
-from .modeling import PreferenceLoss, enable_gradient_checkpointing, load_policy, load_tokenizer
+from .modeling import (PreferenceLoss, decoder_and_head, enable_gradient_checkpointing, load_policy, load_tokenizer,
+                       unwrap)
+from .packing import attn_implementation, check_packed_attention, row_bound
 from .plots import plot_training_curves
 from .reference import Reference
 from .runtime import (Runtime, all_finite, all_mean, any_rank, autocast, barrier, distribute, full_weights,
@@ -99,7 +103,7 @@ def set_up(cfg: TrainConfig, runtime: Runtime) -> Training:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     position = Position()
     if resume_dir is not None:
-        position = restore(resume_dir, cfg, loss_module, optimizer, scheduler)
+        position = restore(resume_dir, cfg, loss_module, optimizer, scheduler, total_steps, runtime)
     if runtime.is_main and data.report.total():
         print(f"epa-train: {data.report.summary()}", file=sys.stderr)
     return Training(cfg, runtime, run, data, policy, loss_module, model, reference, trainable, optimizer, scheduler,
@@ -115,6 +119,13 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data,
         reference_model.to(runtime.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
+    if cfg.padding_free:
+        try:
+            check_packed_attention(unwrap(policy), decoder_and_head(policy)[0])
+        except ValueError as error:
+            raise ConfigError(f"--padding-free: {error}") from None
+        data.layout = replace(data.layout, max_row_tokens=row_bound(attn_implementation(unwrap(policy)),
+                                                                    data.layout.max_row_tokens))
     loss_module = PreferenceLoss(policy, loss=cfg.loss, beta=cfg.beta, dpo_loss_type=cfg.dpo_loss_type,
                                  label_smoothing=cfg.label_smoothing, num_strong=data.layout.num_strong,
                                  weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight)
@@ -124,14 +135,51 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data,
     return policy, loss_module, reference
 
 
-def restore(resume_dir: Path, cfg: TrainConfig, loss_module: PreferenceLoss, optimizer, scheduler) -> Position:
+def restore(resume_dir: Path, cfg: TrainConfig, loss_module: PreferenceLoss, optimizer, scheduler, total_steps: int,
+            runtime: Runtime) -> Position:
     """The optimizer, scheduler and RNG states of a checkpoint (the weights were loaded with the
-    policy), and where it was."""
+    policy), and where it was. The learning rate of the next step is the one the schedule over
+    total_steps gives (a run resumed to train longer); rank 0 says which options changed.
+
+    Raises ConfigError: the checkpoint is past total_steps."""
     state = ckpt.load_trainer_state(resume_dir)
+    position = Position(**{k: state.get(k, 0) for k in asdict(Position())})
+    if position.step > total_steps:
+        raise ConfigError(f"--resume: {resume_dir} is at step {position.step}, past the {total_steps} steps of "
+                          f"--max-steps / --epochs; raise them to train further")
     load_optimizer_state(cfg, loss_module, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # the optimizer's learning rate was set by the schedule the checkpoint was trained with
+    learning_rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs,
+                                                                                   scheduler.lr_lambdas)]
+    for group, learning_rate in zip(optimizer.param_groups, learning_rates):
+        group["lr"] = learning_rate
+    scheduler._last_lr = learning_rates
     ckpt.restore_rng(state["rng"])
-    return Position(**{k: state.get(k, 0) for k in asdict(Position())})
+    if runtime.is_main:
+        note = resume_note(resume_dir, state, cfg, position.step, total_steps)
+        if note:
+            print(f"epa-train: {note}", file=sys.stderr)
+    return position
+
+
+def resume_note(resume_dir: Path, state: dict, cfg: TrainConfig, step: int, total_steps: int) -> str | None:
+    """What changed since the checkpoint was written (its options, its run's length), or None."""
+    recorded = state.get("options")
+    if recorded is None:
+        return None
+    current = asdict(cfg)
+    changed = [f"--{name.replace('_', '-')} ({recorded[name]!r} -> {value!r})" for name, value in current.items()
+               if name in recorded and name not in ("resume", "output_dir") and recorded[name] != value]
+    old_total = state.get("total_steps", total_steps)
+    parts = [f"changed options: {', '.join(changed)}"] if changed else []
+    if old_total != total_steps:
+        parts.append(f"the run now trains {total_steps} steps instead of {old_total}, and the learning-rate schedule "
+                     f"(warm-up and decay) from step {step + 1} on is the one over {total_steps} steps")
+    if step >= total_steps:
+        parts.append(f"nothing left to train: the checkpoint is step {step} of {total_steps} (raise --max-steps or "
+                     f"--epochs to train further)")
+    return f"--resume from {resume_dir.name}: " + "; ".join(parts) if parts else None
 
 
 def prepare_data(cfg: TrainConfig, runtime: Runtime, resume_dir: Path | None) -> Data:
@@ -156,7 +204,8 @@ def prepare_data(cfg: TrainConfig, runtime: Runtime, resume_dir: Path | None) ->
     if len(train) < global_batch:
         raise DataError(f"{cfg.dataset}: {len(train)} training examples, fewer than one batch of {global_batch} "
                         f"(--batch-size x processes); lower --batch-size or add data")
-    layout = Layout(num_strong, num_weak, tokenizer.pad_token_id, cfg.max_length)
+    layout = Layout(num_strong, num_weak, tokenizer.pad_token_id, cfg.max_length, padding_free=cfg.padding_free,
+                    max_row_tokens=cfg.packed_row_tokens if cfg.padding_free else None)
     return Data(tokenizer, make_split(train, num_weak, cfg.seed), make_split(held_out, num_weak, cfg.seed), layout,
                 report)
 
@@ -214,8 +263,11 @@ class Training:
         self.trainable, self.optimizer, self.scheduler = trainable, optimizer, scheduler
         self.scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and runtime.device.type == "cuda")
         self.total_steps, self.position = total_steps, position
+        self.started_at = position.step
         self.output_dir = Path(cfg.output_dir)
         self.per_epoch = batches_per_epoch(cfg, runtime, data)
+        lengths = longest_rows(data.train, data.layout) if cfg.group_by_length else None
+        self.order = BatchOrder(len(data.train.examples), cfg.batch_size * runtime.world_size, cfg.seed, lengths)
         self.log = MetricsLog(self.output_dir, position.step, runtime.is_main, cfg.report_to == "tensorboard")
         self.last_checkpoint: Path | None = None
         self.progress = tqdm(total=total_steps, initial=position.step, disable=not runtime.is_main,
@@ -235,14 +287,12 @@ class Training:
         cfg, runtime = self.cfg, self.runtime
         started, metrics, tokens, nonfinite = time.perf_counter(), Mean(), 0, False
         for accum in range(cfg.grad_accum):
-            ids = micro_batch_ids(len(self.data.train.examples), cfg.batch_size * runtime.world_size, cfg.seed,
-                                  self.position.micro_index)
-            ids = ids[runtime.rank * cfg.batch_size:(runtime.rank + 1) * cfg.batch_size]
+            ids = self.order(self.position.micro_index)[runtime.rank * cfg.batch_size:(runtime.rank + 1) * cfg.batch_size]
             batch = make_batch(self.data.train, ids, self.data.layout, runtime.device)
             ref = self.reference.logps("train", batch)
             with no_sync(self.model, sync=accum == cfg.grad_accum - 1), autocast(cfg, runtime):
                 loss, seq, logit_sums = self.model(batch.input_ids, batch.attention_mask, batch.labels, ref,
-                                                   batch.candidate_mask)
+                                                   batch.candidate_mask, batch.packed)
             if not all_finite(loss, runtime):  # the same decision on every rank
                 if not cfg.skip_nonfinite_steps:
                     raise self._nonfinite_error()
@@ -283,16 +333,19 @@ class Training:
                 ref = self.reference.logps("eval", batch)
                 with autocast(cfg, runtime):
                     loss, seq, logit_sums = self.loss_module(batch.input_ids, batch.attention_mask, batch.labels,
-                                                             ref, batch.candidate_mask)
+                                                             ref, batch.candidate_mask, batch.packed)
                 metrics.add(self._metrics(loss, seq, ref, logit_sums, batch), weight=len(ids))
         self.policy.train()
         totals = all_mean({**metrics.sums, "weight": metrics.weight}, runtime)
         return {f"eval/{k}": v / totals["weight"] for k, v in totals.items() if k != "weight"}
 
     def save(self) -> Path:
+        """A checkpoint of this step; it also records the run's options and length, for the note a
+        resume with other bookkeeping options prints."""
+        extras = {"options": asdict(self.cfg), "total_steps": self.total_steps}
         self.last_checkpoint = ckpt.save(self.output_dir, self.position.step, self.cfg, self.runtime,
                                          self.loss_module, self.data.tokenizer, self.optimizer, self.scheduler,
-                                         asdict(self.position), self.run)
+                                         {**asdict(self.position), **extras}, self.run)
         return self.last_checkpoint
 
     def stop(self, signum: int) -> None:
@@ -306,9 +359,13 @@ class Training:
                              f"--resume", signum)
 
     def finish(self) -> list[dict]:
-        """The final evaluation, final/ (full weights gathered under FSDP) and the curves."""
+        """The final evaluation, final/ (full weights gathered under FSDP), the curves, then a
+        checkpoint of the last step (written last: once it exists, final/ is complete), which
+        --resume with a higher --max-steps continues. A run resumed from its last step trains
+        nothing and evaluates nothing again (its log has that evaluation)."""
         self.progress.close()  # before the lines the end of the run may print
-        final_eval = self.evaluate()
+        trained = self.position.step > self.started_at
+        final_eval = self.evaluate() if trained else {}
         if final_eval:
             self.log.write({"step": self.position.step, **final_eval})
         weights = full_weights(self.cfg, self.loss_module)
@@ -316,6 +373,8 @@ class Training:
             ckpt.save_final(self.policy, self.data.tokenizer, self.output_dir / "final", weights)
             plot_training_curves(self.log.records(), self.output_dir / "training_curves.png")
         barrier(self.runtime)
+        if trained and self.last_checkpoint != self.output_dir / f"checkpoint-{self.position.step}":
+            self.save()
         return self.log.records() if self.runtime.is_main else []
 
     # --- the parts of a step
