@@ -206,8 +206,9 @@ class PreferenceLoss(nn.Module):
     """The policy and its loss in one module, so DDP/FSDP see every parameter used in forward
     (the lm_head's weight is read by the fused linear loss, not by a forward call of its own).
 
-    forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C])
-    returns (loss, policy_seq_logps [C*B], logit_sums [C*B]) (see ``logit_sums``; no graph).
+    forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C],
+    log_weights [B, C] or None: EPA's per-candidate log-weights) returns (loss, policy_seq_logps
+    [C*B], logit_sums [C*B]) (see ``logit_sums``; no graph).
     """
 
     def __init__(self, policy: nn.Module, *, loss: str, beta: float, dpo_loss_type: str = "sigmoid",
@@ -219,7 +220,7 @@ class PreferenceLoss(nn.Module):
         self.sft_weight = sft_weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
-                candidate_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                candidate_mask: Tensor, log_weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         hidden, weight, bias = score_hidden(self.policy, input_ids, attention_mask)
         if self.loss == "dpo":
             loss, seq = fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias, beta=self.beta,
@@ -229,7 +230,8 @@ class PreferenceLoss(nn.Module):
             loss, seq = fused_linear_epa_loss(hidden, weight, labels, ref_logps, bias=bias,
                                               num_candidates=candidate_mask.shape[1], beta=self.beta,
                                               num_strong=self.num_strong, weak_weight=self.weak_weight,
-                                              mask=candidate_mask, sft_weight=self.sft_weight)
+                                              mask=candidate_mask, sft_weight=self.sft_weight,
+                                              log_weights=log_weights)
         return loss, seq, logit_sums(hidden, weight, bias, labels)
 
 
