@@ -136,7 +136,7 @@ def accumulate(model, variant: Variant, prompts: list[int]) -> dict:
     for step in range(variant.micro_steps):
         share = prompts_of(batch, prompts[step * per_step:(step + 1) * per_step])
         with no_sync(model, step == variant.micro_steps - 1), selected_path(variant):
-            loss, seq, _ = model(**share)
+            loss, seq, *_ = model(**share)
         (loss / variant.micro_steps).backward()
         total += loss.item() / variant.micro_steps
         backward_of.add(type(loss.grad_fn).__name__)

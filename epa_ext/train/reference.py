@@ -22,7 +22,7 @@ from ..linear import linear_sequence_logps
 from . import weak_correction
 from .batching import Batch, Layout, Split, make_batch
 from .config import TrainConfig
-from .modeling import score_hidden, unwrap
+from ..causal_lm import LogitTransform, final_hidden, unwrap
 from .runtime import Runtime, autocast, barrier
 
 
@@ -30,8 +30,10 @@ class Reference:
     """logps(split_name, batch) -> [C*B] fp32 summed reference sequence log-probs of the batch's
     rows (the fused losses average them themselves where the loss needs it: IPO)."""
 
-    def __init__(self, cfg: TrainConfig, runtime: Runtime, policy: nn.Module, model: nn.Module | None):
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, policy: nn.Module, model: nn.Module | None,
+                 transform: LogitTransform):
         self.cfg, self.runtime, self.policy, self.model = cfg, runtime, policy, model
+        self.transform = transform  # the reference is the initial policy: the same class and config
         self.tables: dict[str, Tensor] | None = None
         self.weak_tables: dict[str, Tensor] | None = None
 
@@ -94,8 +96,8 @@ class Reference:
     @torch.no_grad()
     def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         with self._scorer() as scorer, autocast(self.cfg, self.runtime):
-            hidden, weight, bias = score_hidden(scorer, input_ids, attention_mask)
-            return linear_sequence_logps(hidden, weight, labels, bias=bias).float()
+            head, _ = final_hidden(scorer, self.transform, input_ids=input_ids, attention_mask=attention_mask)
+            return linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()).float()
 
     def _score_all(self, split: Split, layout: Layout) -> Tensor:
         """[n, C] reference log-probs of every example's candidates (0 for padding candidates)."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import causal_lm
 from . import checkpoint as ckpt
 from . import run_dir
 from .batching import Layout, Split, hold_out, make_batch, make_split, micro_batch_ids, render, tokenize
@@ -119,12 +120,17 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Pat
     policy.to(runtime.device)
     if reference_model is not None:
         reference_model.to(runtime.device)
+    try:  # the fused path gives this model's own log-probs, or the run stops here
+        transform = causal_lm.check(policy)
+    except ValueError as error:
+        raise ConfigError(f"--model {cfg.model}: {error}") from None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     loss_module = PreferenceLoss(policy, loss=cfg.loss, beta=cfg.beta, dpo_loss_type=cfg.dpo_loss_type,
                                  label_smoothing=cfg.label_smoothing, num_strong=data.layout.num_strong,
-                                 weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight)
-    reference = Reference(cfg, runtime, policy, reference_model)
+                                 weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight, transform=transform,
+                                 router_aux_coef=router_aux_coef(policy))
+    reference = Reference(cfg, runtime, policy, reference_model, transform)
     splits = {"train": data.train, "eval": data.held_out}
     if cfg.weak_correction == "importance":  # before precompute, which drops the reference model
         reference.prepare_weak_correction(splits, data.layout, Path(cfg.output_dir),
@@ -132,6 +138,13 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Pat
     if cfg.ref == "precompute":
         reference.precompute(splits, data.layout, Path(cfg.output_dir))
     return policy, loss_module, reference
+
+
+def router_aux_coef(policy: nn.Module) -> float:
+    """The coefficient of an MoE model's router load-balancing loss when its config asks for router
+    logits (output_router_logits, as transformers' own training forward adds it), else 0."""
+    has_router, coef = causal_lm.router_aux(policy)
+    return coef if has_router and causal_lm.unwrap(policy).config.get_text_config().output_router_logits else 0.0
 
 
 def restore(resume_dir: Path, cfg: TrainConfig, loss_module: PreferenceLoss, optimizer, scheduler) -> Position:
@@ -252,15 +265,15 @@ class Training:
             ref = self.reference.logps("train", batch)
             log_weights = self.reference.log_weights("train", batch)
             with no_sync(self.model, sync=accum == cfg.grad_accum - 1), autocast(cfg, runtime):
-                loss, seq, logit_sums = self.model(batch.input_ids, batch.attention_mask, batch.labels, ref,
-                                                   batch.candidate_mask, log_weights)
+                loss, seq, logit_sums, aux_loss = self.model(batch.input_ids, batch.attention_mask, batch.labels,
+                                                             ref, batch.candidate_mask, log_weights)
             if not all_finite(loss, runtime):  # the same decision on every rank
                 if not cfg.skip_nonfinite_steps:
                     raise self._nonfinite_error()
                 nonfinite = True
             # backward even for a step that will be skipped: DDP expects one after every forward
             self.scaler.scale(loss / cfg.grad_accum).backward()
-            metrics.add(self._metrics(loss, seq, ref, logit_sums, batch, log_weights))
+            metrics.add(self._metrics(loss, seq, ref, logit_sums, batch, log_weights, aux_loss))
             tokens += int(batch.attention_mask.sum())
             self.position.micro_index += 1
         grad_norm, learning_rate = self._optimizer_step(skip=nonfinite)
@@ -294,9 +307,11 @@ class Training:
                 ref = self.reference.logps("eval", batch)
                 log_weights = self.reference.log_weights("eval", batch)
                 with autocast(cfg, runtime):
-                    loss, seq, logit_sums = self.loss_module(batch.input_ids, batch.attention_mask, batch.labels,
-                                                             ref, batch.candidate_mask, log_weights)
-                metrics.add(self._metrics(loss, seq, ref, logit_sums, batch, log_weights), weight=len(ids))
+                    loss, seq, logit_sums, aux_loss = self.loss_module(batch.input_ids, batch.attention_mask,
+                                                                       batch.labels, ref, batch.candidate_mask,
+                                                                       log_weights)
+                metrics.add(self._metrics(loss, seq, ref, logit_sums, batch, log_weights, aux_loss),
+                            weight=len(ids))
         self.policy.train()
         totals = all_mean({**metrics.sums, "weight": metrics.weight}, runtime)
         return {f"eval/{k}": v / totals["weight"] for k, v in totals.items() if k != "weight"}
@@ -332,9 +347,9 @@ class Training:
 
     # --- the parts of a step
 
-    def _metrics(self, loss, seq, ref, logit_sums, batch, log_weights) -> dict[str, float]:
+    def _metrics(self, loss, seq, ref, logit_sums, batch, log_weights, aux_loss) -> dict[str, float]:
         return batch_metrics(loss, seq, ref, logit_sums, batch, beta=self.cfg.beta, dpo=self.cfg.loss == "dpo",
-                             log_weights=log_weights)
+                             log_weights=log_weights, aux_loss=aux_loss)
 
     def _optimizer_step(self, *, skip: bool) -> tuple[float, float]:
         """(gradient norm before clipping, the learning rate the step used)."""
