@@ -108,7 +108,7 @@ class Step:
             loss, _ = eager.fused_epa_loss(logits.float(), self.labels, self.ref_logps,
                                            num_candidates=self.args.candidates)
             return loss
-        loss, _, _ = self.fused(self.input_ids, self.attention_mask, self.labels, self.ref_logps, self.candidate_mask)
+        loss, *_ = self.fused(self.input_ids, self.attention_mask, self.labels, self.ref_logps, self.candidate_mask)
         return loss
 
     def __call__(self) -> None:

@@ -118,22 +118,25 @@ class ChunkLogits {
 };
 
 inline std::tuple<at::Tensor, at::Tensor> call_token_logps(const at::Tensor& logits, const at::Tensor& labels,
-                                                           int64_t ignore_index) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("epa_ext::token_logps", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
-  return op.call(logits, labels, ignore_index, false);
+                                                           int64_t ignore_index,
+                                                           const std::optional<double>& softcap) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epa_ext::token_logps", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                                       bool, std::optional<double>)>();
+  return op.call(logits, labels, ignore_index, false, softcap);
 }
 
-// Overwrites logits with d(loss)/d(logits) = grad * (onehot - softmax), row by row.
+// Overwrites logits with d(loss)/d(logits) = grad * (onehot - softmax) (times the softcap's
+// slope), row by row.
 inline void call_token_logps_backward_(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
-                                       const at::Tensor& lse, const at::Tensor& logps, int64_t ignore_index) {
+                                       const at::Tensor& lse, const at::Tensor& logps, int64_t ignore_index,
+                                       const std::optional<double>& softcap) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("epa_ext::token_logps_backward_", "")
                              .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, int64_t)>();
-  op.call(grad, logits, labels, lse, logps, ignore_index);
+                                         const at::Tensor&, const at::Tensor&, int64_t, std::optional<double>)>();
+  op.call(grad, logits, labels, lse, logps, ignore_index, softcap);
 }
 
 // True when this torch's addmm takes bf16/fp16 matrices with an fp32 self and output

@@ -38,8 +38,10 @@ at::Tensor kept_rows(const char* op, const at::Tensor& labels, int64_t vocab, in
 std::tuple<at::Tensor, at::Tensor> linear_token_logps(const at::Tensor& hidden, const at::Tensor& weight,
                                                       const std::optional<at::Tensor>& bias,
                                                       const at::Tensor& labels, int64_t ignore_index,
-                                                      int64_t chunk_size, bool /*fp32_weight_grad*/) {
+                                                      int64_t chunk_size, bool /*fp32_weight_grad*/,
+                                                      std::optional<double> softcap) {
   linear::check_linear_inputs(kForward, hidden, weight, bias, labels);
+  check_softcap(kForward, softcap);
   TORCH_CHECK_VALUE(hidden.dim() == 2, kForward, ": hidden must have shape [N, H]; got ", hidden.sizes());
   const int64_t chunk = linear::chunk_tokens(kForward, "chunk_size", chunk_size, hidden.size(1));
   const auto options = hidden.options().dtype(accumulate_dtype(hidden));
@@ -51,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logps(const at::Tensor& hidden, 
   for (int64_t start = 0; start < num_kept; start += chunk) {
     const at::Tensor rows = kept.slice(0, start, std::min(start + chunk, num_kept));
     const at::Tensor logits = chunk_buffer.compute(hidden.index_select(0, rows), weight, bias);
-    auto [chunk_logps, chunk_lse] = call_token_logps(logits, labels.index_select(0, rows), ignore_index);
+    auto [chunk_logps, chunk_lse] = call_token_logps(logits, labels.index_select(0, rows), ignore_index, softcap);
     logps.index_copy_(0, rows, chunk_logps);
     lse.index_copy_(0, rows, chunk_lse);
   }
@@ -61,8 +63,10 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logps(const at::Tensor& hidden, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logps_backward(
     const at::Tensor& grad_logps, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
-    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask, bool fp32_weight_grad) {
+    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask, bool fp32_weight_grad,
+    std::optional<double> softcap) {
   linear::check_linear_inputs(kBackward, hidden, weight, bias, labels);
+  check_softcap(kBackward, softcap);
   TORCH_CHECK_VALUE(hidden.dim() == 2, kBackward, ": hidden must have shape [N, H]; got ", hidden.sizes());
   check_gradient_and_saved(kBackward, grad_logps, hidden, labels, lse, logps);
   const int64_t chunk = linear::chunk_tokens(kBackward, "chunk_size", chunk_size, hidden.size(1));
@@ -83,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logps_backward(
     const at::Tensor h = hidden.index_select(0, rows);
     at::Tensor g = chunk_buffer.compute(h, weight, bias);  // logits now, their gradient G below
     linear::call_token_logps_backward_(acc_grad.index_select(0, rows), g, labels.index_select(0, rows),
-                                       lse.index_select(0, rows), logps.index_select(0, rows), ignore_index);
+                                       lse.index_select(0, rows), logps.index_select(0, rows), ignore_index,
+                                       softcap);
     if (grad_hidden.defined()) grad_hidden.index_copy_(0, rows, at::mm(g, weight));
     if (grad_weight.defined()) linear::accumulate_weight_grad(grad_weight, g, h);
     if (grad_bias.defined()) grad_bias.add_(g.sum(0, /*keepdim=*/false, param_acc));

@@ -116,6 +116,7 @@ struct LossOptions {
   int64_t ignore_index, max_chunk_tokens;
   std::array<bool, 3> output_mask;  // gradients wanted for hidden, weight, bias
   bool fp32_weight_grad;
+  std::optional<double> softcap;    // of the logits, as in token_logps
 };
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -142,6 +143,7 @@ void check_loss_inputs(const char* op, const at::Tensor& hidden, const at::Tenso
   TORCH_CHECK_VALUE(o.average || !o.ref_logps_averaged, op,
                     ": ref_logps_averaged=True says ref_logps are length-averaged, but this loss is taken on "
                     "summed log-probs (average=False)");
+  check_softcap(op, o.softcap);
 }
 
 at::Tensor empty_gradient(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -201,7 +203,7 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
       piece_hidden = hidden_rows.index_select(0, positions.slice(0, start, end));
       piece_logits = chunk.compute(piece_hidden, weight, bias);
       auto [piece_logps, piece_lse] = linear::call_token_logps(piece_logits, span_labels.slice(0, start, end),
-                                                               o.ignore_index);
+                                                               o.ignore_index, o.softcap);
       if (pieces == 1) {
         logps = piece_logps;
         lse = piece_lse;
@@ -253,7 +255,8 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
       const at::Tensor h = k == 0 ? piece_hidden : hidden_rows.index_select(0, rows);
       at::Tensor g = k == 0 ? piece_logits : chunk.compute(h, weight, bias);  // logits, then G in place
       linear::call_token_logps_backward_(grad_tokens.slice(0, start, end), g, span_labels.slice(0, start, end),
-                                         lse.slice(0, start, end), logps.slice(0, start, end), o.ignore_index);
+                                         lse.slice(0, start, end), logps.slice(0, start, end), o.ignore_index,
+                                         o.softcap);
       if (need_hidden) grad_hidden_rows.index_copy_(0, rows, at::mm(g, weight));
       if (need_weight) linear::accumulate_weight_grad(grad_weight, g, h);
       if (need_bias) grad_bias.add_(g.sum(0, /*keepdim=*/false, param_acc));
@@ -282,31 +285,34 @@ std::tuple<at::Tensor, at::Tensor> call_dpo_loss(const at::Tensor& policy_chosen
 
 std::tuple<at::Tensor, at::Tensor> call_epa_loss(const at::Tensor& policy, const at::Tensor& ref,
                                                  const std::optional<at::Tensor>& mask, double beta,
-                                                 int64_t num_strong, double weak_weight) {
+                                                 int64_t num_strong, double weak_weight,
+                                                 const std::optional<at::Tensor>& log_weights) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("epa_ext::epa_loss", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const std::optional<at::Tensor>&, double,
-                                                                       int64_t, double)>();
-  return op.call(policy, ref, mask, beta, num_strong, weak_weight);
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double,
+                                 int64_t, double, const std::optional<at::Tensor>&)>();
+  return op.call(policy, ref, mask, beta, num_strong, weak_weight, log_weights);
 }
 
 at::Tensor call_epa_loss_backward(const at::Tensor& grad_losses, const at::Tensor& policy, const at::Tensor& ref,
                                   const std::optional<at::Tensor>& mask, const at::Tensor& lse, double beta,
-                                  int64_t num_strong, double weak_weight) {
+                                  int64_t num_strong, double weak_weight,
+                                  const std::optional<at::Tensor>& log_weights) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("epa_ext::epa_loss_backward", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                const std::optional<at::Tensor>&, const at::Tensor&, double, int64_t,
-                                               double)>();
-  return op.call(grad_losses, policy, ref, mask, lse, beta, num_strong, weak_weight);
+                                               double, const std::optional<at::Tensor>&)>();
+  return op.call(grad_losses, policy, ref, mask, lse, beta, num_strong, weak_weight, log_weights);
 }
 
 Outputs linear_dpo_loss(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
                         c10::string_view loss_type, double label_smoothing, double sft_weight, bool average,
                         bool ref_logps_averaged, c10::string_view reduction, int64_t ignore_index,
-                        int64_t max_chunk_tokens, std::array<bool, 3> output_mask, bool fp32_weight_grad) {
+                        int64_t max_chunk_tokens, std::array<bool, 3> output_mask, bool fp32_weight_grad,
+                        std::optional<double> softcap) {
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, kDpo, ": beta must be a finite number > 0; got ", beta);
   TORCH_CHECK_VALUE(loss_type == "sigmoid" || loss_type == "robust" || loss_type == "hinge" || loss_type == "ipo",
                     kDpo, ": loss_type must be one of 'sigmoid', 'robust', 'hinge', 'ipo'; got '",
@@ -314,7 +320,7 @@ Outputs linear_dpo_loss(const at::Tensor& hidden, const at::Tensor& weight, cons
   TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 0.5, kDpo,
                     ": label_smoothing must lie in [0, 0.5); got ", label_smoothing);
   const LossOptions options{sft_weight, average, ref_logps_averaged, reduction, ignore_index, max_chunk_tokens,
-                            output_mask, fp32_weight_grad};
+                            output_mask, fp32_weight_grad, softcap};
   const GroupLoss loss = [&](const at::Tensor& values, const at::Tensor& ref, int64_t, int64_t, double scale,
                              bool with_grad) -> std::pair<at::Tensor, at::Tensor> {
     auto [losses, slopes] = call_dpo_loss(values.select(1, 0), values.select(1, 1), ref.select(1, 0),
@@ -331,7 +337,8 @@ Outputs linear_epa_loss(const at::Tensor& hidden, const at::Tensor& weight, cons
                         int64_t num_candidates, double beta, int64_t num_strong, double weak_weight,
                         double sft_weight, bool average, bool ref_logps_averaged, c10::string_view reduction,
                         int64_t ignore_index, int64_t max_chunk_tokens, std::array<bool, 3> output_mask,
-                        bool fp32_weight_grad) {
+                        bool fp32_weight_grad, const std::optional<at::Tensor>& log_weights,
+                        std::optional<double> softcap) {
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, kEpa, ": beta must be a finite number > 0; got ", beta);
   TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= num_candidates - 1, kEpa,
                     ": num_strong must lie in [1, C - 1] = [1, ", num_candidates - 1, "]; got ", num_strong);
@@ -351,16 +358,29 @@ Outputs linear_epa_loss(const at::Tensor& hidden, const at::Tensor& weight, cons
                         "present); it is False in row ", absent.nonzero().min().item<int64_t>());
     }
   }
+  if (log_weights.has_value()) {  // its values are checked by the loss kernel (epa_loss), span by span
+    TORCH_CHECK_TYPE(log_weights->is_floating_point(), kEpa, ": log_weights must be a floating-point tensor; got ",
+                     log_weights->scalar_type());
+    TORCH_CHECK_VALUE(log_weights->dim() == 2 && log_weights->size(0) == prompts &&
+                          log_weights->size(1) == num_candidates,
+                      kEpa, ": log_weights must have shape [B, C] = [", prompts, ", ", num_candidates, "]; got ",
+                      log_weights->sizes());
+    TORCH_CHECK_VALUE(log_weights->device() == hidden.device(), kEpa, ": log_weights must be on the device of hidden (",
+                      hidden.device(), "); got ", log_weights->device());
+  }
   const LossOptions options{sft_weight, average, ref_logps_averaged, reduction, ignore_index, max_chunk_tokens,
-                            output_mask, fp32_weight_grad};
+                            output_mask, fp32_weight_grad, softcap};
   const GroupLoss loss = [&](const at::Tensor& values, const at::Tensor& ref, int64_t first, int64_t end,
                              double scale, bool with_grad) -> std::pair<at::Tensor, at::Tensor> {
-    const std::optional<at::Tensor> span_mask =
-        mask.has_value() ? std::optional<at::Tensor>(mask->slice(0, first, end)) : std::nullopt;
-    auto [losses, lse] = call_epa_loss(values, ref, span_mask, beta, num_strong, weak_weight);
+    const auto rows = [&](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? std::optional<at::Tensor>(t->slice(0, first, end)) : std::nullopt;
+    };
+    const std::optional<at::Tensor> span_mask = rows(mask), span_log_weights = rows(log_weights);
+    auto [losses, lse] = call_epa_loss(values, ref, span_mask, beta, num_strong, weak_weight, span_log_weights);
     if (!with_grad) return {losses, at::Tensor()};
     const at::Tensor grad_losses = at::full({end - first}, scale, values.options());
-    return {losses, call_epa_loss_backward(grad_losses, values, ref, span_mask, lse, beta, num_strong, weak_weight)};
+    return {losses, call_epa_loss_backward(grad_losses, values, ref, span_mask, lse, beta, num_strong, weak_weight,
+                                           span_log_weights)};
   };
   return linear_loss(kEpa, hidden, weight, bias, labels, ref_logps, num_candidates, options, loss);
 }

@@ -8,6 +8,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cfloat>
+#include <cmath>
+#include <optional>
 #include <utility>
 
 #include "accumulate.h"
@@ -37,6 +40,16 @@ inline void check_logits_and_labels(const char* op, const at::Tensor& logits,
   TORCH_CHECK_VALUE(labels.device() == logits.device(), op,
                     ": labels and logits must be on the same device; got labels on ", labels.device(),
                     " and logits on ", logits.device());
+}
+
+// The softcap option of the log-prob ops: None (no capping, returned as 0) or a finite number
+// > 0 that float32 represents as a normal number (a smaller one would round to 0, i.e. no cap).
+inline double check_softcap(const char* op, const std::optional<double>& softcap) {
+  if (!softcap.has_value()) return 0.0;
+  TORCH_CHECK_VALUE(std::isfinite(*softcap) && *softcap >= FLT_MIN, op,
+                    ": softcap must be None or a finite number >= ", FLT_MIN,
+                    " (logits become softcap * tanh(logits / softcap)); got ", *softcap);
+  return *softcap;
 }
 
 // [N, V] is handled as [1, N, V]: a view, never a copy.

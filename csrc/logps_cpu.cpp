@@ -51,42 +51,49 @@ at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
 
 std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
                                                    const at::Tensor& labels,
-                                                   int64_t ignore_index, bool inplace_backward) {
+                                                   int64_t ignore_index, bool inplace_backward,
+                                                   std::optional<double> softcap) {
   check_logits_and_labels("token_logps", logits, labels);
+  const double cap = check_softcap("token_logps", softcap);
   if (inplace_backward) check_rows_writable("token_logps", logits);
   const auto options = labels.options().dtype(accumulate_dtype(logits));
   at::Tensor logps = at::empty(labels.sizes(), options);
   at::Tensor lse = at::empty(labels.sizes(), options);
   if (labels.numel() == 0) return {logps, lse};
-  forward_kernel()(as_batch_time_vocab(logits), labels.contiguous(), ignore_index, logps, lse);
+  forward_kernel()(as_batch_time_vocab(logits), labels.contiguous(), ignore_index, cap, logps, lse);
   return {logps, lse};
 }
 
 // Writes the gradient into grad_3d ([B, T, V]; may be logits_3d itself).
 void run_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d, const at::Tensor& labels,
-                  const at::Tensor& lse, const at::Tensor& logps, int64_t ignore_index, at::Tensor& grad_3d) {
+                  const at::Tensor& lse, const at::Tensor& logps, int64_t ignore_index, double softcap,
+                  at::Tensor& grad_3d) {
   if (labels.numel() == 0) return;
   backward_kernel()(grad_logps.to(accumulate_dtype(logits_3d)).contiguous(), logits_3d,
-                    labels.contiguous(), lse.contiguous(), logps.contiguous(), ignore_index, grad_3d);
+                    labels.contiguous(), lse.contiguous(), logps.contiguous(), ignore_index, softcap, grad_3d);
 }
 
 at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
                                     const at::Tensor& labels, const at::Tensor& lse,
-                                    const at::Tensor& logps, int64_t ignore_index) {
+                                    const at::Tensor& logps, int64_t ignore_index,
+                                    std::optional<double> softcap) {
   check_backward_inputs("token_logps_backward", grad_logps, logits, labels, lse, logps);
+  const double cap = check_softcap("token_logps_backward", softcap);
   at::Tensor grad_logits = empty_on_huge_pages(logits.sizes(), logits.scalar_type());
   at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
-  run_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, grad_3d);
+  run_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, cap, grad_3d);
   return grad_logits;
 }
 
 void token_logps_backward_inplace_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
                                       const at::Tensor& labels, const at::Tensor& lse,
-                                      const at::Tensor& logps, int64_t ignore_index) {
+                                      const at::Tensor& logps, int64_t ignore_index,
+                                      std::optional<double> softcap) {
   check_backward_inputs("token_logps_backward_", grad_logps, logits, labels, lse, logps);
   check_rows_writable("token_logps_backward_", logits);
+  const double cap = check_softcap("token_logps_backward_", softcap);
   at::Tensor logits_3d = as_batch_time_vocab(logits);
-  run_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, logits_3d);
+  run_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, cap, logits_3d);
 }
 
 }  // namespace

@@ -5,7 +5,8 @@
 //
 // Forward reads each logits row once from memory: the row is walked in L1-sized blocks, and a
 // block's max and its sum of exp(x - max) are two sweeps over data already in cache.
-// Backward reads the row once more and writes its gradient once.
+// Backward reads the row once more and writes its gradient once. With a softcap, a block's capped
+// logits are formed in the L1 scratch first (forward) or in registers (backward).
 #include "logps_cpu_kernel.h"
 
 #include <ATen/Dispatch.h>
@@ -49,6 +50,26 @@ const float* block_as_float(const scalar_t* p, int64_t n, float* scratch) {
     for (; i < n; ++i) scratch[i] = static_cast<float>(p[i]);
     return scratch;
   }
+}
+
+// out[i] = cap * tanh(x[i] / cap) for a block (out may be x).
+void cap_block(const float* x, float* out, int64_t n, float cap) {
+  const FloatVec vcap(cap);
+  int64_t i = 0;
+  for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
+    (vcap * (FloatVec::loadu(x + i) / vcap).tanh()).store(out + i);
+  }
+  for (; i < n; ++i) out[i] = Softcap<float>{cap}.logit(x[i]);
+}
+
+// Block [p, p + n) as the fp32 logits the softmax sees: capped into scratch with a softcap,
+// else block_as_float's (the input itself for float).
+template <typename scalar_t>
+const float* block_logits(const scalar_t* p, int64_t n, float* scratch, Softcap<float> softcap) {
+  const float* x = block_as_float(p, n, scratch);
+  if (!softcap.active()) return x;
+  cap_block(x, scratch, n, softcap.cap);
+  return scratch;
 }
 
 // Writes fp32 block values to out[0, n) in scalar_t.
@@ -100,18 +121,18 @@ float block_sum_exp(const float* x, int64_t n, float m) {
 // Plain scalar loop in acc_t: the path for fp64 and for rows whose logsumexp is not finite
 // (exp_u20 clamps NaN instead of propagating it, so those rows must not take the fast path).
 template <typename scalar_t, typename acc_t>
-LogSumExp<acc_t> row_logsumexp_scalar(const scalar_t* row, int64_t vocab) {
+LogSumExp<acc_t> row_logsumexp_scalar(const scalar_t* row, int64_t vocab, Softcap<acc_t> softcap) {
   LogSumExp<acc_t> acc;
-  for (int64_t v = 0; v < vocab; ++v) acc.add(static_cast<acc_t>(row[v]));
+  for (int64_t v = 0; v < vocab; ++v) acc.add(softcap.logit(static_cast<acc_t>(row[v])));
   return acc;
 }
 
 template <typename scalar_t>
-LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, float* scratch) {
+LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, float* scratch, Softcap<float> softcap) {
   LogSumExp<float> acc;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
-    const float* x = block_as_float(row + start, n, scratch);
+    const float* x = block_logits(row + start, n, scratch, softcap);
     const float m = block_max(x, n);
     if (m == -INFINITY) continue;  // nothing to add
     if (!std::isfinite(m)) {       // NaN or +inf anywhere: the row is NaN, as in torch
@@ -125,41 +146,63 @@ LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, fl
 
 // The row's (max, sum-exp): vectorized in fp32 for fp32/bf16/fp16, the scalar loop for fp64.
 template <typename scalar_t, typename acc_t>
-LogSumExp<acc_t> row_logsumexp(const scalar_t* row, int64_t vocab, float* scratch) {
+LogSumExp<acc_t> row_logsumexp(const scalar_t* row, int64_t vocab, float* scratch, Softcap<acc_t> softcap) {
   if constexpr (kIsFloatVectorPath<scalar_t>) {
-    return row_logsumexp_vectorized(row, vocab, scratch);
+    return row_logsumexp_vectorized(row, vocab, scratch, softcap);
   } else {
-    return row_logsumexp_scalar<scalar_t, acc_t>(row, vocab);
+    return row_logsumexp_scalar<scalar_t, acc_t>(row, vocab, softcap);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void row_grad_scalar(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t label, acc_t g,
-                     acc_t lse, acc_t logp_target) {
+                     acc_t lse, acc_t logp_target, Softcap<acc_t> softcap) {
   for (int64_t v = 0; v < vocab; ++v) {
-    const acc_t z = static_cast<acc_t>(row[v]);
-    out[v] = static_cast<scalar_t>(v == label ? target_grad(g, logp_target) : nontarget_grad(g, z, lse));
+    const auto z = softcap.apply(static_cast<acc_t>(row[v]));
+    const acc_t grad = v == label ? target_grad(g, logp_target) : nontarget_grad(g, z.logit, lse);
+    out[v] = static_cast<scalar_t>(softcap.active() ? grad * z.slope : grad);
+  }
+}
+
+// -g * softmax_v * d(capped logit)/dz for the block's columns, into result.
+void block_grad_capped(const float* x, float* result, int64_t n, float g, float lse, float cap) {
+  const FloatVec vlse(lse), vneg_g(-g), vcap(cap), one(1.f);
+  int64_t i = 0;
+  for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
+    const FloatVec t = (FloatVec::loadu(x + i) / vcap).tanh();
+    (vneg_g * (vcap * t - vlse).exp_u20() * (one - t * t)).store(result + i);
+  }
+  for (; i < n; ++i) {
+    const auto z = Softcap<float>{cap}.apply(x[i]);
+    result[i] = nontarget_grad(g, z.logit, lse) * z.slope;
   }
 }
 
 template <typename scalar_t>
 void row_grad_vectorized(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t label,
-                         float g, float lse, float logp_target, float* scratch) {
+                         float g, float lse, float logp_target, float* scratch, Softcap<float> softcap) {
   const FloatVec vlse(lse), vneg_g(-g);
+  // The target's logit before the loop overwrites it (out may alias row: in-place backward).
+  const float target_slope = softcap.apply(static_cast<float>(row[label])).slope;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
     const float* x = block_as_float(row + start, n, scratch);
     // For float the result goes straight to out; otherwise through scratch, then converted.
     float* result = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out + start) : scratch;
-    int64_t i = 0;
-    for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
-      (vneg_g * (FloatVec::loadu(x + i) - vlse).exp_u20()).store(result + i);
+    if (softcap.active()) {
+      block_grad_capped(x, result, n, g, lse, softcap.cap);
+    } else {
+      int64_t i = 0;
+      for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
+        (vneg_g * (FloatVec::loadu(x + i) - vlse).exp_u20()).store(result + i);
+      }
+      for (; i < n; ++i) result[i] = nontarget_grad(g, x[i], lse);
     }
-    for (; i < n; ++i) result[i] = nontarget_grad(g, x[i], lse);
     if constexpr (!std::is_same_v<scalar_t, float>) store_from_float(result, out + start, n);
   }
   // The target column in fp32 through expm1 (1 - p cancels when p -> 1).
-  out[label] = static_cast<scalar_t>(target_grad(g, logp_target));
+  const float target = target_grad(g, logp_target);
+  out[label] = static_cast<scalar_t>(softcap.active() ? target * target_slope : target);
 }
 
 void check_label(int64_t label, int64_t vocab, int64_t ignore_index, int64_t row) {
@@ -174,7 +217,7 @@ int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<
 }  // namespace
 
 void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                         at::Tensor& logps, at::Tensor& lse) {
+                         double softcap, at::Tensor& logps, at::Tensor& lse) {
   const int64_t num_rows = labels.numel();
   const int64_t vocab = logits.size(2);
   const RowLayout layout = row_layout(logits);
@@ -182,6 +225,7 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "epa_ext_token_logps_forward_cpu", [&] {
         using acc_t = accumulate_t<scalar_t>;
+        const Softcap<acc_t> cap{static_cast<acc_t>(softcap)};
         const scalar_t* base = logits.const_data_ptr<scalar_t>();
         acc_t* logp_ptr = logps.data_ptr<acc_t>();
         acc_t* lse_ptr = lse.data_ptr<acc_t>();
@@ -196,9 +240,9 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
               continue;
             }
             const scalar_t* row = base + layout.offset(r);
-            const LogSumExp<acc_t> acc = row_logsumexp<scalar_t, acc_t>(row, vocab, scratch);
+            const LogSumExp<acc_t> acc = row_logsumexp<scalar_t, acc_t>(row, vocab, scratch, cap);
             lse_ptr[r] = acc.value();
-            logp_ptr[r] = acc.log_prob(static_cast<acc_t>(row[label]));
+            logp_ptr[r] = acc.log_prob(cap.logit(static_cast<acc_t>(row[label])));
           }
         });
       });
@@ -206,7 +250,7 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
 
 void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits,
                           const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
-                          int64_t ignore_index, at::Tensor& grad_logits) {
+                          int64_t ignore_index, double softcap, at::Tensor& grad_logits) {
   const int64_t num_rows = labels.numel();
   const int64_t vocab = logits.size(2);
   const RowLayout in_layout = row_layout(logits);
@@ -215,6 +259,7 @@ void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "epa_ext_token_logps_backward_cpu", [&] {
         using acc_t = accumulate_t<scalar_t>;
+        const Softcap<acc_t> cap{static_cast<acc_t>(softcap)};
         const scalar_t* in_base = logits.const_data_ptr<scalar_t>();
         scalar_t* out_base = grad_logits.data_ptr<scalar_t>();
         const acc_t* grad_ptr = grad_logps.const_data_ptr<acc_t>();
@@ -235,11 +280,12 @@ void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits
             const acc_t row_lse = lse_ptr[r];
             if constexpr (kIsFloatVectorPath<scalar_t>) {
               if (std::isfinite(row_lse)) {
-                row_grad_vectorized(row, out, vocab, label, g, row_lse, logp_ptr[r], scratch);
+                row_grad_vectorized(row, out, vocab, label, g, row_lse, logp_ptr[r], scratch,
+                                    Softcap<float>{static_cast<float>(cap.cap)});
                 continue;
               }
             }
-            row_grad_scalar<scalar_t, acc_t>(row, out, vocab, label, g, row_lse, logp_ptr[r]);
+            row_grad_scalar<scalar_t, acc_t>(row, out, vocab, label, g, row_lse, logp_ptr[r], cap);
           }
         });
       });

@@ -8,23 +8,25 @@
 namespace epa_ext::cpu {
 
 // logits: [B, T, V], last dim contiguous; labels: [B*T] int64 contiguous.
-// Writes logps and lse ([B*T], contiguous, fp32 or fp64 for fp64 logits).
+// Writes logps and lse ([B*T], contiguous, fp32 or fp64 for fp64 logits). softcap: 0 for none,
+// else the logits are capped (logps_math.h, Softcap) before the softmax.
 using TokenLogpsForwardFn = void (*)(const at::Tensor& logits, const at::Tensor& labels,
-                                     int64_t ignore_index, at::Tensor& logps, at::Tensor& lse);
+                                     int64_t ignore_index, double softcap, at::Tensor& logps, at::Tensor& lse);
 // grad_logps, lse, logps (the forward's outputs): [B*T] contiguous. grad_logits: [B, T, V] with
 // the same strides as logits or contiguous; may alias logits (in-place backward).
 using TokenLogpsBackwardFn = void (*)(const at::Tensor& grad_logps, const at::Tensor& logits,
                                       const at::Tensor& labels, const at::Tensor& lse,
-                                      const at::Tensor& logps, int64_t ignore_index,
+                                      const at::Tensor& logps, int64_t ignore_index, double softcap,
                                       at::Tensor& grad_logits);
 
 #define EPA_EXT_DECLARE_CPU_KERNELS(capability)                                              \
   namespace capability {                                                                     \
   void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels,              \
-                           int64_t ignore_index, at::Tensor& logps, at::Tensor& lse);       \
+                           int64_t ignore_index, double softcap, at::Tensor& logps,         \
+                           at::Tensor& lse);                                                \
   void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits,         \
                             const at::Tensor& labels, const at::Tensor& lse,                \
-                            const at::Tensor& logps, int64_t ignore_index,                  \
+                            const at::Tensor& logps, int64_t ignore_index, double softcap,  \
                             at::Tensor& grad_logits);                                       \
   }
 

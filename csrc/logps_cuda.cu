@@ -3,7 +3,8 @@
 // One block of kThreads threads per row (grid-stride over rows). Forward reads each row once with
 // 16-byte loads, keeping a running (max, sum-exp) per thread (logps_math.h), then merges them
 // across the block: bytes moved = the non-ignored rows of logits, once. Backward reads the row
-// again and writes its gradient once; ignored rows are never read and only zero-filled.
+// again and writes its gradient once; ignored rows are never read and only zero-filled. A softcap
+// (logps_math.h) is applied to each element as it is loaded, in registers.
 // No atomics: results are bitwise reproducible run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,13 +42,17 @@ __device__ __forceinline__ int64_t head_length(const scalar_t* p, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void accumulate_pack(LogSumExp<acc_t>& acc, const Pack<scalar_t>& pack) {
-  acc_t m = static_cast<acc_t>(pack.v[0]);
+__device__ __forceinline__ void accumulate_pack(LogSumExp<acc_t>& acc, const Pack<scalar_t>& pack,
+                                                Softcap<acc_t> softcap) {
+  acc_t z[Pack<scalar_t>::kSize];
 #pragma unroll
-  for (int i = 1; i < Pack<scalar_t>::kSize; ++i) m = nan_max(m, static_cast<acc_t>(pack.v[i]));
+  for (int i = 0; i < Pack<scalar_t>::kSize; ++i) z[i] = softcap.logit(static_cast<acc_t>(pack.v[i]));
+  acc_t m = z[0];
+#pragma unroll
+  for (int i = 1; i < Pack<scalar_t>::kSize; ++i) m = nan_max(m, z[i]);
   acc_t s = 0;
 #pragma unroll
-  for (int i = 0; i < Pack<scalar_t>::kSize; ++i) s += exp_of(static_cast<acc_t>(pack.v[i]) - m);
+  for (int i = 0; i < Pack<scalar_t>::kSize; ++i) s += exp_of(z[i] - m);
   acc.merge(m, s);
 }
 
@@ -77,11 +82,11 @@ __device__ __forceinline__ void for_each_in_row(const scalar_t* row, int64_t voc
 
 // This thread's share of the row's logsumexp.
 template <typename scalar_t, typename acc_t>
-__device__ LogSumExp<acc_t> thread_row_lse(const scalar_t* __restrict__ row, int64_t vocab) {
+__device__ LogSumExp<acc_t> thread_row_lse(const scalar_t* __restrict__ row, int64_t vocab, Softcap<acc_t> softcap) {
   LogSumExp<acc_t> acc;
   for_each_in_row(
-      row, vocab, [&](int64_t, scalar_t z) { acc.add(static_cast<acc_t>(z)); },
-      [&](int64_t, const Pack<scalar_t>& pack) { accumulate_pack(acc, pack); });
+      row, vocab, [&](int64_t, scalar_t z) { acc.add(softcap.logit(static_cast<acc_t>(z))); },
+      [&](int64_t, const Pack<scalar_t>& pack) { accumulate_pack(acc, pack, softcap); });
   return acc;
 }
 
@@ -111,8 +116,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     token_logps_forward_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
                                const int64_t* __restrict__ labels, int64_t num_rows,
-                               int64_t vocab, int64_t ignore_index, acc_t* __restrict__ logps,
-                               acc_t* __restrict__ lse) {
+                               int64_t vocab, int64_t ignore_index, Softcap<acc_t> softcap,
+                               acc_t* __restrict__ logps, acc_t* __restrict__ lse) {
   __shared__ acc_t shared_max[kWarps], shared_sum[kWarps];
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const int64_t label = labels[row];
@@ -124,10 +129,10 @@ __global__ void __launch_bounds__(kThreads)
     CUDA_KERNEL_ASSERT(valid && "epa_ext: labels must lie in [0, V) or equal ignore_index");
     const scalar_t* x = logits + layout.offset(row);
     const LogSumExp<acc_t> acc =
-        block_merge(thread_row_lse<scalar_t, acc_t>(x, vocab), shared_max, shared_sum);
+        block_merge(thread_row_lse<scalar_t, acc_t>(x, vocab, softcap), shared_max, shared_sum);
     if (threadIdx.x == 0) {
       lse[row] = acc.value();
-      logps[row] = valid ? acc.log_prob(static_cast<acc_t>(x[label])) : acc_t(NAN);
+      logps[row] = valid ? acc.log_prob(softcap.logit(static_cast<acc_t>(x[label]))) : acc_t(NAN);
     }
   }
 }
@@ -146,14 +151,16 @@ __device__ void fill_row(scalar_t* __restrict__ out, int64_t vocab, scalar_t val
   for (int64_t i = head + num_packs * P::kSize + threadIdx.x; i < vocab; i += kThreads) out[i] = value;
 }
 
-// Writes g * (onehot(label) - softmax) for one row. Each element's gradient is computed by the
-// thread that read it, so out may alias x (in-place backward) without a barrier.
+// Writes g * (onehot(label) - softmax) (times the softcap's slope) for one row. Each element's
+// gradient is computed by the thread that read it, so out may alias x (in-place backward) without
+// a barrier.
 template <typename scalar_t, typename acc_t>
 __device__ void write_row_grad(const scalar_t* x, scalar_t* out, int64_t vocab, int64_t label,
-                               acc_t g, acc_t row_lse, acc_t logp_target) {
+                               acc_t g, acc_t row_lse, acc_t logp_target, Softcap<acc_t> softcap) {
   auto grad_at = [&](int64_t v, scalar_t z) {
-    return static_cast<scalar_t>(v == label ? target_grad(g, logp_target)
-                                            : nontarget_grad(g, static_cast<acc_t>(z), row_lse));
+    const auto capped = softcap.apply(static_cast<acc_t>(z));
+    const acc_t grad = v == label ? target_grad(g, logp_target) : nontarget_grad(g, capped.logit, row_lse);
+    return static_cast<scalar_t>(softcap.active() ? grad * capped.slope : grad);
   };
   auto write_element = [&](int64_t v, scalar_t z) { out[v] = grad_at(v, z); };
   if (head_length(x, vocab) != head_length(out, vocab)) {  // rows misaligned differently
@@ -173,7 +180,8 @@ __global__ void __launch_bounds__(kThreads)
                                 RowLayout in_layout, scalar_t* grad_logits, RowLayout out_layout,
                                 const int64_t* __restrict__ labels,
                                 const acc_t* __restrict__ lse, const acc_t* __restrict__ logps,
-                                int64_t num_rows, int64_t vocab, int64_t ignore_index) {
+                                int64_t num_rows, int64_t vocab, int64_t ignore_index,
+                                Softcap<acc_t> softcap) {
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     scalar_t* out = grad_logits + out_layout.offset(row);
     const int64_t label = labels[row];
@@ -188,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     write_row_grad(logits + in_layout.offset(row), out, vocab, label, grad_logps[row], lse[row],
-                   logps[row]);
+                   logps[row], softcap);
   }
 }
 
@@ -198,8 +206,10 @@ unsigned grid_for(int64_t num_rows) {
 
 std::tuple<at::Tensor, at::Tensor> token_logps_cuda(const at::Tensor& logits,
                                                     const at::Tensor& labels,
-                                                    int64_t ignore_index, bool inplace_backward) {
+                                                    int64_t ignore_index, bool inplace_backward,
+                                                    std::optional<double> softcap) {
   check_logits_and_labels("token_logps", logits, labels);
+  const double cap = check_softcap("token_logps", softcap);
   if (inplace_backward) check_rows_writable("token_logps", logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto options = labels.options().dtype(accumulate_dtype(logits));
@@ -216,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cuda(const at::Tensor& logits,
         token_logps_forward_kernel<scalar_t, acc_t><<<grid_for(num_rows), kThreads, 0, stream>>>(
             logits_3d.const_data_ptr<scalar_t>(), row_layout(logits_3d),
             flat_labels.const_data_ptr<int64_t>(), num_rows, logits_3d.size(2), ignore_index,
-            logps.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
+            Softcap<acc_t>{static_cast<acc_t>(cap)}, logps.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return {logps, lse};
@@ -225,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cuda(const at::Tensor& logits,
 // Writes the gradient into grad_3d ([B, T, V]; may be logits_3d itself).
 void launch_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d,
                      const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
-                     int64_t ignore_index, at::Tensor& grad_3d) {
+                     int64_t ignore_index, double softcap, at::Tensor& grad_3d) {
   const int64_t num_rows = labels.numel();
   if (num_rows == 0) return;
   const at::Tensor flat_labels = labels.contiguous();
@@ -240,31 +250,36 @@ void launch_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d,
             flat_grad.const_data_ptr<acc_t>(), logits_3d.const_data_ptr<scalar_t>(),
             row_layout(logits_3d), grad_3d.data_ptr<scalar_t>(), row_layout(grad_3d),
             flat_labels.const_data_ptr<int64_t>(), flat_lse.const_data_ptr<acc_t>(),
-            flat_logps.const_data_ptr<acc_t>(), num_rows, logits_3d.size(2), ignore_index);
+            flat_logps.const_data_ptr<acc_t>(), num_rows, logits_3d.size(2), ignore_index,
+            Softcap<acc_t>{static_cast<acc_t>(softcap)});
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
 at::Tensor token_logps_backward_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
                                      const at::Tensor& labels, const at::Tensor& lse,
-                                     const at::Tensor& logps, int64_t ignore_index) {
+                                     const at::Tensor& logps, int64_t ignore_index,
+                                     std::optional<double> softcap) {
   check_backward_inputs("token_logps_backward", grad_logps, logits, labels, lse, logps);
+  const double cap = check_softcap("token_logps_backward", softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad_logits =
       at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
-  launch_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, grad_3d);
+  launch_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, cap, grad_3d);
   return grad_logits;
 }
 
 void token_logps_backward_inplace_cuda(const at::Tensor& grad_logps, const at::Tensor& logits,
                                        const at::Tensor& labels, const at::Tensor& lse,
-                                       const at::Tensor& logps, int64_t ignore_index) {
+                                       const at::Tensor& logps, int64_t ignore_index,
+                                       std::optional<double> softcap) {
   check_backward_inputs("token_logps_backward_", grad_logps, logits, labels, lse, logps);
   check_rows_writable("token_logps_backward_", logits);
+  const double cap = check_softcap("token_logps_backward_", softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor logits_3d = as_batch_time_vocab(logits);
-  launch_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, logits_3d);
+  launch_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, cap, logits_3d);
 }
 
 }  // namespace

@@ -4,6 +4,9 @@
 //   logp[r]  = z[r, y_r] - lse[r],            lse[r] = log sum_v exp(z[r, v])
 //   dz[r, v] = g[r] * (1[v == y_r] - exp(z[r, v] - lse[r]))
 //
+// With a softcap c (Gemma-2/3's final_logit_softcapping), every logit z is first replaced by
+// c * tanh(z / c) and each column's gradient is multiplied by d/dz = 1 - tanh^2(z / c).
+//
 // The target's own terms are computed from the row max, never as a difference of two large
 // numbers: logp = (z_y - max) - log(sum), and its gradient g * (1 - p_y) = -g * expm1(logp).
 // Rounding lse to fp32 would otherwise cost ulp(lse) / (1 - p_y) in relative error, unbounded
@@ -79,6 +82,28 @@ struct LogSumExp {
 
   // log(exp(z) / total) for an element z of the row, without cancellation when it dominates.
   EPA_HD acc_t log_prob(acc_t z) const { return (z - max) - log_of(sum); }
+};
+
+// Logit softcapping, z -> cap * tanh(z / cap); cap == 0 means none. tanh(+-inf) = +-1, so
+// logits far beyond the cap (even infinite ones) give the finite capped value, and a slope that
+// underflows to exactly 0; NaN stays NaN. The division (not a multiplication by 1/cap) is what
+// plain torch computes, so both round alike.
+template <typename acc_t>
+struct Softcap {
+  acc_t cap;
+
+  EPA_HD bool active() const { return cap > acc_t(0); }
+  EPA_HD acc_t logit(acc_t z) const { return active() ? cap * ::tanh(z / cap) : z; }
+
+  struct Capped {
+    acc_t logit;  // cap * tanh(z / cap)
+    acc_t slope;  // its derivative 1 - tanh^2(z / cap)
+  };
+  EPA_HD Capped apply(acc_t z) const {
+    if (!active()) return {z, acc_t(1)};
+    const acc_t t = ::tanh(z / cap);
+    return {cap * t, acc_t(1) - t * t};
+  }
 };
 
 // d(loss)/d(z[v]) for a non-target column: -g * softmax(z)_v.

@@ -59,8 +59,8 @@ inline void check_dpo_inputs(const at::Tensor& policy_chosen, const at::Tensor& 
 }
 
 inline void check_epa_inputs(const char* op, const at::Tensor& policy, const at::Tensor& ref,
-                             const std::optional<at::Tensor>& mask, double beta, int64_t num_strong,
-                             double weak_weight) {
+                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& log_weights,
+                             double beta, int64_t num_strong, double weak_weight) {
   TORCH_CHECK_VALUE(policy.dim() == 2, op,
                     ": policy_logps must have shape [B, C] (C = 1 + strong + weak candidates); got ", policy.sizes());
   check_floating(op, "policy_logps", policy);
@@ -72,6 +72,10 @@ inline void check_epa_inputs(const char* op, const at::Tensor& policy, const at:
   if (mask.has_value()) {
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": mask must be a bool tensor; got ", mask->scalar_type());
     check_same_layout(op, "mask", *mask, "policy_logps", policy);
+  }
+  if (log_weights.has_value()) {
+    check_floating(op, "log_weights", *log_weights);
+    check_same_layout(op, "log_weights", *log_weights, "policy_logps", policy);
   }
   check_beta(op, beta);
   TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= policy.size(1) - 1, op,
@@ -104,18 +108,26 @@ inline DpoInputs prepare_dpo_inputs(const at::Tensor& policy_chosen, const at::T
 struct EpaInputs {
   at::Tensor policy, ref;  // [B, C], contiguous, accumulation dtype
   at::Tensor mask;         // [B, C] bool contiguous, or undefined
+  at::Tensor log_weights;  // [B, C] contiguous, accumulation dtype, or undefined
   EpaRow row;
   int64_t batch;
 
-  const bool* mask_data() const { return mask.defined() ? mask.const_data_ptr<bool>() : nullptr; }
+  // Raw pointers for the kernels (acc_t: the dtype of policy).
+  template <typename acc_t>
+  EpaData<acc_t> data() const {
+    return {policy.const_data_ptr<acc_t>(), ref.const_data_ptr<acc_t>(),
+            mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+            log_weights.defined() ? log_weights.const_data_ptr<acc_t>() : nullptr};
+  }
 };
 
 inline EpaInputs prepare_epa_inputs(const char* op, const at::Tensor& policy, const at::Tensor& ref,
-                                    const std::optional<at::Tensor>& mask, double beta, int64_t num_strong,
-                                    double weak_weight) {
-  check_epa_inputs(op, policy, ref, mask, beta, num_strong, weak_weight);
+                                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& log_weights,
+                                    double beta, int64_t num_strong, double weak_weight) {
+  check_epa_inputs(op, policy, ref, mask, log_weights, beta, num_strong, weak_weight);
   const at::ScalarType acc = accumulate_dtype(policy);
   return {as_accumulate(policy, acc), as_accumulate(ref, acc), mask.has_value() ? mask->contiguous() : at::Tensor(),
+          log_weights.has_value() ? as_accumulate(*log_weights, acc) : at::Tensor(),
           EpaRow{policy.size(1), num_strong}, policy.size(0)};
 }
 
@@ -129,9 +141,9 @@ struct EpaBackwardInputs {
 inline EpaBackwardInputs prepare_epa_backward_inputs(const at::Tensor& grad_losses, const at::Tensor& policy,
                                                      const at::Tensor& ref, const std::optional<at::Tensor>& mask,
                                                      const at::Tensor& lse, double beta, int64_t num_strong,
-                                                     double weak_weight) {
+                                                     double weak_weight, const std::optional<at::Tensor>& log_weights) {
   constexpr const char* op = "epa_loss_backward";
-  EpaInputs in = prepare_epa_inputs(op, policy, ref, mask, beta, num_strong, weak_weight);
+  EpaInputs in = prepare_epa_inputs(op, policy, ref, mask, log_weights, beta, num_strong, weak_weight);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_losses", grad_losses}, {"lse", lse}}) {
     check_floating(op, name, t);
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == in.batch && t.device() == policy.device(), op, ": ", name,

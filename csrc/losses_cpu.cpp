@@ -47,23 +47,26 @@ int64_t rows_per_task(const EpaInputs& in) {
 
 std::tuple<at::Tensor, at::Tensor> epa_loss_cpu(const at::Tensor& policy, const at::Tensor& ref,
                                                 const std::optional<at::Tensor>& mask, double beta,
-                                                int64_t num_strong, double weak_weight) {
-  const EpaInputs in = prepare_epa_inputs("epa_loss", policy, ref, mask, beta, num_strong, weak_weight);
+                                                int64_t num_strong, double weak_weight,
+                                                const std::optional<at::Tensor>& log_weights) {
+  const EpaInputs in = prepare_epa_inputs("epa_loss", policy, ref, mask, log_weights, beta, num_strong, weak_weight);
   at::Tensor losses = at::empty({in.batch}, in.policy.options()), lse = at::empty({in.batch}, in.policy.options());
   AT_DISPATCH_FLOATING_TYPES(losses.scalar_type(), "epa_ext_epa_loss_cpu", [&] {
-    const scalar_t *p = in.policy.const_data_ptr<scalar_t>(), *r = in.ref.const_data_ptr<scalar_t>();
-    const bool* m = in.mask_data();
+    const EpaData<scalar_t> data = in.data<scalar_t>();
     scalar_t *loss_out = losses.data_ptr<scalar_t>(), *lse_out = lse.data_ptr<scalar_t>();
     const scalar_t log_weak = std::log(static_cast<scalar_t>(weak_weight));
     at::parallel_for(0, in.batch, rows_per_task(in), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t offset = i * in.row.num_candidates;
-        const bool* row_mask = m ? m + offset : nullptr;
-        TORCH_CHECK_VALUE(row_mask == nullptr || row_mask[0], "epa_loss: mask[:, 0] must be True (the positive is ",
+        const EpaData<scalar_t> row = data.row(i, in.row.num_candidates);
+        TORCH_CHECK_VALUE(row.mask == nullptr || row.mask[0], "epa_loss: mask[:, 0] must be True (the positive is ",
                     "always present); it is False in row ", i);
-        const scalar_t row_lse = in.row.logsumexp(p + offset, r + offset, row_mask, scalar_t(beta), log_weak);
+        const int64_t bad = in.row.bad_log_weight(row);
+        TORCH_CHECK_VALUE(bad < 0, "epa_loss: log_weights must be finite, or -inf for an absent negative (column 0, ",
+                          "the chosen answer, finite); got ", bad >= 0 ? row.log_weights[bad] : scalar_t(0),
+                          " at [", i, ", ", bad, "]");
+        const scalar_t row_lse = in.row.logsumexp(row, scalar_t(beta), log_weak);
         lse_out[i] = row_lse;
-        loss_out[i] = row_lse - in.row.score(p + offset, r + offset, row_mask, 0, scalar_t(beta), log_weak);
+        loss_out[i] = row_lse - in.row.score(row, 0, scalar_t(beta), log_weak);
       }
     });
   });
@@ -72,21 +75,19 @@ std::tuple<at::Tensor, at::Tensor> epa_loss_cpu(const at::Tensor& policy, const 
 
 at::Tensor epa_loss_backward_cpu(const at::Tensor& grad_losses, const at::Tensor& policy, const at::Tensor& ref,
                                  const std::optional<at::Tensor>& mask, const at::Tensor& lse, double beta,
-                                 int64_t num_strong, double weak_weight) {
+                                 int64_t num_strong, double weak_weight, const std::optional<at::Tensor>& log_weights) {
   const auto [in, g, l] = prepare_epa_backward_inputs(grad_losses, policy, ref, mask, lse, beta, num_strong,
-                                                      weak_weight);
+                                                      weak_weight, log_weights);
   at::Tensor grad_policy = at::empty_like(in.policy);
   AT_DISPATCH_FLOATING_TYPES(grad_policy.scalar_type(), "epa_ext_epa_loss_backward_cpu", [&] {
-    const scalar_t *p = in.policy.const_data_ptr<scalar_t>(), *r = in.ref.const_data_ptr<scalar_t>();
+    const EpaData<scalar_t> data = in.data<scalar_t>();
     const scalar_t *g_ptr = g.const_data_ptr<scalar_t>(), *l_ptr = l.const_data_ptr<scalar_t>();
-    const bool* m = in.mask_data();
     scalar_t* out = grad_policy.data_ptr<scalar_t>();
     const scalar_t log_weak = std::log(static_cast<scalar_t>(weak_weight));
     at::parallel_for(0, in.batch, rows_per_task(in), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t offset = i * in.row.num_candidates;
-        in.row.grad(g_ptr[i], p + offset, r + offset, m ? m + offset : nullptr, scalar_t(beta), log_weak, l_ptr[i],
-                    out + offset);
+        in.row.grad(g_ptr[i], data.row(i, in.row.num_candidates), scalar_t(beta), log_weak, l_ptr[i],
+                    out + i * in.row.num_candidates);
       }
     });
   });

@@ -34,29 +34,27 @@ __global__ void dpo_loss_kernel(const acc_t* __restrict__ policy_chosen, const a
 }
 
 template <typename acc_t>
-__global__ void epa_loss_kernel(const acc_t* __restrict__ policy, const acc_t* __restrict__ ref,
-                                const bool* __restrict__ mask, EpaRow row, int64_t batch, acc_t beta,
-                                acc_t log_weak_weight, acc_t* __restrict__ losses, acc_t* __restrict__ lse) {
+__global__ void epa_loss_kernel(EpaData<acc_t> data, EpaRow row, int64_t batch, acc_t beta, acc_t log_weak_weight,
+                                acc_t* __restrict__ losses, acc_t* __restrict__ lse) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= batch) return;
-  const int64_t offset = i * row.num_candidates;
-  const bool* row_mask = mask ? mask + offset : nullptr;
-  CUDA_KERNEL_ASSERT((row_mask == nullptr || row_mask[0]) && "epa_loss: mask[:, 0] must be True");
-  const acc_t row_lse = row.logsumexp(policy + offset, ref + offset, row_mask, beta, log_weak_weight);
+  const EpaData<acc_t> in = data.row(i, row.num_candidates);
+  CUDA_KERNEL_ASSERT((in.mask == nullptr || in.mask[0]) && "epa_loss: mask[:, 0] must be True");
+  CUDA_KERNEL_ASSERT(row.bad_log_weight(in) < 0 &&
+                     "epa_loss: log_weights must be finite, or -inf for an absent negative (column 0 finite)");
+  const acc_t row_lse = row.logsumexp(in, beta, log_weak_weight);
   lse[i] = row_lse;
-  losses[i] = row_lse - row.score(policy + offset, ref + offset, row_mask, 0, beta, log_weak_weight);
+  losses[i] = row_lse - row.score(in, 0, beta, log_weak_weight);
 }
 
 template <typename acc_t>
-__global__ void epa_loss_backward_kernel(const acc_t* __restrict__ grad_losses, const acc_t* __restrict__ policy,
-                                         const acc_t* __restrict__ ref, const bool* __restrict__ mask,
+__global__ void epa_loss_backward_kernel(const acc_t* __restrict__ grad_losses, EpaData<acc_t> data,
                                          const acc_t* __restrict__ lse, EpaRow row, int64_t batch, acc_t beta,
                                          acc_t log_weak_weight, acc_t* __restrict__ grad_policy) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= batch) return;
-  const int64_t offset = i * row.num_candidates;
-  row.grad(grad_losses[i], policy + offset, ref + offset, mask ? mask + offset : nullptr, beta, log_weak_weight,
-           lse[i], grad_policy + offset);
+  row.grad(grad_losses[i], data.row(i, row.num_candidates), beta, log_weak_weight, lse[i],
+           grad_policy + i * row.num_candidates);
 }
 
 std::tuple<at::Tensor, at::Tensor> dpo_loss_cuda(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
@@ -81,16 +79,17 @@ std::tuple<at::Tensor, at::Tensor> dpo_loss_cuda(const at::Tensor& policy_chosen
 
 std::tuple<at::Tensor, at::Tensor> epa_loss_cuda(const at::Tensor& policy, const at::Tensor& ref,
                                                  const std::optional<at::Tensor>& mask, double beta,
-                                                 int64_t num_strong, double weak_weight) {
+                                                 int64_t num_strong, double weak_weight,
+                                                 const std::optional<at::Tensor>& log_weights) {
   const c10::cuda::CUDAGuard guard(policy.device());
-  const EpaInputs in = prepare_epa_inputs("epa_loss", policy, ref, mask, beta, num_strong, weak_weight);
+  const EpaInputs in = prepare_epa_inputs("epa_loss", policy, ref, mask, log_weights, beta, num_strong, weak_weight);
   at::Tensor losses = at::empty({in.batch}, in.policy.options()), lse = at::empty({in.batch}, in.policy.options());
   if (in.batch == 0) return {losses, lse};
   const auto stream = c10::cuda::getCurrentCUDAStream(losses.device().index());
   AT_DISPATCH_FLOATING_TYPES(losses.scalar_type(), "epa_ext_epa_loss_cuda", [&] {
     epa_loss_kernel<scalar_t><<<blocks_for(in.batch), kThreads, 0, stream>>>(
-        in.policy.const_data_ptr<scalar_t>(), in.ref.const_data_ptr<scalar_t>(), in.mask_data(), in.row, in.batch,
-        scalar_t(beta), std::log(scalar_t(weak_weight)), losses.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+        in.data<scalar_t>(), in.row, in.batch, scalar_t(beta), std::log(scalar_t(weak_weight)),
+        losses.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {losses, lse};
@@ -98,18 +97,18 @@ std::tuple<at::Tensor, at::Tensor> epa_loss_cuda(const at::Tensor& policy, const
 
 at::Tensor epa_loss_backward_cuda(const at::Tensor& grad_losses, const at::Tensor& policy, const at::Tensor& ref,
                                   const std::optional<at::Tensor>& mask, const at::Tensor& lse, double beta,
-                                  int64_t num_strong, double weak_weight) {
+                                  int64_t num_strong, double weak_weight,
+                                  const std::optional<at::Tensor>& log_weights) {
   const c10::cuda::CUDAGuard guard(policy.device());
   const auto [in, g, l] = prepare_epa_backward_inputs(grad_losses, policy, ref, mask, lse, beta, num_strong,
-                                                      weak_weight);
+                                                      weak_weight, log_weights);
   at::Tensor grad_policy = at::empty_like(in.policy);
   if (in.batch == 0) return grad_policy;
   const auto stream = c10::cuda::getCurrentCUDAStream(grad_policy.device().index());
   AT_DISPATCH_FLOATING_TYPES(grad_policy.scalar_type(), "epa_ext_epa_loss_backward_cuda", [&] {
     epa_loss_backward_kernel<scalar_t><<<blocks_for(in.batch), kThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), in.policy.const_data_ptr<scalar_t>(), in.ref.const_data_ptr<scalar_t>(),
-        in.mask_data(), l.const_data_ptr<scalar_t>(), in.row, in.batch, scalar_t(beta),
-        std::log(scalar_t(weak_weight)), grad_policy.data_ptr<scalar_t>());
+        g.const_data_ptr<scalar_t>(), in.data<scalar_t>(), l.const_data_ptr<scalar_t>(), in.row, in.batch,
+        scalar_t(beta), std::log(scalar_t(weak_weight)), grad_policy.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_policy;

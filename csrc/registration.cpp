@@ -35,19 +35,22 @@ void define_ops(torch::Library& m) {
   // labels int64 of logits' shape without V. Returns (logps, lse), each of labels' shape, fp32
   // (fp64 for fp64 logits); both are 0 where labels == ignore_index. With inplace_backward the
   // autograd backward writes d(logits) into logits' own storage (token_logps_backward_).
+  // softcap c (None: none; else finite > 0): every logit z becomes c * tanh(z / c) first (Gemma-2/3's
+  // final_logit_softcapping); lse is that of the capped logits. The same softcap goes to every
+  // op below that takes one.
   m.def(
-      "token_logps(Tensor logits, Tensor labels, int ignore_index, bool inplace_backward=False) "
-      "-> (Tensor, Tensor)");
-  // d(loss)/d(logits) = grad_logps * (onehot(labels) - softmax(logits)), 0 on ignored rows;
-  // contiguous, in logits' dtype. lse and logps are the forward's outputs (the target column's
-  // gradient comes from logps, which is exact where lse's rounding is not).
+      "token_logps(Tensor logits, Tensor labels, int ignore_index, bool inplace_backward=False, "
+      "float? softcap=None) -> (Tensor, Tensor)");
+  // d(loss)/d(logits) = grad_logps * (onehot(labels) - softmax(logits)), 0 on ignored rows, times
+  // 1 - tanh^2(z / c) with a softcap; contiguous, in logits' dtype. lse and logps are the forward's
+  // outputs (the target column's gradient comes from logps, which is exact where lse's rounding is not).
   m.def(
       "token_logps_backward(Tensor grad_logps, Tensor logits, Tensor labels, Tensor lse, "
-      "Tensor logps, int ignore_index) -> Tensor");
+      "Tensor logps, int ignore_index, float? softcap=None) -> Tensor");
   // The same gradient written over logits itself (its strides kept).
   m.def(
       "token_logps_backward_(Tensor grad_logps, Tensor(a!) logits, Tensor labels, Tensor lse, "
-      "Tensor logps, int ignore_index) -> ()");
+      "Tensor logps, int ignore_index, float? softcap=None) -> ()");
 
   // --- log-probs from hidden states and the lm_head, chunked over tokens (linear_logps.cpp) ---
   // hidden [N, H], weight [V, H], bias [V] or None, labels [N]. Rows whose label is ignore_index
@@ -57,14 +60,14 @@ void define_ops(torch::Library& m) {
   // fp64 inputs), 0 on ignored rows. fp32_weight_grad is for the autograd backward.
   m.def(
       "linear_token_logps(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
-      "int chunk_size, bool fp32_weight_grad=True) -> (Tensor, Tensor)");
+      "int chunk_size, bool fp32_weight_grad=True, float? softcap=None) -> (Tensor, Tensor)");
   // Gradients for hidden, weight and bias as output_mask asks (undefined otherwise). Recomputes
   // each chunk's logits, turns them into their gradient in place, then two matmuls per chunk.
   // fp32_weight_grad: accumulate the weight and bias gradients over chunks in fp32.
   m.def(
       "linear_token_logps_backward(Tensor grad_logps, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor labels, Tensor lse, Tensor logps, int ignore_index, int chunk_size, bool[3] output_mask, "
-      "bool fp32_weight_grad) -> (Tensor, Tensor, Tensor)");
+      "bool fp32_weight_grad, float? softcap=None) -> (Tensor, Tensor, Tensor)");
 
   // --- preference losses from hidden states and the lm_head, gradient formed in the forward
   // (linear_losses.cpp) ---
@@ -81,14 +84,16 @@ void define_ops(torch::Library& m) {
   m.def(
       "linear_dpo_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor ref_logps, float beta, "
       "str loss_type, float label_smoothing, float sft_weight, bool average, bool ref_logps_averaged, "
-      "str reduction, int ignore_index, int max_chunk_tokens, bool[3] output_mask, bool fp32_weight_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The same for EPA: mask [B, C] bool or None, num_candidates C, num_strong K, weak_weight alpha.
+      "str reduction, int ignore_index, int max_chunk_tokens, bool[3] output_mask, bool fp32_weight_grad, "
+      "float? softcap=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same for EPA: mask [B, C] bool or None, num_candidates C, num_strong K, weak_weight alpha,
+  // log_weights [B, C] or None (as in epa_loss; constant here: no gradient).
   m.def(
       "linear_epa_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor ref_logps, Tensor? mask, "
       "int num_candidates, float beta, int num_strong, float weak_weight, float sft_weight, bool average, "
       "bool ref_logps_averaged, str reduction, int ignore_index, int max_chunk_tokens, bool[3] output_mask, "
-      "bool fp32_weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool fp32_weight_grad, Tensor? log_weights=None, float? softcap=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // --- preference losses (losses_cpu.cpp, losses_cuda.cu); math in losses_math.h ---
   // Inputs [B]. Returns (losses [B], slopes [B] = d loss / d delta), delta = h_chosen - h_rejected.
@@ -96,15 +101,16 @@ void define_ops(torch::Library& m) {
   m.def(
       "dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, "
       "Tensor ref_rejected, float beta, str loss_type, float label_smoothing) -> (Tensor, Tensor)");
-  // Inputs [B, C] (column 0 positive, 1..num_strong strong, the rest weak), mask [B, C] bool.
+  // Inputs [B, C] (column 0 positive, 1..num_strong strong, the rest weak), mask [B, C] bool,
+  // log_weights [B, C] floating (added to the candidates' scores; -inf: absent; column 0 finite).
   // Returns (losses [B], lse [B]) with lse the logsumexp of the row's weighted rewards.
   m.def(
       "epa_loss(Tensor policy_logps, Tensor ref_logps, Tensor? mask, float beta, int num_strong, "
-      "float weak_weight) -> (Tensor, Tensor)");
+      "float weak_weight, Tensor? log_weights=None) -> (Tensor, Tensor)");
   // Returns d/d policy_logps [B, C] = grad * beta * (softmax - onehot(0)).
   m.def(
       "epa_loss_backward(Tensor grad_losses, Tensor policy_logps, Tensor ref_logps, Tensor? mask, "
-      "Tensor lse, float beta, int num_strong, float weak_weight) -> Tensor");
+      "Tensor lse, float beta, int num_strong, float weak_weight, Tensor? log_weights=None) -> Tensor");
 }
 
 // token_logps_backward_ writes into logits: bump its version counter, as PyTorch's own in-place
@@ -112,14 +118,15 @@ void define_ops(torch::Library& m) {
 // (a second backward through an inplace_backward=True graph, logits saved by another node).
 void token_logps_backward_inplace_ad(c10::DispatchKeySet keys, const at::Tensor& grad_logps, const at::Tensor& logits,
                                      const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
-                                     int64_t ignore_index) {
+                                     int64_t ignore_index, std::optional<double> softcap) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("epa_ext::token_logps_backward_", "")
                              .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t)>();
+                                         const at::Tensor&, int64_t, std::optional<double>)>();
   {
     const at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, grad_logps, logits, labels, lse, logps, ignore_index);
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, grad_logps, logits, labels, lse, logps, ignore_index,
+                  softcap);
   }
   logits.unsafeGetTensorImpl()->bump_version();
 }

@@ -76,9 +76,9 @@ def gradients_by_definition(definition: Callable[..., Tensor], inputs: Sequence[
     derivative once, as autograd then sums them. Returns one entry per input (None where not
     needed).
     """
-    aliases = [t.view_as(t) if t is not None and need else t for t, need in zip(inputs, needs_input_grad)]
-    wanted = [i for i, t in enumerate(aliases) if t is not None and needs_input_grad[i]]
-    with torch.enable_grad():
+    with torch.enable_grad():  # also for the aliases: a view made without grad mode is not differentiable
+        aliases = [t.view_as(t) if t is not None and need else t for t, need in zip(inputs, needs_input_grad)]
+        wanted = [i for i, t in enumerate(aliases) if t is not None and needs_input_grad[i]]
         output = definition(*aliases)
         grads = torch.autograd.grad(output, [aliases[i] for i in wanted], grad_output, create_graph=True,
                                     allow_unused=True, materialize_grads=True)

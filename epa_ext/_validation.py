@@ -66,6 +66,23 @@ def check_positive_float(name: str, value: object) -> float:
     return check_float(name, value, above=0.0)
 
 
+SMALLEST_NORMAL_FLOAT32 = float(torch.finfo(torch.float32).tiny)
+"""The least softcap the kernels take: they cap in float32, where a smaller one would round to 0."""
+
+
+def check_softcap(value: object) -> float | None:
+    """None (no softcapping), or the cap c of ``logits -> c * tanh(logits / c)`` as a float: a
+    finite number >= the smallest normal float32 (TypeError for a tensor, a string or a bool;
+    ValueError for 0, negative, inf or NaN)."""
+    if value is None:
+        return None
+    number = check_float("softcap", value, above=0.0)
+    if number < SMALLEST_NORMAL_FLOAT32:
+        raise ValueError(f"softcap must be >= {SMALLEST_NORMAL_FLOAT32} (the smallest normal float32, in which the "
+                         f"kernels cap); got {number}")
+    return number
+
+
 def check_int(name: str, value: object, *, at_least: int | None = None, at_most: int | None = None) -> int:
     """An integer as ``int`` (Python, NumPy and torch.SymInt integers accepted), optionally in
     ``[at_least, at_most]``.

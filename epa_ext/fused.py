@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import check_autograd_support
-from ._validation import check_bool, check_int, check_optional_tensor, check_same_device, check_tensor
+from ._validation import check_bool, check_int, check_optional_tensor, check_same_device, check_softcap, check_tensor
 from .linear import linear_token_logps
 from .linear_losses import output_mask
 from .logps import IGNORE_INDEX, token_logps
@@ -58,11 +58,14 @@ def _check_stacking(name: str, stacked: Tensor, ref_logps: Tensor, num_candidate
 
 
 def _check_options(name: str, stacked: Tensor, labels: Tensor, mask: Tensor | None, ignore_index: int, average: bool,
-                   ref_logps_averaged: bool, sft_weight: float) -> None:
-    """The options every fused function takes; stacked: the logits or hidden states (name)."""
+                   ref_logps_averaged: bool, sft_weight: float, softcap: float | None,
+                   log_weights: Tensor | None = None) -> float | None:
+    """The options every fused function takes; stacked: the logits or hidden states (name).
+    Returns softcap as the ops take it."""
     check_tensor("labels", labels)
-    if check_optional_tensor("mask", mask) is not None:
-        check_same_device("mask", mask, name, stacked)
+    for option, value in (("mask", mask), ("log_weights", log_weights)):
+        if check_optional_tensor(option, value) is not None:
+            check_same_device(option, value, name, stacked)
     check_int("ignore_index", ignore_index)
     check_bool("average", average)
     check_bool("ref_logps_averaged", ref_logps_averaged)
@@ -70,6 +73,7 @@ def _check_options(name: str, stacked: Tensor, labels: Tensor, mask: Tensor | No
         raise ValueError("ref_logps_averaged=True says ref_logps are length-averaged, but this loss is taken on "
                          "summed log-probs (average=False): pass summed ref_logps, or average=True")
     check_sft_weight(sft_weight)
+    return check_softcap(softcap)
 
 
 def _check_linear_options(function: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_logps: Tensor,
@@ -89,10 +93,11 @@ def _check_linear_options(function: str, hidden: Tensor, weight: Tensor, bias: T
     return budget
 
 
-def _forms_gradient_in_forward(reduction: str, differentiable_logps: bool, ref_logps: Tensor) -> bool:
-    """The three-matmul path applies: a reduced loss, a constant reference, and policy log-probs
-    that nobody differentiates further."""
-    return reduction != "none" and not differentiable_logps and not (torch.is_grad_enabled() and ref_logps.requires_grad)
+def _forms_gradient_in_forward(reduction: str, differentiable_logps: bool, *constants: Tensor | None) -> bool:
+    """The three-matmul path applies: a reduced loss, constant reference log-probs (and
+    log-weights), and policy log-probs that nobody differentiates further."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in constants)
+    return reduction != "none" and not differentiable_logps and not needs_grad
 
 
 def _long(labels: Tensor) -> Tensor:
@@ -136,6 +141,7 @@ def fused_dpo_loss(
     sft_weight: float = 0.0,
     ref_logps_averaged: bool = False,
     inplace_backward: bool = False,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DPO loss from the logits of [chosen; rejected].
 
@@ -151,6 +157,8 @@ def fused_dpo_loss(
             completion tokens in the batch (TRL's rpo_alpha; see ``dpo_loss``).
         ref_logps_averaged: ref_logps are already length-averaged (only with averaging).
         inplace_backward: d(logits) overwrites logits during backward (see ``token_logps``).
+        softcap: None, or c > 0: the log-probs of ``c * tanh(logits / c)`` (Gemma-2/3's
+            final_logit_softcapping; see ``token_logps``).
         Other options as in ``dpo_loss``.
 
     Returns:
@@ -159,8 +167,9 @@ def fused_dpo_loss(
     batch = _check_stacking("logits", logits, ref_logps, 2)
     check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
     average = (loss_type == "ipo") if average is None else average
-    _check_options("logits", logits, labels, None, ignore_index, average, ref_logps_averaged, sft_weight)
-    token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
+    softcap = _check_options("logits", logits, labels, None, ignore_index, average, ref_logps_averaged, sft_weight,
+                             softcap)
+    token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward, softcap=softcap)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     loss = _dpo_on_sequences(seq, ref, counts, batch, average, beta=beta, loss_type=loss_type,
                              label_smoothing=label_smoothing, reduction=reduction, sft_weight=sft_weight)
@@ -183,6 +192,8 @@ def fused_epa_loss(
     sft_weight: float = 0.0,
     ref_logps_averaged: bool = False,
     inplace_backward: bool = False,
+    log_weights: Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """EPA loss from the logits of C candidates per prompt.
 
@@ -195,6 +206,8 @@ def fused_epa_loss(
         average: take the loss on length-averaged log-probs, policy and reference alike.
         sft_weight, ref_logps_averaged: as in ``fused_dpo_loss`` (the chosen answers are column 0).
         inplace_backward: d(logits) overwrites logits during backward (see ``token_logps``).
+        log_weights: [B, C] per-candidate log-weights added to the scores (see ``epa_loss``).
+        softcap: as in ``fused_dpo_loss``.
         Other options as in ``epa_loss``.
 
     Returns:
@@ -203,11 +216,13 @@ def fused_epa_loss(
     batch = _check_stacking("logits", logits, ref_logps, num_candidates)
     check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
     num_strong = check_num_strong(num_strong, num_candidates)
-    _check_options("logits", logits, labels, mask, ignore_index, average, ref_logps_averaged, sft_weight)
-    token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
+    softcap = _check_options("logits", logits, labels, mask, ignore_index, average, ref_logps_averaged, sft_weight,
+                             softcap, log_weights)
+    token = token_logps(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward, softcap=softcap)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     loss = _epa_on_sequences(seq, ref, counts, num_candidates, batch, average, beta=beta, num_strong=num_strong,
-                             weak_weight=weak_weight, mask=mask, reduction=reduction, sft_weight=sft_weight)
+                             weak_weight=weak_weight, mask=mask, reduction=reduction, sft_weight=sft_weight,
+                             log_weights=log_weights)
     return loss, seq
 
 
@@ -229,6 +244,7 @@ def fused_linear_dpo_loss(
     max_chunk_tokens: int | None = None,
     fp32_weight_grad: bool = True,
     differentiable_logps: bool = False,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DPO loss from the final hidden states of [chosen; rejected] and the lm_head.
 
@@ -244,6 +260,8 @@ def fused_linear_dpo_loss(
         fp32_weight_grad: accumulate the weight and bias gradients in fp32 for bf16/fp16 weights.
         differentiable_logps: return policy_seq_logps that carry gradients (the recomputing
             path, 4 matmuls instead of 3).
+        softcap: None, or c > 0: the log-probs of ``c * tanh(logits / c)``, capped inside the
+            row kernels (Gemma-2/3's final_logit_softcapping).
 
     Returns:
         (loss, policy_seq_logps [2B] fp32, summed or averaged as the loss used them); no
@@ -255,17 +273,18 @@ def fused_linear_dpo_loss(
     batch = _check_stacking("hidden", hidden, ref_logps, 2)
     check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
     average = (loss_type == "ipo") if average is None else average
-    _check_options("hidden", hidden, labels, None, ignore_index, average, ref_logps_averaged, sft_weight)
+    softcap = _check_options("hidden", hidden, labels, None, ignore_index, average, ref_logps_averaged, sft_weight,
+                             softcap)
     budget = _check_linear_options("fused_linear_dpo_loss", hidden, weight, bias, ref_logps, max_chunk_tokens,
                                    fp32_weight_grad, differentiable_logps)
     if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
         loss, seq, *_ = torch.ops.epa_ext.linear_dpo_loss(
             hidden, weight, bias, _long(labels), ref_logps, float(beta), loss_type, float(label_smoothing),
             float(sft_weight), bool(average), bool(ref_logps_averaged), reduction, ignore_index, budget,
-            output_mask(hidden, weight, bias), fp32_weight_grad)
+            output_mask(hidden, weight, bias), fp32_weight_grad, softcap)
         return loss, seq
     token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                               chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad)
+                               chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad, softcap=softcap)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     loss = _dpo_on_sequences(seq, ref, counts, batch, average, beta=beta, loss_type=loss_type,
                              label_smoothing=label_smoothing, reduction=reduction, sft_weight=sft_weight)
@@ -292,6 +311,8 @@ def fused_linear_epa_loss(
     max_chunk_tokens: int | None = None,
     fp32_weight_grad: bool = True,
     differentiable_logps: bool = False,
+    log_weights: Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """EPA loss from the final hidden states of C candidates per prompt and the lm_head.
 
@@ -300,7 +321,9 @@ def fused_linear_epa_loss(
         weight: [V, H] lm_head weight; bias: optional [V].
         labels, ref_logps (summed), num_candidates, mask, average, sft_weight, ref_logps_averaged
             and the loss options: as in ``fused_epa_loss``. max_chunk_tokens, fp32_weight_grad,
-            differentiable_logps: as in ``fused_linear_dpo_loss``.
+            differentiable_logps, softcap: as in ``fused_linear_dpo_loss``.
+        log_weights: [B, C] per-candidate log-weights added to the scores (see ``epa_loss``);
+            when they require grad, the loss takes the recomputing path, which gives them theirs.
 
     Returns:
         (loss, policy_seq_logps [C*B] fp32); no [C*B*T, V] logits are ever formed. On the
@@ -309,18 +332,20 @@ def fused_linear_epa_loss(
     batch = _check_stacking("hidden", hidden, ref_logps, num_candidates)
     check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
     num_strong = check_num_strong(num_strong, num_candidates)
-    _check_options("hidden", hidden, labels, mask, ignore_index, average, ref_logps_averaged, sft_weight)
+    softcap = _check_options("hidden", hidden, labels, mask, ignore_index, average, ref_logps_averaged, sft_weight,
+                             softcap, log_weights)
     budget = _check_linear_options("fused_linear_epa_loss", hidden, weight, bias, ref_logps, max_chunk_tokens,
                                    fp32_weight_grad, differentiable_logps)
-    if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps):
+    if _forms_gradient_in_forward(reduction, differentiable_logps, ref_logps, log_weights):
         loss, seq, *_ = torch.ops.epa_ext.linear_epa_loss(
             hidden, weight, bias, _long(labels), ref_logps, mask, num_candidates, float(beta), num_strong,
             float(weak_weight), float(sft_weight), bool(average), bool(ref_logps_averaged), reduction, ignore_index,
-            budget, output_mask(hidden, weight, bias), fp32_weight_grad)
+            budget, output_mask(hidden, weight, bias), fp32_weight_grad, log_weights, softcap)
         return loss, seq
     token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                               chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad)
+                               chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad, softcap=softcap)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     loss = _epa_on_sequences(seq, ref, counts, num_candidates, batch, average, beta=beta, num_strong=num_strong,
-                             weak_weight=weak_weight, mask=mask, reduction=reduction, sft_weight=sft_weight)
+                             weak_weight=weak_weight, mask=mask, reduction=reduction, sft_weight=sft_weight,
+                             log_weights=log_weights)
     return loss, seq

@@ -1,7 +1,7 @@
 """Sequence log-probs from hidden states and the lm_head, never forming the [N, V] logits.
 
     logits[n] = hidden[n] @ weight.T + bias          (only rows whose label is kept)
-    logp[n]   = logits[n, y_n] - logsumexp(logits[n])
+    logp[n]   = logits[n, y_n] - logsumexp(logits[n])   (of c * tanh(logits / c) with a softcap c)
 
 The op (csrc/linear_logps.cpp) drops ignored rows before any matmul and goes through the rest
 ``chunk_size`` rows at a time: at most [chunk_size, V] logits exist at once, in forward and in
@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from ._autograd import check_autograd_support
-from ._validation import check_bool, check_int, check_optional_tensor, check_tensor
-from .logps import _SUPPORTED_LOGITS_DTYPES, IGNORE_INDEX, _accumulate_dtype, _check_gradient_and_saved
+from ._validation import check_bool, check_int, check_optional_tensor, check_softcap, check_tensor
+from .logps import (_SUPPORTED_LOGITS_DTYPES, IGNORE_INDEX, _accumulate_dtype, _check_gradient_and_saved,
+                    _check_softcap)
 
 
 def _check_linear(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
@@ -70,18 +71,21 @@ def refuse_second_order(op: str) -> None:
 
 
 @torch.library.register_fake("epa_ext::linear_token_logps")
-def _linear_token_logps_fake(hidden, weight, bias, labels, ignore_index, chunk_size, fp32_weight_grad=True):
+def _linear_token_logps_fake(hidden, weight, bias, labels, ignore_index, chunk_size, fp32_weight_grad=True,
+                             softcap=None):
     _check_linear("linear_token_logps", hidden, weight, bias, labels)
     _check_chunk_size("linear_token_logps", hidden, chunk_size)
+    _check_softcap("linear_token_logps", softcap)
     out = hidden.new_empty(hidden.shape[:1], dtype=_accumulate_dtype(hidden))
     return out, torch.empty_like(out)
 
 
 @torch.library.register_fake("epa_ext::linear_token_logps_backward")
 def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, lse, logps, ignore_index, chunk_size,
-                                      output_mask, fp32_weight_grad):
+                                      output_mask, fp32_weight_grad, softcap=None):
     _check_linear("linear_token_logps_backward", hidden, weight, bias, labels)
     _check_chunk_size("linear_token_logps_backward", hidden, chunk_size)
+    _check_softcap("linear_token_logps_backward", softcap)
     _check_gradient_and_saved("linear_token_logps_backward", grad_logps, hidden, labels, lse, logps)
     need_hidden, need_weight, need_bias = output_mask
     return (
@@ -92,11 +96,12 @@ def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, 
 
 
 def _linear_setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, ignore_index, chunk_size, *fp32_weight_grad = inputs
+    hidden, weight, bias, labels, ignore_index, chunk_size, *options = inputs
     logps, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, logps)
     ctx.options = (ignore_index, chunk_size)
-    ctx.fp32_weight_grad = bool(fp32_weight_grad[0]) if fp32_weight_grad else True
+    ctx.fp32_weight_grad = bool(options[0]) if options else True
+    ctx.softcap = options[1] if len(options) > 1 else None
     ctx.mark_non_differentiable(lse)
 
 
@@ -104,12 +109,13 @@ def _linear_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | None):
     hidden, weight, bias, labels, lse, logps = ctx.saved_tensors
     output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     if grad_logps is None or not any(output_mask):
-        return (None,) * 7
+        return (None,) * 8
     refuse_second_order("linear_token_logps")
     grad_hidden, grad_weight, grad_bias = torch.ops.epa_ext.linear_token_logps_backward(
-        grad_logps, hidden, weight, bias, labels, lse, logps, *ctx.options, output_mask, ctx.fp32_weight_grad
+        grad_logps, hidden, weight, bias, labels, lse, logps, *ctx.options, output_mask, ctx.fp32_weight_grad,
+        ctx.softcap
     )
-    return grad_hidden, grad_weight, grad_bias, None, None, None, None
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 torch.library.register_autograd("epa_ext::linear_token_logps", _linear_backward, setup_context=_linear_setup_context)
@@ -117,7 +123,7 @@ torch.library.register_autograd("epa_ext::linear_token_logps", _linear_backward,
 
 def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                        ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None,
-                       fp32_weight_grad: bool = True) -> Tensor:
+                       fp32_weight_grad: bool = True, softcap: float | None = None) -> Tensor:
     """Per-token log-probs of labels under ``hidden @ weight.T + bias``, chunked over tokens.
 
     Args:
@@ -129,6 +135,7 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
             size of the lm_head).
         fp32_weight_grad: accumulate the weight and bias gradients over chunks in fp32 for
             bf16/fp16 weights (one rounding at the end instead of one per chunk).
+        softcap: None, or c > 0: the log-probs of ``c * tanh(logits / c)`` (as ``token_logps``).
 
     Returns:
         labels' shape, fp32: log-probs, 0 where ignored. Differentiable in hidden, weight and
@@ -139,6 +146,7 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
     check_optional_tensor("bias", bias)
     check_int("ignore_index", ignore_index)
     check_bool("fp32_weight_grad", fp32_weight_grad)
+    softcap = check_softcap(softcap)
     check_autograd_support("linear_token_logps", hidden, weight, bias)
     if hidden.dim() < 2:
         raise ValueError(f"hidden must have shape [B, T, H] or [N, H]; got {list(hidden.shape)}")
@@ -151,14 +159,14 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         raise ValueError(f"chunk_size must be a positive number of rows or None; got {chunk_size}")
     logps, _ = torch.ops.epa_ext.linear_token_logps(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), ignore_index, chunk_size or 0,
-        fp32_weight_grad,
+        fp32_weight_grad, softcap,
     )
     return logps.view(labels.shape)
 
 
 def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                           ignore_index: int = IGNORE_INDEX, average: bool = False, chunk_size: int | None = None,
-                          fp32_weight_grad: bool = True) -> Tensor:
+                          fp32_weight_grad: bool = True, softcap: float | None = None) -> Tensor:
     """Sequence log-probs from hidden states and the lm_head, never forming [B*T, V] logits.
 
     Args:
@@ -171,7 +179,7 @@ def linear_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     """
     check_bool("average", average)
     tokens = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size,
-                                fp32_weight_grad=fp32_weight_grad)
+                                fp32_weight_grad=fp32_weight_grad, softcap=softcap)
     total = tokens.sum(-1)
     if average:
         total = total / (labels != ignore_index).sum(-1).clamp_min(1).to(total.dtype)

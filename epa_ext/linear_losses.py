@@ -17,17 +17,21 @@ recomputing one (docs/losses.md).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .linear import _check_linear, refuse_second_order
-from .logps import _accumulate_dtype
+from .logps import _accumulate_dtype, _check_softcap
 
 
 def _check_loss_inputs(op: str, hidden, weight, bias, labels, ref_logps, candidates: int, reduction: str,
-                       sft_weight: float, average: bool, ref_logps_averaged: bool, max_chunk_tokens: int) -> None:
+                       sft_weight: float, average: bool, ref_logps_averaged: bool, max_chunk_tokens: int,
+                       softcap: float | None) -> None:
     """The checks of csrc/linear_losses.cpp, for fake tensors (torch.compile, meta)."""
     _check_linear(op, hidden, weight, bias, labels)
+    _check_softcap(op, softcap)
     torch._check_value(hidden.dim() == 3, lambda: f"{op}: hidden must have shape [C*B, T, H]; got {list(hidden.shape)}")
     rows = hidden.shape[0]
     torch._check_value(candidates >= 2 and rows % candidates == 0,
@@ -67,33 +71,40 @@ def _fake_outputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, output_ma
 @torch.library.register_fake("epa_ext::linear_dpo_loss")
 def _linear_dpo_loss_fake(hidden, weight, bias, labels, ref_logps, beta, loss_type, label_smoothing, sft_weight,
                           average, ref_logps_averaged, reduction, ignore_index, max_chunk_tokens, output_mask,
-                          fp32_weight_grad):
+                          fp32_weight_grad, softcap=None):
     _check_loss_inputs("linear_dpo_loss", hidden, weight, bias, labels, ref_logps, 2, reduction, sft_weight, average,
-                       ref_logps_averaged, max_chunk_tokens)
+                       ref_logps_averaged, max_chunk_tokens, softcap)
     return _fake_outputs(hidden, weight, bias, output_mask)
 
 
 @torch.library.register_fake("epa_ext::linear_epa_loss")
 def _linear_epa_loss_fake(hidden, weight, bias, labels, ref_logps, mask, num_candidates, beta, num_strong,
                           weak_weight, sft_weight, average, ref_logps_averaged, reduction, ignore_index,
-                          max_chunk_tokens, output_mask, fp32_weight_grad):
+                          max_chunk_tokens, output_mask, fp32_weight_grad, log_weights=None, softcap=None):
     op = "linear_epa_loss"
     _check_loss_inputs(op, hidden, weight, bias, labels, ref_logps, num_candidates, reduction, sft_weight, average,
-                       ref_logps_averaged, max_chunk_tokens)
+                       ref_logps_averaged, max_chunk_tokens, softcap)
+    prompts = hidden.shape[0] // num_candidates
+    for name, t, kind in (("mask", mask, "a bool"), ("log_weights", log_weights, "a floating-point")):
+        if t is None:
+            continue
+        torch._check_type(t.is_floating_point() if name == "log_weights" else t.dtype == torch.bool,
+                          lambda: f"{op}: {name} must be {kind} tensor; got {t.dtype}")
+        torch._check_value(t.shape == (prompts, num_candidates),
+                           lambda: f"{op}: {name} must have shape [B, C] = [{prompts}, {num_candidates}]; "
+                           f"got {list(t.shape)}")
+        torch._check_value(t.device == hidden.device,
+                           lambda: f"{op}: {name} must be on the device of hidden ({hidden.device}); got {t.device}")
     torch._check_value(1 <= num_strong <= num_candidates - 1,
                        lambda: f"{op}: num_strong must lie in [1, C - 1] = [1, {num_candidates - 1}]; got {num_strong}")
-    if mask is not None:
-        torch._check_type(mask.dtype == torch.bool, lambda: f"{op}: mask must be a bool tensor; got {mask.dtype}")
-        prompts = hidden.shape[0] // num_candidates
-        torch._check_value(mask.shape == (prompts, num_candidates),
-                           lambda: f"{op}: mask must have shape [B, C] = [{prompts}, {num_candidates}]; "
-                           f"got {list(mask.shape)}")
-        torch._check_value(mask.device == hidden.device,
-                           lambda: f"{op}: mask must be on the device of hidden ({hidden.device}); got {mask.device}")
     return _fake_outputs(hidden, weight, bias, output_mask)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+# Where each op's schema (csrc/registration.cpp) has its output_mask argument.
+_OUTPUT_MASK_INDEX = {"epa_ext::linear_dpo_loss": 14, "epa_ext::linear_epa_loss": 16}
+
+
+def _setup_context(ctx, inputs, output, *, output_mask_index: int) -> None:
     _, policy, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.mark_non_differentiable(policy, grad_hidden, grad_weight, grad_bias)
@@ -102,7 +113,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # the weight gradient at the peak, and the time to fill it).
     ctx.set_materialize_grads(False)
     ctx.num_inputs = len(inputs)
-    ctx.output_mask = inputs[-2]
+    ctx.output_mask = inputs[output_mask_index]
     ctx.consumed = False
 
 
@@ -148,8 +159,9 @@ def _backward(ctx, grad_loss: Tensor | None, *_unused):
     return (*grads, *([None] * (ctx.num_inputs - 3)))
 
 
-for _op in ("epa_ext::linear_dpo_loss", "epa_ext::linear_epa_loss"):
-    torch.library.register_autograd(_op, _backward, setup_context=_setup_context)
+for _op, _index in _OUTPUT_MASK_INDEX.items():
+    torch.library.register_autograd(_op, _backward,
+                                    setup_context=functools.partial(_setup_context, output_mask_index=_index))
 
 
 def output_mask(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> list[bool]:

@@ -5,6 +5,9 @@ Formulas (per row r of logits, vocabulary V, target y_r):
     logp[r]    = z[r, y_r] - logsumexp_v z[r, v]          (0 where y_r == ignore_index)
     d/dz[r, v] = g[r] * (1[v == y_r] - softmax(z[r])_v)   (0 where y_r == ignore_index)
 
+With ``softcap`` c (Gemma-2/3's final_logit_softcapping) every logit z is replaced by
+c * tanh(z / c) before the softmax, and each column's gradient is multiplied by 1 - tanh^2(z / c).
+
 The forward kernel keeps only two fp32 numbers per row (the logsumexp and the log-prob it
 returns); the backward kernel recomputes the softmax from them in one pass and writes d(logits)
 in the logits' dtype.
@@ -16,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import check_autograd_support
-from ._validation import check_bool, check_int, check_same_device, check_tensor
+from ._validation import SMALLEST_NORMAL_FLOAT32, check_bool, check_int, check_same_device, check_softcap, check_tensor
 
 IGNORE_INDEX = -100
 """The label of positions that are not scored (prompt, padding), as in PyTorch's cross_entropy and TRL."""
@@ -52,6 +55,15 @@ def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
         labels.device == logits.device,
         lambda: f"{op}: labels and logits must be on the same device; got labels on "
         f"{labels.device} and logits on {logits.device}",
+    )
+
+
+def _check_softcap(op: str, softcap: float | None) -> None:
+    """csrc/logps_checks.h's check_softcap."""
+    torch._check_value(
+        softcap is None or (softcap >= SMALLEST_NORMAL_FLOAT32 and softcap < float("inf")),
+        lambda: f"{op}: softcap must be None or a finite number >= {SMALLEST_NORMAL_FLOAT32} (logits become "
+        f"softcap * tanh(logits / softcap)); got {softcap}",
     )
 
 
@@ -106,9 +118,10 @@ def _check_backward_inputs(op: str, grad_logps: Tensor, logits: Tensor, labels: 
 
 @torch.library.register_fake("epa_ext::token_logps")
 def _token_logps_fake(
-    logits: Tensor, labels: Tensor, ignore_index: int, inplace_backward: bool = False
+    logits: Tensor, labels: Tensor, ignore_index: int, inplace_backward: bool = False, softcap: float | None = None
 ) -> tuple[Tensor, Tensor]:
     _check_logits_and_labels("token_logps", logits, labels)
+    _check_softcap("token_logps", softcap)
     if inplace_backward:
         _check_rows_writable("token_logps", logits)
     dtype = _accumulate_dtype(logits)
@@ -117,36 +130,41 @@ def _token_logps_fake(
 
 @torch.library.register_fake("epa_ext::token_logps_backward")
 def _token_logps_backward_fake(
-    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, logps: Tensor, ignore_index: int
+    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, logps: Tensor, ignore_index: int,
+    softcap: float | None = None,
 ) -> Tensor:
     _check_backward_inputs("token_logps_backward", grad_logps, logits, labels, lse, logps)
+    _check_softcap("token_logps_backward", softcap)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.register_fake("epa_ext::token_logps_backward_")
 def _token_logps_backward_inplace_fake(
-    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, logps: Tensor, ignore_index: int
+    grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, logps: Tensor, ignore_index: int,
+    softcap: float | None = None,
 ) -> None:
     _check_backward_inputs("token_logps_backward_", grad_logps, logits, labels, lse, logps)
     _check_rows_writable("token_logps_backward_", logits)
+    _check_softcap("token_logps_backward_", softcap)
 
 
 # --- autograd of token_logps ---------------------------------------------------------------------
 
 
 def _token_logps_setup_context(ctx, inputs, output) -> None:
-    logits, labels, ignore_index, *inplace = inputs
+    logits, labels, ignore_index, *options = inputs
     logps, lse = output
     ctx.save_for_backward(logits, labels, lse, logps)
     ctx.ignore_index = ignore_index
-    ctx.inplace_backward = bool(inplace and inplace[0])
+    ctx.inplace_backward = bool(options and options[0])
+    ctx.softcap = options[1] if len(options) > 1 else None
     ctx.logits_consumed = False
     ctx.mark_non_differentiable(lse)
 
 
 def _token_logps_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | None):
     if grad_logps is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None
+        return None, None, None, None, None
     # Under create_graph=True the gradient must stay differentiable (token_logps_backward has a
     # double backward, below), and it needs the logits: the in-place variant would destroy them.
     in_place = ctx.inplace_backward and not torch.is_grad_enabled()
@@ -161,11 +179,13 @@ def _token_logps_backward(ctx, grad_logps: Tensor | None, _grad_lse: Tensor | No
     if in_place:
         # The caller promised not to read logits again: their storage becomes their gradient. The op
         # bumps logits' version, so any other node that saved them refuses to run on the result.
-        torch.ops.epa_ext.token_logps_backward_(grad_logps, logits, labels, lse, logps, ctx.ignore_index)
+        torch.ops.epa_ext.token_logps_backward_(grad_logps, logits, labels, lse, logps, ctx.ignore_index,
+                                                ctx.softcap)
         ctx.logits_consumed = True
-        return logits, None, None, None
-    grad_logits = torch.ops.epa_ext.token_logps_backward(grad_logps, logits, labels, lse, logps, ctx.ignore_index)
-    return grad_logits, None, None, None
+        return logits, None, None, None, None
+    grad_logits = torch.ops.epa_ext.token_logps_backward(grad_logps, logits, labels, lse, logps, ctx.ignore_index,
+                                                         ctx.softcap)
+    return grad_logits, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -180,15 +200,43 @@ torch.library.register_autograd(
 #     d/dz = -g * p * (U - <U, p>)
 # (0 on ignored rows). Written with torch ops, so it is itself differentiable. lse and logps are
 # functions of z whose effect on G the d/dz above already holds in full: they get no gradient.
+# With a softcap, G also carries the cap's slope; its derivatives come from autograd on the
+# plain-torch definition (epa_ext.eager.token_logps) instead.
 
 
 def _token_logps_backward_setup_context(ctx, inputs, output) -> None:
-    grad_logps, logits, labels, _lse, _logps, ignore_index = inputs
+    grad_logps, logits, labels, _lse, _logps, ignore_index, *softcap = inputs
     ctx.save_for_backward(grad_logps, logits, labels)
     ctx.ignore_index = ignore_index
+    ctx.softcap = softcap[0] if softcap else None
+
+
+def _capped_double_backward(ctx, grad_grad_logits: Tensor):
+    """d/d(grad_logps, logits) of <U, G(grad_logps, logits)> through the definition of G: the
+    gradient of sum(grad_logps * eager.token_logps(logits)) with respect to logits."""
+    from . import eager
+    from ._autograd import gradients_by_definition
+
+    grad_logps, logits, labels = ctx.saved_tensors
+    acc = _accumulate_dtype(logits)
+    kept = (labels != ctx.ignore_index).unsqueeze(-1)
+
+    def gradient(g: Tensor, z: Tensor) -> Tensor:
+        if not z.requires_grad:  # only grad_logps needs a gradient: G still is a function of z
+            z = z.detach().requires_grad_()
+        # Ignored rows are never read by the kernels and may hold anything: keep them out of softmax.
+        logps = eager.token_logps(torch.where(kept, z.to(acc), 0), labels, ctx.ignore_index, softcap=ctx.softcap)
+        (grad,) = torch.autograd.grad(logps, z, g.to(acc), create_graph=True)
+        return grad
+
+    grad_g, grad_z = gradients_by_definition(gradient, (grad_logps, logits), ctx.needs_input_grad[:2],
+                                             grad_grad_logits)
+    return grad_g, grad_z, None, None, None, None, None
 
 
 def _token_logps_double_backward(ctx, grad_grad_logits: Tensor):
+    if ctx.softcap is not None:
+        return _capped_double_backward(ctx, grad_grad_logits)
     grad_logps, logits, labels = ctx.saved_tensors
     acc = _accumulate_dtype(logits)
     kept = labels != ctx.ignore_index
@@ -202,7 +250,7 @@ def _token_logps_double_backward(ctx, grad_grad_logits: Tensor):
     if ctx.needs_input_grad[1]:
         scale = torch.where(kept, grad_logps.to(acc), 0).unsqueeze(-1)
         grad_z = (-scale * probs * (upstream - inner.unsqueeze(-1))).to(logits.dtype)
-    return grad_g, grad_z, None, None, None, None
+    return grad_g, grad_z, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -214,12 +262,13 @@ torch.library.register_autograd(
 
 
 def _prepare(function: str, logits: object, labels: object, ignore_index: object,
-             inplace_backward: object) -> tuple[Tensor, Tensor]:
+             inplace_backward: object, softcap: object) -> tuple[Tensor, Tensor, float | None]:
     """Argument checks and the two conversions the kernels leave to the caller."""
     logits = check_tensor("logits", logits)
     labels = check_tensor("labels", labels)
     check_int("ignore_index", ignore_index)
     check_bool("inplace_backward", inplace_backward)
+    softcap = check_softcap(softcap)
     check_autograd_support(function, logits)
     check_same_device("labels", labels, "logits", logits)
     if labels.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
@@ -229,7 +278,7 @@ def _prepare(function: str, logits: object, labels: object, ignore_index: object
     if logits.dim() > 0 and logits.stride(-1) != 1:
         # The kernels need unit stride along V; any other stride pattern is read in place.
         logits = logits.contiguous()
-    return logits, labels
+    return logits, labels, softcap
 
 
 def _check_not_a_leaf(logits: Tensor) -> None:
@@ -244,7 +293,8 @@ def _check_not_a_leaf(logits: Tensor) -> None:
 
 
 def token_logps(
-    logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX, inplace_backward: bool = False
+    logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX, inplace_backward: bool = False,
+    softcap: float | None = None,
 ) -> Tensor:
     """Log-probability of each label under its row of logits, fused and without a [.., V] buffer.
 
@@ -262,15 +312,18 @@ def token_logps(
             (you get the gradient), or another view of the same storage that autograd did not save.
             Under ``create_graph=True`` the backward writes a new buffer instead (the graph of
             the gradient needs the logits).
+        softcap: None, or c > 0 (finite): the log-probs are those of ``c * tanh(logits / c)``
+            (Gemma-2/3's ``final_logit_softcapping``), capped in fp32 inside the kernel; the
+            gradient carries the cap's slope ``1 - tanh^2(logits / c)``.
 
     Returns:
         [N] or [B, T] float32 (float64 for float64 logits):
-        ``logits[..., y] - logsumexp(logits[...])``, 0 where ignored. Differentiable in logits,
+        ``z[..., y] - logsumexp(z[...])`` with z the (capped) logits, 0 where ignored. Differentiable in logits,
         twice and more (``torch.autograd.grad(..., create_graph=True)``); not under torch.func's
         differentiating transforms or forward-mode AD (NotImplementedError), see epa_ext._autograd.
     """
-    logits, labels = _prepare("token_logps", logits, labels, ignore_index, inplace_backward)
-    logps, _ = torch.ops.epa_ext.token_logps(logits, labels, ignore_index, inplace_backward)
+    logits, labels, softcap = _prepare("token_logps", logits, labels, ignore_index, inplace_backward, softcap)
+    logps, _ = torch.ops.epa_ext.token_logps(logits, labels, ignore_index, inplace_backward, softcap)
     return logps
 
 
@@ -281,6 +334,7 @@ def sequence_logps(
     ignore_index: int = IGNORE_INDEX,
     average: bool = False,
     inplace_backward: bool = False,
+    softcap: float | None = None,
 ) -> Tensor:
     """Sum (or mean) of the token log-probabilities of each sequence.
 
@@ -289,15 +343,15 @@ def sequence_logps(
         labels: [B, T] (or [N]) aligned labels, ``ignore_index`` outside the completion.
         average: divide by the number of non-ignored labels (0 for a sequence that has none);
             the length-normalized log-prob that IPO uses.
-        inplace_backward: as in ``token_logps``.
+        inplace_backward, softcap: as in ``token_logps``.
 
     Returns:
         [B] float32 (a scalar for [N, V] logits):
         ``sum_t logp[b, t]`` or ``sum_t logp[b, t] / #{t : labels[b, t] != ignore_index}``.
     """
     check_bool("average", average)
-    logits, labels = _prepare("sequence_logps", logits, labels, ignore_index, inplace_backward)
-    total = torch.ops.epa_ext.token_logps(logits, labels, ignore_index, inplace_backward)[0].sum(-1)
+    logits, labels, softcap = _prepare("sequence_logps", logits, labels, ignore_index, inplace_backward, softcap)
+    total = torch.ops.epa_ext.token_logps(logits, labels, ignore_index, inplace_backward, softcap)[0].sum(-1)
     if average:
         counts = (labels != ignore_index).sum(-1).clamp_min(1)
         total = total / counts.to(total.dtype)

@@ -7,7 +7,8 @@ With h = log pi_theta(y|x) - log pi_ref(y|x) per sequence (epa-spec sections 3 a
           robust   [-(1-eps) log sigma(beta delta) + eps log sigma(-beta delta)] / (1 - 2 eps)
           hinge    relu(1 - beta delta)
           ipo      (delta - 1/(2 beta))^2                         (on length-averaged log-probs)
-    EPA   s_ij = beta h_ij + omega_j,  omega_j = 0 (j <= K), log(weak_weight) (j > K), -inf (masked)
+    EPA   s_ij = beta h_ij + omega_j + log_weights_ij,
+          omega_j = 0 (j <= K), log(weak_weight) (j > K), -inf (masked)
           loss_i = logsumexp_j s_ij - s_i0
     SFT   loss_i += sft_weight * NLL,  NLL = -sum_i log pi_theta(chosen_i) / sum_i n_i   (both losses;
           n_i the chosen answer's completion tokens: TRL's rpo_alpha, or its "sft" loss term)
@@ -233,7 +234,7 @@ def dpo_loss(
 
 
 def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None, beta: float, num_strong: int,
-               weak_weight: float) -> None:
+               weak_weight: float, log_weights: Tensor | None = None) -> None:
     """The checks of csrc/losses_checks.h's check_epa_inputs, for fake tensors."""
     torch._check_value(
         policy_logps.dim() == 2,
@@ -243,9 +244,11 @@ def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | 
     candidates = policy_logps.shape[1]
     torch._check_value(candidates >= 2, lambda: f"{op}: policy_logps needs at least 2 candidates (a positive and a "
                        f"negative); got C = {candidates}")
-    _check_same_shape(op, "policy_logps", policy_logps, ref_logps=ref_logps, mask=mask)
+    _check_same_shape(op, "policy_logps", policy_logps, ref_logps=ref_logps, mask=mask, log_weights=log_weights)
     if mask is not None:
         torch._check_type(mask.dtype == torch.bool, lambda: f"{op}: mask must be a bool tensor; got {mask.dtype}")
+    if log_weights is not None:
+        _check_floating(op, log_weights=log_weights)
     _check_beta(op, beta)
     torch._check_value(
         1 <= num_strong <= candidates - 1,
@@ -256,16 +259,17 @@ def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | 
 
 
 @torch.library.register_fake("epa_ext::epa_loss")
-def _epa_loss_fake(policy_logps, ref_logps, mask, beta, num_strong, weak_weight):
-    _check_epa("epa_loss", policy_logps, ref_logps, mask, beta, num_strong, weak_weight)
+def _epa_loss_fake(policy_logps, ref_logps, mask, beta, num_strong, weak_weight, log_weights=None):
+    _check_epa("epa_loss", policy_logps, ref_logps, mask, beta, num_strong, weak_weight, log_weights)
     out = policy_logps.new_empty(policy_logps.shape[:1], dtype=_accumulate_dtype(policy_logps))
     return out, torch.empty_like(out)
 
 
 @torch.library.register_fake("epa_ext::epa_loss_backward")
-def _epa_loss_backward_fake(grad_losses, policy_logps, ref_logps, mask, lse, beta, num_strong, weak_weight):
+def _epa_loss_backward_fake(grad_losses, policy_logps, ref_logps, mask, lse, beta, num_strong, weak_weight,
+                            log_weights=None):
     op = "epa_loss_backward"
-    _check_epa(op, policy_logps, ref_logps, mask, beta, num_strong, weak_weight)
+    _check_epa(op, policy_logps, ref_logps, mask, beta, num_strong, weak_weight, log_weights)
     _check_floating(op, grad_losses=grad_losses, lse=lse)
     for name, t in (("grad_losses", grad_losses), ("lse", lse)):
         torch._check_value(
@@ -277,32 +281,35 @@ def _epa_loss_backward_fake(grad_losses, policy_logps, ref_logps, mask, lse, bet
 
 
 def _epa_setup_context(ctx, inputs, output) -> None:
-    policy_logps, ref_logps, mask, beta, num_strong, weak_weight = inputs
+    policy_logps, ref_logps, mask, beta, num_strong, weak_weight, *log_weights = inputs
+    log_weights = log_weights[0] if log_weights else None
     _, lse = output
-    ctx.save_for_backward(policy_logps, ref_logps, mask, lse)
+    ctx.save_for_backward(policy_logps, ref_logps, mask, lse, log_weights)
     ctx.options = (beta, num_strong, weak_weight)
     ctx.mark_non_differentiable(lse)
 
 
 def _epa_backward(ctx, grad_losses: Tensor, _grad_lse: Tensor | None):
-    policy_logps, ref_logps, mask, lse = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:2]
+    policy_logps, ref_logps, mask, lse, log_weights = ctx.saved_tensors
+    needs = (*ctx.needs_input_grad[:2], len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6])
+    beta, num_strong, weak_weight = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
         from . import eager
 
         acc = _accumulate_dtype(policy_logps)
-        beta, num_strong, weak_weight = ctx.options
-        grads = gradients_by_definition(
-            lambda p, r: eager.epa_loss(*_upcast((p, r), acc), beta=beta, num_strong=num_strong,
-                                        weak_weight=weak_weight, mask=mask, reduction="none"),
-            (policy_logps, ref_logps), needs, grad_losses)
-        return (*grads, None, None, None, None)
-    grad_policy = torch.ops.epa_ext.epa_loss_backward(grad_losses, policy_logps, ref_logps, mask, lse, *ctx.options)
-    return (
-        grad_policy.to(policy_logps.dtype) if needs[0] else None,
-        (-grad_policy).to(ref_logps.dtype) if needs[1] else None,
-        None, None, None, None,
-    )
+        grad_policy, grad_ref, grad_log_weights = gradients_by_definition(
+            lambda p, r, w: eager.epa_loss(*_upcast((p, r), acc), beta=beta, num_strong=num_strong,
+                                           weak_weight=weak_weight, mask=mask, reduction="none",
+                                           log_weights=None if w is None else w.to(acc)),
+            (policy_logps, ref_logps, log_weights), needs, grad_losses)
+    else:
+        grad = torch.ops.epa_ext.epa_loss_backward(grad_losses, policy_logps, ref_logps, mask, lse, *ctx.options,
+                                                   log_weights)
+        grad_policy = grad.to(policy_logps.dtype) if needs[0] else None
+        grad_ref = (-grad).to(ref_logps.dtype) if needs[1] else None
+        # d loss / d log_weights = softmax - onehot(0) = (d loss / d policy_logps) / beta
+        grad_log_weights = (grad / beta).to(log_weights.dtype) if needs[2] else None
+    return (grad_policy, grad_ref, None, None, None, None, grad_log_weights)[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("epa_ext::epa_loss", _epa_backward, setup_context=_epa_setup_context)
@@ -320,6 +327,7 @@ def epa_loss(
     sft_weight: float = 0.0,
     chosen_token_counts: Tensor | None = None,
     averaged: bool = False,
+    log_weights: Tensor | None = None,
 ) -> Tensor:
     """EPA loss: each chosen answer against its strong and weak negatives, a softmax contrast.
 
@@ -334,11 +342,17 @@ def epa_loss(
         reduction: "mean" (over B) | "sum" | "none" ([B]).
         sft_weight, chosen_token_counts, averaged: the SFT term on the chosen answers (column
             0), as in ``dpo_loss``.
+        log_weights: [B, C] floating, added to each candidate's score (a per-candidate log of
+            its weight in the partition sum, e.g. importance weights log mu(y|x) - log q(y) of
+            weak negatives drawn from q instead of the reference mu; docs/losses.md). -inf marks
+            a candidate absent, as mask does; column 0 must be finite (on CUDA a device-side
+            assertion); +inf and NaN are refused (ValueError). With weak_weight, both apply.
 
     Returns:
-        ``mean_i [logsumexp_j (beta h_ij + omega_j) - beta h_i0]`` (+ lambda * NLL) (fp32),
-        differentiable in policy_logps and ref_logps, to any order (``create_graph=True``). K = 1
-        with no weak negatives is DPO's sigmoid loss.
+        ``mean_i [logsumexp_j (beta h_ij + omega_j + w_ij) - (beta h_i0 + w_i0)]`` (+ lambda *
+        NLL) (fp32), differentiable in policy_logps, ref_logps and log_weights (d loss_i / d w_ij =
+        softmax_j - 1[j == 0]), to any order (``create_graph=True``). K = 1 with no weak
+        negatives is DPO's sigmoid loss.
 
     Non-finite log-probs affect only their row, whose loss and gradient are plain torch's
     (``epa_ext.eager.epa_loss``, with torch.logsumexp): a candidate score beta h_ij of +inf
@@ -351,13 +365,15 @@ def epa_loss(
     policy_logps = check_tensor("policy_logps", policy_logps)
     ref_logps = check_tensor("ref_logps", ref_logps)
     mask = check_optional_tensor("mask", mask)
+    log_weights = check_optional_tensor("log_weights", log_weights)
     if policy_logps.dim() != 2:
         raise ValueError(f"policy_logps must have shape [B, C]; got {list(policy_logps.shape)}")
     num_strong = check_num_strong(num_strong, policy_logps.shape[1])
     check_sft_options(sft_weight, chosen_token_counts, policy_logps)
     check_bool("averaged", averaged)
-    check_autograd_support("epa_loss", policy_logps, ref_logps)
-    losses, _ = torch.ops.epa_ext.epa_loss(policy_logps, ref_logps, mask, float(beta), num_strong, float(weak_weight))
+    check_autograd_support("epa_loss", policy_logps, ref_logps, log_weights)
+    losses, _ = torch.ops.epa_ext.epa_loss(policy_logps, ref_logps, mask, float(beta), num_strong, float(weak_weight),
+                                           log_weights)
     if sft_weight:
         losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, averaged)
     return reduce_losses(losses, reduction)
@@ -402,10 +418,11 @@ class EPALoss(nn.Module):
         self.sft_weight = sft_weight
 
     def forward(self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None = None,
-                chosen_token_counts: Tensor | None = None, averaged: bool = False) -> Tensor:
+                chosen_token_counts: Tensor | None = None, averaged: bool = False,
+                log_weights: Tensor | None = None) -> Tensor:
         return epa_loss(policy_logps, ref_logps, beta=self.beta, num_strong=self.num_strong,
                         weak_weight=self.weak_weight, mask=mask, reduction=self.reduction, sft_weight=self.sft_weight,
-                        chosen_token_counts=chosen_token_counts, averaged=averaged)
+                        chosen_token_counts=chosen_token_counts, averaged=averaged, log_weights=log_weights)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, num_strong={self.num_strong}, weak_weight={self.weak_weight}, sft_weight={self.sft_weight}"

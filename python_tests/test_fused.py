@@ -70,6 +70,15 @@ def test_fused_epa_with_mask(device):
     assert torch.equal(x.grad[absent_rows], torch.zeros_like(x.grad[absent_rows]))
 
 
+def test_fused_epa_with_log_weights(device):
+    logits, labels, ref = make_batch(5, 4, 7, 64, torch.float32, device)
+    weights = torch.randn(4, 5, device=device)
+    weights[2, 4] = float("-inf")
+    for inplace in (False, True):
+        check_fused(epa_ext.fused_epa_loss, eager.fused_epa_loss, logits, labels, ref, inplace=inplace,
+                    num_candidates=5, num_strong=2, weak_weight=0.5, log_weights=weights)
+
+
 @pytest.mark.parametrize("inplace", [False, True], ids=["new-buffer", "inplace"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -497,6 +497,39 @@ def test_when_each_path_is_taken(device):
     assert_close_to_truth(grad_ref, expected, dtype=torch.float32, what="d(ref_logps)")
 
 
+@pytest.mark.parametrize("budget", [None, 7], ids=["whole-groups", "groups-in-pieces"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_log_weights_on_both_paths(budget, dtype, device):
+    """Per-candidate log-weights (-inf: absent) on the three-matmul path and the recomputing one,
+    with a mask and weak_weight, against eager."""
+    lengths = [[6 + (b + c) % 4 for c in range(5)] for b in range(4)]
+    inputs = make_groups(lengths, 16, 50, dtype, device)
+    gen = torch.Generator().manual_seed(2)
+    weights = torch.randn(4, 5, generator=gen)
+    weights[1, 3] = float("-inf")
+    options = dict(num_candidates=5, num_strong=2, weak_weight=0.5, mask=True, log_weights=weights.to(device))
+    check_against_eager("epa", options, inputs, dtype, device, max_chunk_tokens=budget)
+    check_against_eager("epa", options, inputs, dtype, device, max_chunk_tokens=budget, differentiable_logps=True)
+
+
+def test_log_weights_that_require_grad_get_their_gradient(device):
+    """The three-matmul op takes log_weights as constants: ones that require grad send the loss down
+    the recomputing path, which differentiates them (softmax - onehot(0), as epa_loss does)."""
+    hidden, weight, bias, labels, ref = small_batch(device)
+    h = hidden.clone().requires_grad_()
+    weights = torch.randn(3, 2, device=device)
+    w = weights.clone().requires_grad_()
+    loss, seq = epa_ext.fused_linear_epa_loss(h, weight, labels, ref, bias=bias, num_candidates=2, log_weights=w)
+    assert seq.requires_grad  # the recomputing path
+    (grad,) = torch.autograd.grad(loss, [w])
+    w64 = weights.double().requires_grad_()
+    truth = eager.fused_epa_loss(hidden.double() @ weight.double().T + bias.double(), labels, ref.double(),
+                                 num_candidates=2, log_weights=w64)[0]
+    assert_close_to_truth(grad, torch.autograd.grad(truth, [w64])[0], dtype=torch.float32, what="d(log_weights)")
+    _, seq = epa_ext.fused_linear_epa_loss(h, weight, labels, ref, bias=bias, num_candidates=2, log_weights=weights)
+    assert not seq.requires_grad  # constants: the three-matmul path
+
+
 def test_upstream_gradient_of_one_is_used_as_is(device):
     hidden, weight, bias, labels, ref = small_batch(device)
     grads = []
@@ -652,6 +685,16 @@ BAD = [  # (call(hidden, weight, bias, labels, ref), error, pattern)
     (lambda h, w, b, y, r: torch.ops.epa_ext.linear_token_logps_backward(
         *backward_args(h, w, b, y, grad_device="meta")),
      ValueError, r"linear_token_logps_backward: grad_logps must have the shape and device of labels"),
+    (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=2, log_weights=torch.zeros(3, 3)),
+     ValueError, r"linear_epa_loss: log_weights must have shape \[B, C\] = \[3, 2\]; got \[3, 3\]"),
+    (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=2,
+                                                         log_weights=torch.zeros(3, 2, dtype=torch.long)),
+     TypeError, "linear_epa_loss: log_weights must be a floating-point tensor"),
+    (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=2,
+                                                         log_weights=torch.full((3, 2), float("nan"))),
+     ValueError, r"epa_loss: log_weights must be finite, or -inf for an absent negative .*; got nan at \[0, 0\]"),
+    (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=2, log_weights=[[0.0] * 2] * 3),
+     TypeError, "log_weights must be a torch.Tensor; got list"),
 ]
 
 
@@ -674,7 +717,8 @@ def test_bad_input_is_a_clear_error(call, error, pattern):
 
 
 META_BAD = [b for b in BAD
-            if not any(word in b[2] for word in ("labels must lie", "mask\\[:, 0\\]", "list", "device", "meta"))]
+            if not any(word in b[2] for word in ("labels must lie", "mask\\[:, 0\\]", "list", "device", "meta",
+                                                 "log_weights"))]
 
 
 @pytest.mark.parametrize("call,error,pattern", META_BAD, ids=[b[2][:50] for b in META_BAD])

@@ -30,27 +30,34 @@ def make_inputs(shape, dtype, device, *, ignore_fraction=0.2, scale=3.0, ignore_
     return logits, labels.to(device)
 
 
-def check_against_reference(logits, labels, *, ignore_index=IGNORE_INDEX, what="", grad_extra_rtol=0.0):
-    """Forward and d(logits) of token_logps against float64 truth and plain torch in the dtype."""
+def check_against_reference(logits, labels, *, ignore_index=IGNORE_INDEX, what="", grad_extra_rtol=0.0,
+                            softcap=None, inplace_backward=False):
+    """Forward and d(logits) of token_logps against float64 truth and plain torch in the dtype.
+    With a softcap c, the capped logits (magnitude <= c) carry fp32 rounding of eps32 * c into
+    every log-prob, the inputs_scale of numerics.assert_close_to_truth."""
     dtype = logits.dtype
     upstream = torch.randn(labels.shape, dtype=torch.float64)
 
     ours_in = logits.detach().clone().requires_grad_()
-    ours = epa_ext.token_logps(ours_in, labels, ignore_index=ignore_index)
+    # in-place: the op overwrites a non-leaf copy of the logits with their gradient
+    ours = epa_ext.token_logps(ours_in * 1 if inplace_backward else ours_in, labels, ignore_index=ignore_index,
+                               softcap=softcap, inplace_backward=inplace_backward)
     ours.backward(upstream.to(ours.dtype).to(ours.device))
 
     results = {}
     for name, x in (("truth", logits.detach().double()), ("plain", logits.detach())):
         x = x.clone().requires_grad_()
-        out = eager.token_logps(x, labels, ignore_index)
+        out = eager.token_logps(x, labels, ignore_index, softcap=softcap)
         out.backward(upstream.to(out.dtype).to(out.device))
         results[name] = (out, x.grad)
 
     assert ours.dtype == torch.float32 and ours.device == logits.device
     assert ours_in.grad.dtype == dtype and ours_in.grad.shape == logits.shape
-    assert_close_to_truth(ours, results["truth"][0], dtype=dtype, plain=results["plain"][0], what=f"{what} logps")
+    scale = softcap or 0.0
+    assert_close_to_truth(ours, results["truth"][0], dtype=dtype, plain=results["plain"][0], what=f"{what} logps",
+                          inputs_scale=scale)
     assert_close_to_truth(ours_in.grad, results["truth"][1], dtype=dtype, plain=results["plain"][1],
-                          what=f"{what} d(logits)", extra_rtol=grad_extra_rtol)
+                          what=f"{what} d(logits)", extra_rtol=grad_extra_rtol, inputs_scale=scale)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -381,6 +388,7 @@ def test_default_cpu_capability_path_matches_reference():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             logits, labels = make_inputs((3, 5, 2053), dtype, "cpu")
             check_against_reference(logits, labels, what="default capability")
+            check_against_reference(logits * 3, labels, softcap=5.0, what="default capability, softcap")
         print("ok")
         """
     )

@@ -550,3 +550,121 @@ def test_epa_non_finite_log_probs_are_plain_torchs_per_row(bad, device):
             assert_same_non_finite_semantics(ours, truth, f"{'policy ref'.split()[which]}[1, {column}] = {bad}")
             assert torch.isfinite(ours[0][[0, 2]]).all()
             assert all(torch.isfinite(g[[0, 2]]).all() for g in ours[1])
+
+
+# --- per-candidate log-weights (importance weights of weak negatives) -----------------------------
+
+
+def make_log_weights(batch, candidates, device, *, absent=True, dtype=torch.float32):
+    """Finite log-weights of either sign in every column, and (absent) some -inf negatives."""
+    weights = torch.randn(batch, candidates, dtype=torch.float64)
+    if absent:
+        weights[1:, 1:][torch.rand(batch - 1, candidates - 1) < 0.2] = float("-inf")
+    return weights.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", EPA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES + [torch.float64], ids=str)
+def test_epa_log_weights_match_reference(case, reduction, dtype, device):
+    """Value and the gradients of policy, reference and log-weights (softmax - onehot(0)),
+    together with weak_weight and mask."""
+    candidates, num_strong, weak_weight, with_mask = case
+    mask = make_mask(11, candidates, device) if with_mask else None
+    options = dict(beta=0.2, num_strong=num_strong, weak_weight=weak_weight, mask=mask, reduction=reduction)
+    inputs = [random_logps(11, candidates, dtype=dtype, device=device) for _ in range(2)]
+    inputs.append(make_log_weights(11, candidates, device, dtype=dtype))
+    compare(lambda p, r, w: epa_ext.epa_loss(p, r, log_weights=w, **options),
+            lambda p, r, w: eager.epa_loss(p, r, log_weights=w, **options), inputs, dtype=dtype,
+            what=f"epa log_weights {case}")
+
+
+def test_epa_log_weights_of_minus_inf_are_a_mask_and_add_to_weak_weight(device):
+    policy, ref = random_logps(9, 6, device=device), random_logps(9, 6, device=device)
+    mask = make_mask(9, 6, device)
+    absent = torch.zeros(9, 6, device=device).masked_fill(~mask, float("-inf"))
+    options = dict(beta=0.3, num_strong=2, reduction="none")
+    by_mask = values_and_grads(lambda p: epa_ext.epa_loss(p, ref, mask=mask, **options), [policy])
+    by_weights = values_and_grads(lambda p: epa_ext.epa_loss(p, ref, log_weights=absent, **options), [policy])
+    assert torch.equal(by_mask[0], by_weights[0]) and torch.equal(by_mask[1][0], by_weights[1][0])
+    # weak_weight alpha is log(alpha) on the weak columns: given as log-weights, the same loss
+    weak_columns = torch.zeros(9, 6, device=device)
+    weak_columns[:, 3:] = math.log(0.25)
+    torch.testing.assert_close(epa_ext.epa_loss(policy, ref, log_weights=weak_columns, **options),
+                               epa_ext.epa_loss(policy, ref, weak_weight=0.25, **options))
+    # both given, they add
+    torch.testing.assert_close(epa_ext.epa_loss(policy, ref, weak_weight=0.5, log_weights=weak_columns, **options),
+                               epa_ext.epa_loss(policy, ref, weak_weight=0.125, **options))
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_epa_log_weights_gradcheck(check, device):
+    policy, ref, weights = (random_logps(5, 6, dtype=torch.float64, device=device, scale=3.0).requires_grad_()
+                            for _ in range(3))
+    mask = make_mask(5, 6, device)
+    assert check(lambda p, r, w: epa_ext.epa_loss(p, r, beta=0.7, num_strong=2, weak_weight=0.3, mask=mask,
+                                                  log_weights=w, reduction="none"), (policy, ref, weights))
+
+
+def test_epa_log_weights_opcheck_and_compile(device):
+    policy, ref = random_logps(7, 5, device=device).requires_grad_(), random_logps(7, 5, device=device)
+    weights = make_log_weights(7, 5, device).requires_grad_()
+    mask = make_mask(7, 5, device)
+    torch.library.opcheck(torch.ops.epa_ext.epa_loss.default, (policy, ref, mask, 0.1, 2, 0.5, weights))
+    _, lse = torch.ops.epa_ext.epa_loss(policy.detach(), ref, mask, 0.1, 2, 0.5, weights.detach())
+    torch.library.opcheck(torch.ops.epa_ext.epa_loss_backward.default,
+                          (torch.rand(7, device=device), policy.detach(), ref, mask, lse, 0.1, 2, 0.5, weights.detach()))
+
+    def loss(p, w):
+        return epa_ext.epa_loss(p, ref, beta=0.2, num_strong=2, mask=mask, log_weights=w)
+
+    results = [values_and_grads(fn, [policy.detach(), weights.detach()])
+               for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager"))]
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b)
+
+
+def _log_weights_with(value, row, column, batch=4, candidates=5):
+    weights = torch.zeros(batch, candidates)
+    weights[row, column] = value
+    return weights
+
+
+BAD_LOG_WEIGHTS = [  # (log_weights, error type, pattern)
+    (_log_weights_with(float("nan"), 2, 3), ValueError,
+     r"log_weights must be finite, or -inf for an absent negative .*; got nan at \[2, 3\]"),
+    (_log_weights_with(float("inf"), 1, 4), ValueError, r"got inf at \[1, 4\]"),
+    (_log_weights_with(float("-inf"), 3, 0), ValueError, r"\(column 0, the chosen answer, finite\); got -inf at \[3, 0\]"),
+    (torch.zeros(4, 4), ValueError, r"log_weights must have the shape of policy_logps \(\[4, 5\]\); got \[4, 4\]"),
+    (torch.zeros(4, 5, dtype=torch.long), TypeError, "log_weights must be a floating-point tensor; got Long"),
+    ([[0.0] * 5] * 4, TypeError, "log_weights must be a torch.Tensor; got list"),
+]
+
+
+@pytest.mark.parametrize("log_weights,error,pattern", BAD_LOG_WEIGHTS, ids=[b[2][:40] for b in BAD_LOG_WEIGHTS])
+def test_epa_bad_log_weights(log_weights, error, pattern):
+    policy, ref = random_logps(4, 5), random_logps(4, 5)
+    with pytest.raises(error, match=pattern):
+        epa_ext.epa_loss(policy, ref, num_strong=2, log_weights=log_weights)
+
+
+def test_epa_log_weights_of_masked_candidates_never_matter():
+    policy, ref = random_logps(4, 5), random_logps(4, 5)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[2, 3] = False
+    poisoned = _log_weights_with(float("nan"), 2, 3)
+    torch.testing.assert_close(epa_ext.epa_loss(policy, ref, mask=mask, log_weights=poisoned),
+                               epa_ext.epa_loss(policy, ref, mask=mask))
+
+
+def test_epa_log_weights_device_and_meta():
+    policy, ref = random_logps(4, 5), random_logps(4, 5)
+    with pytest.raises(ValueError, match=r"log_weights must be on the device of policy_logps \(cpu\); got meta"):
+        epa_ext.epa_loss(policy, ref, log_weights=torch.zeros(4, 5, device="meta"))
+    meta = policy.to("meta")
+    with pytest.raises(ValueError, match=r"epa_loss: log_weights must have the shape of policy_logps"):
+        torch.ops.epa_ext.epa_loss(meta, meta, None, 0.1, 1, 1.0, torch.zeros(4, 4, device="meta"))
+    with pytest.raises(TypeError, match="epa_loss_backward: log_weights must be a floating-point tensor"):
+        torch.ops.epa_ext.epa_loss_backward(torch.ones(4, device="meta"), meta, meta, None, torch.ones(4, device="meta"),
+                                            0.1, 1, 1.0, torch.zeros(4, 5, dtype=torch.long, device="meta"))

@@ -273,10 +273,12 @@ def test_tensorboard_has_the_metrics_under_trainers_tags(tmp_path):
     assert logged == [(r["step"], pytest.approx(r["loss"])) for r in records if "loss" in r]
 
 
-def test_logits_metrics_are_the_mean_logits_of_the_completion_tokens():
-    """logit_sums (from hidden states, no logits formed) / tokens = TRL's mean over the
-    vocabulary and the completion tokens of the full logits."""
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_logits_metrics_are_the_mean_logits_of_the_completion_tokens(softcap):
+    """logit_sums / tokens = TRL's mean over the vocabulary and the completion tokens of the full
+    logits (no logits formed without a softcap; the softcapped ones in chunks)."""
     from epa_ext import IGNORE_INDEX
+    from epa_ext.causal_lm import HeadInputs
     from epa_ext.train.modeling import logit_sums
 
     hidden, weight, bias = torch.randn(3, 5, 8), torch.randn(11, 8), torch.randn(11)
@@ -284,8 +286,10 @@ def test_logits_metrics_are_the_mean_logits_of_the_completion_tokens():
     labels[0, :2] = labels[2] = IGNORE_INDEX
     kept = labels != IGNORE_INDEX
     logits = hidden @ weight.T + bias
+    logits = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     expected = torch.stack([logits[r][kept[r]].sum() / 11 for r in range(3)])
-    torch.testing.assert_close(logit_sums(hidden, weight, bias, labels), expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(logit_sums(HeadInputs(hidden, weight, bias, softcap), labels), expected, rtol=RTOL,
+                               atol=ATOL)
 
 
 def test_yaml_config_mirrors_the_flags(tmp_path):

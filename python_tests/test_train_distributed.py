@@ -136,7 +136,7 @@ def accumulate(model, variant: Variant, prompts: list[int]) -> dict:
     for step in range(variant.micro_steps):
         share = prompts_of(batch, prompts[step * per_step:(step + 1) * per_step])
         with no_sync(model, step == variant.micro_steps - 1), selected_path(variant):
-            loss, seq, _ = model(**share)
+            loss, seq, *_ = model(**share)
         (loss / variant.micro_steps).backward()
         total += loss.item() / variant.micro_steps
         backward_of.add(type(loss.grad_fn).__name__)
@@ -245,8 +245,10 @@ def assert_same_training(a: Path, b: Path) -> None:
 
 def test_ddp_over_two_processes_trains_as_one(tmp_path):
     """DDP over 2 processes, 2 prompts each and 2 micro-steps per step (no_sync on the first),
-    against 1 process with 4: the same losses, evaluation and final weights."""
-    common = ["--max-steps", "3", "--grad-accum", "2", "--num-weak", "1", "--eval-fraction", "0.1", *ON_CPU]
+    against 1 process with 4: the same losses, evaluation and final weights; with importance-
+    corrected weak negatives, whose table rank 0 scores and every rank reads."""
+    common = ["--max-steps", "3", "--grad-accum", "2", "--num-weak", "1", "--eval-fraction", "0.1",
+              "--weak-correction", "importance", *ON_CPU]
     single, double = tmp_path / "single", tmp_path / "double"
     train_in_process(single, *common, "--batch-size", "4")
     torchrun_epa_train(double, *common, "--batch-size", "2")

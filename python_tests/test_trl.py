@@ -106,10 +106,17 @@ def config(cls, tmp_path, **overrides):
     return cls(**options)
 
 
-def train(trainer_cls, args, rows, tokenizer, *, lora: bool = False, eval_rows=None, ref_model: bool | None = None):
-    """Trains a fresh tiny Llama (same seed every call); returns (log history without the final
-    summary, the trainer). ref_model: pass a frozen copy (default: unless LoRA or precomputed)."""
-    model = build_tiny_model(len(tokenizer), 32, 2, 128, seed=0)
+def train(trainer_cls, args, rows, tokenizer, *, lora: bool = False, eval_rows=None, ref_model: bool | None = None,
+          model_type: str = "llama", **config_fields):
+    """Trains a fresh tiny model (a Llama unless model_type says; config_fields of its config) with
+    the same seed every call; returns (log history without the final summary, the trainer).
+    ref_model: pass a frozen copy (default: unless LoRA or precomputed)."""
+    if model_type == "llama" and not config_fields:
+        model = build_tiny_model(len(tokenizer), 32, 2, 128, seed=0)
+    else:
+        from test_models import build
+
+        model = build(model_type, vocab_size=len(tokenizer), max_position_embeddings=128, **config_fields)
     if ref_model is None:
         ref_model = not lora and not args.precompute_ref_log_probs
     trainer = trainer_cls(
@@ -185,6 +192,28 @@ def test_lora_trains_as_trl(loss_type, precompute, tokenizer, tmp_path):
             del entry[key]
     assert ours[1].ref_model is None
     assert_same_training(ours, theirs, ties_at_first_step=precompute)
+
+
+ARCHITECTURES = {  # model_type -> config fields: a logit transform that bites, an MoE router loss
+    "gemma2": dict(final_logit_softcapping=0.3),
+    "cohere": dict(logit_scale=0.5),
+    "granite": dict(logits_scaling=4.0),
+    "mixtral": dict(output_router_logits=True, router_aux_loss_coef=0.5),
+}
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_other_architectures_train_as_trl(model_type, tokenizer, tmp_path):
+    """Logit softcaps and scales (epa_ext.causal_lm) and Mixtral's router loss (added and logged
+    as aux_loss, as TRL adds it): the same training as TRL's DPOTrainer."""
+    options = dict(loss_type="sigmoid")
+    theirs = train(DPOTrainer, config(DPOConfig, tmp_path, **options), standard_rows(), tokenizer,
+                   model_type=model_type, **ARCHITECTURES[model_type])
+    ours = train(EPATrainer, config(EPAConfig, tmp_path, token_metrics=True, **options), standard_rows(), tokenizer,
+                 model_type=model_type, **ARCHITECTURES[model_type])
+    assert ("aux_loss" in ours[0][0]) == (model_type == "mixtral")
+    # at step 1 the policy is the reference: rewards are 0 up to rounding, whose sign decides accuracies
+    assert_same_training(ours, theirs, ties_at_first_step=True)
 
 
 def test_gradient_accumulation_and_checkpointing_train_as_trl(tokenizer, tmp_path):
@@ -446,10 +475,18 @@ def test_a_plain_dpo_config_is_checked_the_same_way(tokenizer, tmp_path):
             processing_class=tokenizer)
 
 
-def _softcapped_model(tokenizer):
-    model = build_tiny_model(len(tokenizer), 32, 2, 128, seed=0)
-    model.config.final_logit_softcapping = 30.0
-    return model
+def _model_with_an_unknown_logit_transform(tokenizer):
+    """A Llama whose forward scales its logits, which no table entry of epa_ext.causal_lm says."""
+    from transformers import LlamaForCausalLM
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+            output = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                                     **kwargs)
+            output.logits = output.logits * 3.0
+            return output
+
+    return ScaledLlama(build_tiny_model(len(tokenizer), 32, 2, 128, seed=0).config)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -457,7 +494,8 @@ def _softcapped_model(tokenizer):
     ("list-for-dpo", "'rejected' holds a list of answers per row; loss_type='sigmoid' takes one"),
     ("short-last-batch", "leave a last batch of 1, too few for num_weak = 1"),
     ("precomputed-weak-without-reference", "precompute_ref_log_probs=True with num_weak > 0"),
-    ("softcapped-logits", "transforms its logits (final_logit_softcapping=30.0)"),
+    ("unknown-logit-transform", "ScaledLlama: its own logits are not log-softmax-equal to scale * (hidden @ "
+                                "lm_head.weight.T + bias) with a softcap"),
     ("eval-batch-too-small", "need per_device_eval_batch_size >= num_weak + 1 = 3; got 2"),
     ("iterable-without-num-strong", "loss_type='epa' on an IterableDataset needs num_strong"),
 ])
@@ -471,8 +509,8 @@ def test_unsupported_setups_are_refused_before_training(case, message, tokenizer
         rows, options = pick_rows(17), dict(loss_type="epa", num_weak=1)
     elif case == "precomputed-weak-without-reference":
         options = dict(loss_type="epa", num_weak=1, precompute_ref_log_probs=True)
-    elif case == "softcapped-logits":
-        model = _softcapped_model(tokenizer)
+    elif case == "unknown-logit-transform":
+        model = _model_with_an_unknown_logit_transform(tokenizer)
     elif case == "eval-batch-too-small":
         options, eval_rows = dict(loss_type="epa", num_weak=2, per_device_eval_batch_size=2), standard_rows(4)
     elif case == "iterable-without-num-strong":

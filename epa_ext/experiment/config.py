@@ -88,6 +88,19 @@ class PracticalGrid:
 
 
 @dataclass(frozen=True)
+class WeakCorrectionGrid:
+    """``--sweep weak-correction``: EPA with K strong negatives and each M weak ones, under each
+    weak-correction variant (M = 0 has no weak negatives to correct: run once)."""
+
+    num_strong: int = option(3, "strong negatives K")
+    num_weak: list[int] = option([0, 1, 2, 4, 8, 16], "weak negatives M")
+    variants: list[str] = option(["none", "exact", "estimated"], "weak-correction variants (see --weak-correction)")
+
+
+WEAK_CORRECTIONS = ("none", "exact", "estimated")
+
+
+@dataclass(frozen=True)
 class Method:
     """An objective: DPO, or EPA with num_strong (K) and num_weak (M) negatives."""
 
@@ -134,6 +147,11 @@ class ExperimentConfig:
     scheduler: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate decay after warm-up")
     beta: float = option(1.0, "β of r_θ = β·log(π/π_ref)")
     weak_weight: float = option(1.0, "weight α of each weak negative in EPA's partition sum")
+    weak_correction: Literal["none", "exact", "estimated"] = option(
+        "none", "importance weights of the weak negatives, log π_ref(y|x) - log q(y): none; estimated (epa-train's "
+                "--weak-correction importance, q estimated per answer); exact (the same with the task's exact q, "
+                "the base distribution marginalised over all prompts)")
+    weak_correction_prompts: int = option(8, "S of the estimated correction (epa-train's --weak-correction-prompts)")
     sft_weight: float = option(0.0, "weight of the SFT term: the chosen answers' NLL per token added to the loss "
                                     "(DPO + SFT is TRL's RPO)")
     # --- data
@@ -152,6 +170,7 @@ class ExperimentConfig:
     reference: ReferenceSpec = option(ReferenceSpec(), "the reference policy")
     negatives: NegativesGrid = option(NegativesGrid(), "--sweep negatives")
     practical: PracticalGrid = option(PracticalGrid(), "--sweep practical")
+    weak_correction_grid: WeakCorrectionGrid = option(WeakCorrectionGrid(), "--sweep weak-correction")
     # --- how it runs (results do not depend on these)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
     workers: int | None = option(None, "training processes at once (default: one per core on CPU, at most 8; "
@@ -180,6 +199,12 @@ class ExperimentConfig:
             raise ValueError("--weak-weight and --practical-weak-weights must be > 0")
         if self.sft_weight < 0 or self.practical.sft_weight < 0:
             raise ValueError("--sft-weight and --practical-sft-weight must be >= 0")
+        if self.weak_correction_prompts < 2:
+            raise ValueError(f"--weak-correction-prompts must be >= 2; got {self.weak_correction_prompts}")
+        bad = [v for v in self.weak_correction_grid.variants if v not in WEAK_CORRECTIONS]
+        if bad or any(m < 0 for m in self.weak_correction_grid.num_weak) or self.weak_correction_grid.num_strong < 1:
+            raise ValueError(f"--weak-correction-grid-variants must be among {WEAK_CORRECTIONS} (got {bad}), "
+                             "--weak-correction-grid-num-weak >= 0 and --weak-correction-grid-num-strong >= 1")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0; got {self.eval_every}")
         for name in ("workers", "threads"):

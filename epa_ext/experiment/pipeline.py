@@ -103,9 +103,12 @@ def run_dir(setting: Setting, seed: int) -> Path:
 def run_key(setting: Setting, seed: int, device: torch.device) -> str:
     """Everything a run's numbers depend on (not where or how fast it runs)."""
     cfg, method = setting.cfg, setting.method
-    return _key(_data_key(cfg, seed, device), method.loss, method.num_strong, method.num_weak, cfg.steps,
-                cfg.batch_size, cfg.lr, cfg.scheduler, cfg.beta, cfg.weak_weight if method.num_weak else None,
-                cfg.sft_weight, cfg.eval_prompts, cfg.eval_candidates, cfg.policy_samples, cfg.eval_every)
+    parts = [_data_key(cfg, seed, device), method.loss, method.num_strong, method.num_weak, cfg.steps, cfg.batch_size,
+             cfg.lr, cfg.scheduler, cfg.beta, cfg.weak_weight if method.num_weak else None, cfg.sft_weight,
+             cfg.eval_prompts, cfg.eval_candidates, cfg.policy_samples, cfg.eval_every]
+    if method.num_weak and cfg.weak_correction != "none":  # (runs without it keep their keys)
+        parts += [cfg.weak_correction, cfg.weak_correction_prompts if cfg.weak_correction == "estimated" else None]
+    return _key(*parts)
 
 
 # --- the reference, the data and the held-out set -------------------------------------------------
@@ -174,6 +177,10 @@ def train_and_evaluate(setting: Setting, seed: int, task: KnownRewardTask, refer
             raise ValueError("--sft-weight needs epa-train's sft_weight option, which this version of "
                              "epa_ext.train lacks; run without it")
         extra["sft_weight"] = cfg.sft_weight
+    corrected = method.num_weak and cfg.weak_correction != "none"
+    if corrected:
+        extra["weak_correction"] = "importance"
+        extra["weak_correction_prompts"] = cfg.weak_correction_prompts
     train_cfg = TrainConfig(
         model=str(reference_dir(cfg, device)), dataset=str(data_path(cfg, seed, device)), output_dir=str(directory),
         loss=method.loss, beta=cfg.beta, num_strong=method.num_strong, num_weak=method.num_weak,
@@ -186,7 +193,8 @@ def train_and_evaluate(setting: Setting, seed: int, task: KnownRewardTask, refer
         skip_bad_rows=True, **extra)
     train_cfg.validate()
     started = time.perf_counter()
-    records = train(train_cfg)
+    records = train(train_cfg, weak_proposal=task.weak_proposal() if corrected and cfg.weak_correction == "exact"
+                    else None)
     seconds = time.perf_counter() - started
 
     def evaluate(model_dir: Path) -> tuple[dict, torch.Tensor]:
@@ -332,6 +340,7 @@ def collect(base: ExperimentConfig, settings: list[Setting], runs: dict[str, lis
         "settings": {s.name: {"label": s.label, "method": dataclasses.asdict(s.method),
                               "reference": reference_key(s.cfg, device), "steps": s.cfg.steps,
                               "weak_weight": s.cfg.weak_weight, "sft_weight": s.cfg.sft_weight,
+                              "weak_correction": s.cfg.weak_correction,
                               "reference_steps": s.cfg.reference.steps} for s in settings},
         "runs": runs,
         "summary": {name: {metric: mean_std([r[metric] for r in per_seed]) for metric in METRICS}

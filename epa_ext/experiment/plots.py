@@ -15,6 +15,8 @@ For the sweeps (sweep.py):
 - negatives_vs_m.png, negatives_vs_k.png (negatives): ε̂, slope and ρ against the number of weak
   negatives M (symmetric log scale, so M = 0 shows) and against K, with DPO (mean ± std band) and
   the target π* as horizontal lines.
+- weak_correction_vs_m.png (weak-correction): ε̂, slope, true reward and KL against M for each
+  weak-correction variant, with the slope the bias formula predicts without the correction.
 """
 
 from __future__ import annotations
@@ -184,39 +186,65 @@ NEGATIVES_PANELS = (("slope1_error", "slope-1 error ε̂ ↓", 0.0), ("slope", "
 def plot_negatives(results: dict, out_dir: Path) -> list[Path]:
     """negatives_vs_m.png (ε̂, slope, ρ against M at the sweep's K) and negatives_vs_k.png (against
     K at each M of the K sweep), mean ± std over seeds."""
-    plt = _pyplot()
     grid = results["config"]["negatives"]
     epa = {(s["method"]["num_strong"], s["method"]["num_weak"]): name
            for name, s in results["settings"].items() if s["method"]["loss"] == "epa"}
+    title = "EPA's reward recovery against the number of negatives"
+    return [
+        _against_negatives(results, out_dir / "negatives_vs_m.png", "weak negatives M (symmetric log scale)",
+                           [(f"EPA K={grid['num_strong']}", [(m, epa[grid["num_strong"], m]) for m in grid["num_weak"]])],
+                           NEGATIVES_PANELS, title, log_x=True),
+        _against_negatives(results, out_dir / "negatives_vs_k.png", "strong negatives K",
+                           [(f"EPA M={m}", [(k, epa[k, m]) for k in grid["strong_values"]])
+                            for m in grid["strong_at_weak"]], NEGATIVES_PANELS, title, log_x=False),
+    ]
+
+
+WEAK_CORRECTION_PANELS = (("slope1_error", "slope-1 error ε̂ ↓", 0.0), ("slope", "fitted slope of r_θ on r*", 1.0),
+                          ("reward", "true reward of samples ↑", None), ("kl", "KL(π_θ ‖ π_ref)", None))
+
+
+def plot_weak_correction(results: dict, out_dir: Path) -> list[Path]:
+    """weak_correction_vs_m.png: ε̂, slope, true reward and KL against M for each weak-correction
+    variant (all start from the one M = 0 run), and the slope the bias formula predicts for the
+    uncorrected runs (dashed)."""
+    series = [(f"{variant}", [(m, name) for m, name in points]) for variant, points in
+              results["weak_correction"]["series"].items()]
+    predicted = results["weak_correction"]["predicted_slope_uncorrected"]
+    extra = {"slope": ("bias formula, uncorrected", [(int(m), v) for m, v in predicted.items()])}
+    return [_against_negatives(results, out_dir / "weak_correction_vs_m.png", "weak negatives M (symmetric log scale)",
+                               series, WEAK_CORRECTION_PANELS, "Importance-corrected weak negatives",
+                               log_x=True, extra_lines=extra)]
+
+
+def _against_negatives(results: dict, path: Path, xlabel: str, series: list, panels: tuple, title: str, *,
+                       log_x: bool, extra_lines: dict | None = None) -> Path:
+    """One figure of panels (metric, title, target or None) against a number of negatives; series:
+    [(label, [(x, setting name)])], mean ± std over seeds; extra_lines: metric -> (label, [(x, y)])."""
+    plt = _pyplot()
     seeds = len(results["config"]["seeds"])
-    figures = [("negatives_vs_m.png", "weak negatives M (symmetric log scale)",
-                [(f"EPA K={grid['num_strong']}", [(m, epa[grid["num_strong"], m]) for m in grid["num_weak"]])], True),
-               ("negatives_vs_k.png", "strong negatives K",
-                [(f"EPA M={m}", [(k, epa[k, m]) for k in grid["strong_values"]]) for m in grid["strong_at_weak"]],
-                False)]
-    paths = []
-    for filename, xlabel, series, log_x in figures:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
-        for ax, (metric, title, target) in zip(axes, NEGATIVES_PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), constrained_layout=True)
+    for ax, (metric, panel_title, target) in zip(axes, panels):
+        if target is not None:
             _baselines(ax, results, metric, target)
-            for label, points in series:
-                xs = [x for x, _ in points]
-                means = [results["summary"][name][metric][0] for _, name in points]
-                stds = [results["summary"][name][metric][1] for _, name in points]
-                ax.errorbar(xs, means, yerr=stds, fmt="-o", capsize=3, label=label)
-            if log_x:
-                ax.set_xscale("symlog", linthresh=1)
-                ax.set_xticks(xs, [str(x) for x in xs])
-            else:
-                ax.set_xticks(xs)
-            ax.set_xlabel(xlabel)
-            ax.set_title(title, fontsize=10)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"EPA's reward recovery against the number of negatives ({results['config']['steps']} steps, "
-                     f"mean ± std over {seeds} seed(s))")
-        path = out_dir / filename
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+        for label, points in series:
+            xs = [x for x, _ in points]
+            means = [results["summary"][name][metric][0] for _, name in points]
+            stds = [results["summary"][name][metric][1] for _, name in points]
+            ax.errorbar(xs, means, yerr=stds, fmt="-o", capsize=3, label=label)
+        if extra_lines and metric in extra_lines:
+            label, points = extra_lines[metric]
+            ax.plot([x for x, _ in points], [y for _, y in points], "k:", marker="x", label=label)
+        if log_x:
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xticks(xs, [str(x) for x in xs])
+        else:
+            ax.set_xticks(xs)
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title} ({results['config']['steps']} steps, mean ± std over {seeds} seed(s))")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -10,6 +10,10 @@
 - ``practical``: can EPA keep its reward recovery and match DPO's true reward and KL? DPO, DPO +
   SFT (TRL's RPO), and EPA at each weak weight α with and without the SFT term; then the same on
   a longer-trained reference. Every setting has the same steps, batch and learning rate.
+- ``weak-correction`` (issue 25): EPA with K strong negatives and each M weak ones, uncorrected,
+  corrected with the task's exact q and with epa-train's estimate of it; next to the uncorrected
+  runs, the slope that the bias formula r_θ = r* + log μ − log(K μ + M q) + C predicts on the
+  held-out candidates. Does the correction make ε̂ fall with M?
 
 Each sweep's defaults (below) differ from the default run's where the sweep needs it; a flag given
 on the command line wins. The grid itself is set by the --negatives-* and --practical-* flags.
@@ -22,8 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import math
+
+import torch
+
 from .config import ExperimentConfig, parse_method
-from .pipeline import Setting, run_settings, write_json
+from .metrics import slope1_metrics
+from .pipeline import Setting, build_eval_set, prepare_reference, resolve_device, run_settings, write_json
+from .task import KnownRewardTask
 from .report import COLUMNS, markdown_table
 
 # Shared by the negatives and practical sweeps, chosen before either was run (README: "How the
@@ -74,6 +84,47 @@ def practical_settings(cfg: ExperimentConfig) -> list[Setting]:
         long_reference, grid.long_reference_weak_weights, "_longref", f", ref. {grid.long_reference_steps} steps")
 
 
+CORRECTION_LABELS = {"none": "uncorrected", "exact": "exact q", "estimated": "estimated q"}
+
+
+def weak_correction_settings(cfg: ExperimentConfig) -> list[Setting]:
+    grid = cfg.weak_correction_grid
+    settings = []
+    for m in grid.num_weak:
+        method = parse_method(f"epa_k{grid.num_strong}_m{m}")
+        for variant in grid.variants if m else ["none"]:
+            name = method.name if not m else f"{method.name}_{variant}"
+            label = method.label if not m else f"{method.label}, {CORRECTION_LABELS[variant]}"
+            settings.append(Setting(name, label, method, dataclasses.replace(cfg, weak_correction=variant)))
+    return settings
+
+
+def weak_correction_summary(cfg: ExperimentConfig) -> dict:
+    """The runs of each variant by M (each starting from the one M = 0 run) and, for the
+    uncorrected ones, the slope and ε̂ that the bias formula predicts on the held-out candidates:
+    r = r*/τ + log μ − log(K μ + M q), with μ = π_ref (the candidates' reference log-probs) and q
+    the task's exact answer mixture (base marginal)."""
+    grid = cfg.weak_correction_grid
+    device = resolve_device(cfg.device)
+    task = KnownRewardTask(cfg.task)
+    reference, _ = prepare_reference(cfg, task, device)
+    eval_set = build_eval_set(cfg, task, reference)
+    n, c = eval_set.true_rewards.shape
+    log_mu = eval_set.reference_logps.double()
+    log_q = task.base_marginal_logps(eval_set.candidates.flatten(0, 1)).view(n, c)
+    true = eval_set.true_rewards / cfg.temperature
+    predicted = {}
+    for m in grid.num_weak:
+        bias = (log_mu - torch.logaddexp(math.log(grid.num_strong) + log_mu, math.log(m) + log_q) if m
+                else torch.zeros_like(log_mu))
+        predicted[str(m)] = slope1_metrics(true + bias, true)
+    series = {CORRECTION_LABELS[variant]: [(m, f"epa_k{grid.num_strong}_m{m}" + (f"_{variant}" if m else ""))
+                                           for m in grid.num_weak] for variant in grid.variants}
+    return {"series": series,
+            "predicted_slope_uncorrected": {m: p["slope"] for m, p in predicted.items()},
+            "predicted_slope1_error_uncorrected": {m: p["slope1_error"] for m, p in predicted.items()}}
+
+
 @dataclass(frozen=True)
 class Sweep:
     name: str
@@ -90,6 +141,8 @@ SWEEPS = {
                        negatives_settings),
     "practical": Sweep("practical", {"steps": SWEEP_STEPS, "train_prompts": SWEEP_TRAIN_PROMPTS, **_ONE_AT_A_TIME},
                        practical_settings),
+    "weak-correction": Sweep("weak-correction", {"steps": SWEEP_STEPS, "train_prompts": SWEEP_TRAIN_PROMPTS,
+                                                 **_ONE_AT_A_TIME}, weak_correction_settings),
 }
 
 
@@ -101,11 +154,13 @@ def sweep_defaults(name: str) -> ExperimentConfig:
 def run_sweep(name: str, cfg: ExperimentConfig) -> tuple[dict, list[Path]]:
     """Runs (or reuses) every setting of sweep `name` on cfg.seeds; writes results.json, table.md
     and the plots into cfg.output_dir. Returns (results, paths written)."""
-    from .plots import plot_curves, plot_negatives, plot_results
+    from .plots import plot_curves, plot_negatives, plot_results, plot_weak_correction
 
     cfg.validate()
     settings = SWEEPS[name].settings(cfg)
     results = {"sweep": name, **run_settings(cfg, settings)}
+    if name == "weak-correction":
+        results["weak_correction"] = weak_correction_summary(cfg)
     out = Path(cfg.output_dir)
     write_json(out / "results.json", results)
     (out / "table.md").write_text(sweep_markdown(results) + "\n")
@@ -114,6 +169,8 @@ def run_sweep(name: str, cfg: ExperimentConfig) -> tuple[dict, list[Path]]:
         paths += plot_curves(results, out)
     if name == "negatives":
         paths += plot_negatives(results, out)
+    if name == "weak-correction":
+        paths += plot_weak_correction(results, out)
     return results, paths
 
 
@@ -130,6 +187,18 @@ def sweep_markdown(results: dict) -> str:
     if results["sweep"] == "negatives":
         leading = (("K", lambda s: _method_of(s)["num_strong"] if _method_of(s)["loss"] == "epa" else "–"),
                    ("M", lambda s: _method_of(s)["num_weak"] if _method_of(s)["loss"] == "epa" else "–"))
+        lines.append(markdown_table(results, leading=leading))
+    elif results["sweep"] == "weak-correction":
+        predicted = results["weak_correction"]["predicted_slope_uncorrected"]
+
+        def predicted_slope(setting):
+            m = _method_of(setting)["num_weak"]
+            return f"{predicted[str(m)]:.2f}" if setting["weak_correction"] == "none" or m == 0 else "–"
+
+        leading = (("M", lambda s: _method_of(s)["num_weak"]),
+                   ("correction", lambda s: CORRECTION_LABELS[s["weak_correction"]] if _method_of(s)["num_weak"]
+                    else "–"),
+                   ("predicted slope", predicted_slope))
         lines.append(markdown_table(results, leading=leading))
     elif results["sweep"] == "practical":
         leading = (("α", lambda s: f"{s['weak_weight']:g}" if _method_of(s)["num_weak"] else "–"),

@@ -25,6 +25,7 @@ letters. A prompt is fed as ``<s> c f a k =`` and an answer as ``b c c a f k </s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import string
@@ -85,6 +86,21 @@ class KnownRewardTask:
         probs = self.base_letter_probs(prompts)
         return torch.multinomial(probs, self.spec.answer_length, replacement=True, generator=generator)
 
+    def base_marginal_logps(self, answers: Tensor) -> Tensor:
+        """log q(y) [n] float64 of answers [n, L] (letter indices): the base distribution
+        marginalised over all prompts, q(y) = mean_x pi_base(y|x). Prompts are uniform over
+        ordered letter tuples and pi_base depends on a prompt's set of letters only, so the mean
+        over all C(A, P) sets is exact. The distribution weak negatives (answers to other prompts)
+        come from, up to the preference draw's selection among a prompt's candidates."""
+        log_base = self._log_base_per_prompt_set()  # [sets, A]
+        per_set = log_base[:, answers.cpu()].sum(dim=-1)  # [sets, n]
+        return torch.logsumexp(per_set, dim=0) - math.log(log_base.shape[0])
+
+    @functools.cache
+    def _log_base_per_prompt_set(self) -> Tensor:
+        sets = torch.combinations(torch.arange(self.spec.alphabet_size), self.spec.prompt_length)
+        return self.base_letter_probs(sets).log()
+
     def optimum(self, prompts: Tensor, beta: float) -> tuple[float, float]:
         """(expected true reward, KL(π* ‖ π_base)) of π* ∝ π_base·exp(r*/β), averaged over prompts.
         beta = inf gives the base distribution itself (KL 0)."""
@@ -133,6 +149,23 @@ class KnownRewardTask:
         reward = per_letter.gather(1, letters.clamp(0, self.spec.alphabet_size - 1)).sum(dim=1)
         worst = length * per_letter.min(dim=1).values
         return torch.where(well_formed, reward, worst), well_formed
+
+    def weak_proposal(self):
+        """The exact q of weak answers (``base_marginal_logps``) for epa-train's --weak-correction
+        importance, on answer token ids as epa-train tokenizes them (the letters, then ``</s>``);
+        an answer that is not L letters and ``</s>`` has q = 0."""
+        from ..train.weak_correction import KnownProposal
+
+        length = self.spec.answer_length
+
+        @functools.cache
+        def log_q(answer_ids: tuple[int, ...]) -> float:
+            letters = torch.tensor(list(answer_ids[:length])) - FIRST_LETTER_ID
+            well_formed = (len(answer_ids) == length + 1 and answer_ids[length] == EOS_ID
+                           and bool(((letters >= 0) & (letters < self.spec.alphabet_size)).all()))
+            return float(self.base_marginal_logps(letters[None])[0]) if well_formed else -math.inf
+
+        return KnownProposal(f"known-reward base marginal {self.spec}", lambda answer_ids: log_q(tuple(answer_ids)))
 
     def text(self, letters: Tensor) -> str:
         return " ".join(self.letters[i] for i in letters.tolist())

@@ -39,7 +39,6 @@ versions.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ from ..linear import linear_sequence_logps  # noqa: E402
 from ..logps import IGNORE_INDEX, completion_labels  # noqa: E402
 from ..losses import DPO_LOSS_TYPES, preference_metrics  # noqa: E402
 from ..train.batching import weak_negative_sources  # noqa: E402
-from ..train.modeling import decoder_and_head, head_inputs, unwrap  # noqa: E402
+from .. import causal_lm  # noqa: E402
 
 __all__ = ["EPAConfig", "EPADataCollator", "EPATrainer", "SUPPORTED_LOSS_TYPES", "SUPPORTED_TRL_VERSIONS"]
 
@@ -87,10 +86,6 @@ SUPPORTED_LOSS_TYPES = (*DPO_LOSS_TYPES, "epa")
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = frozenset({"completion_mask", "candidate_mask", "ref_chosen_logps", "ref_rejected_logps"})
-# Config attributes with which a model transforms its logits before the softmax (TRL's fused head
-# reads the same ones); epa_ext computes log softmax(h W^T + b) and would be silently wrong there.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
 
 
 def _is_real(value: Any) -> bool:
@@ -270,8 +265,10 @@ class EPATrainer(DPOTrainer):
     same arguments. ``args`` is an EPAConfig (a plain DPOConfig works too, checked the same way).
 
     Raises (before any model is loaded or trained): ValueError for a loss type or field epa_ext
-    does not implement, data without rejected answers, a model whose logits are not
-    ``h @ W^T + b``, or weak negatives a batch cannot supply; TypeError for a vision processor.
+    does not implement, data without rejected answers, a model whose log-probs the fused path
+    cannot compute exactly (``epa_ext.causal_lm.check``), or weak negatives a batch cannot
+    supply; TypeError for a vision processor. Logit softcaps (Gemma-2/3) and scales (Cohere,
+    Granite, ...) are computed exactly; an MoE model's router loss is added as TRL adds it.
     """
 
     _tag_names = ["trl", "dpo", "epa_ext"]
@@ -308,7 +305,7 @@ class EPATrainer(DPOTrainer):
         if eval_dataset is not None:
             _check_weak_batch(self._num_weak, args.per_device_eval_batch_size, "per_device_eval_batch_size")
         if not isinstance(model, str):
-            _check_model(model)
+            causal_lm.check(model)
         if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
             raise ValueError("prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens that "
                              "EPATrainer does not account for: use LoRA-style adapters, or trl.DPOTrainer")
@@ -324,16 +321,13 @@ class EPATrainer(DPOTrainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config)
-        _check_model(self.model)
+        causal_lm.check(self.model)
         if self._is_vlm:
             raise TypeError("EPATrainer takes text models with a tokenizer; this model's processing class is a "
                             "vision-language processor: use trl.DPOTrainer")
         self._check_short_last_batch(self.train_dataset, args.per_device_train_batch_size, args, "training set")
         for name, dataset in _named_datasets(None, self.eval_dataset):
             self._check_short_last_batch(dataset, args.per_device_eval_batch_size, args, name)
-        if self.aux_loss_enabled:
-            raise ValueError("the Mixture-of-Experts load-balancing loss is not supported by EPATrainer; set "
-                             "router_aux_loss_coef=0.0 to train without it, or use trl.DPOTrainer")
         self._use_epa_collator()
 
     # --- data --------------------------------------------------------------------------------------
@@ -477,8 +471,8 @@ class EPATrainer(DPOTrainer):
         """[R] summed reference log-probs of the rows of model_kwargs / labels (no graph)."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter_context:
-            hidden, weight, bias = _final_hidden(scorer, model_kwargs)
-            return linear_sequence_logps(hidden, weight, labels, bias=bias).float()
+            head, _ = causal_lm.final_hidden(scorer, causal_lm.logit_transform(scorer), **model_kwargs)
+            return linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()).float()
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch, for TRL's precomputation: ([B], [B]) for DPO
@@ -523,17 +517,21 @@ class EPATrainer(DPOTrainer):
         batch, num_candidates = candidate_mask.shape
         labels = completion_labels(input_ids, completion_mask)
         model_kwargs = _model_inputs(inputs)
-        hidden, weight, bias = _final_hidden(model, model_kwargs)
+        head, aux_loss = causal_lm.final_hidden(model, causal_lm.logit_transform(model),
+                                                router_logits=self.aux_loss_enabled, **model_kwargs)
         ref = self._all_reference_logps(inputs, model_kwargs, labels, batch)
         if self._loss_type == "epa":
             loss, policy = fused_linear_epa_loss(
-                hidden, weight, labels, ref, bias=bias, num_candidates=num_candidates, beta=self.beta,
-                num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
+                head.hidden, head.weight, labels, ref, **head.as_kwargs(), num_candidates=num_candidates,
+                beta=self.beta, num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
                 sft_weight=self._sft_weight)
         else:
-            loss, policy = self._dpo_loss(hidden, weight, bias, labels, ref, completion_mask)
+            loss, policy = self._dpo_loss(head, labels, ref, completion_mask)
         loss = loss * self._loss_weight
-        self._log_metrics(mode, inputs, hidden, weight, bias, labels, policy.detach(), ref, candidate_mask)
+        if self.aux_loss_enabled:  # as TRL 1.16's DPOTrainer adds and logs it
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._log_metrics(mode, inputs, head, labels, policy.detach(), ref, candidate_mask)
         if return_outputs:
             warnings.warn("`return_outputs=True` (logits for compute_metrics) is deprecated in TRL and costs an extra "
                           "forward pass that forms the logits", FutureWarning, stacklevel=2)
@@ -541,7 +539,7 @@ class EPATrainer(DPOTrainer):
                 return loss, model(**model_kwargs)
         return loss
 
-    def _dpo_loss(self, hidden, weight, bias, labels, ref, completion_mask) -> tuple[Tensor, Tensor]:
+    def _dpo_loss(self, head: causal_lm.HeadInputs, labels, ref, completion_mask) -> tuple[Tensor, Tensor]:
         """TRL's DPO loss types (and its "sft" term); IPO on log-probs averaged over each answer's
         tokens, policy and (summed) reference alike, as TRL does. Returns (loss, policy log-probs
         summed per sequence)."""
@@ -552,15 +550,15 @@ class EPATrainer(DPOTrainer):
                 "predicts it, and TRL divides by a token count that includes it while epa_ext averages over the "
                 "scored tokens; give every row a prompt (or a BOS token)")
         label_smoothing = self.label_smoothing if self._loss_type == "robust" else 0.0
-        loss, policy = fused_linear_dpo_loss(hidden, weight, labels, ref, bias=bias, beta=self.beta,
+        loss, policy = fused_linear_dpo_loss(head.hidden, head.weight, labels, ref, **head.as_kwargs(), beta=self.beta,
                                              loss_type=self._loss_type, label_smoothing=label_smoothing,
                                              sft_weight=self._sft_weight)
         return loss, policy * (labels != IGNORE_INDEX).sum(-1) if ipo else policy
 
     # --- metrics -----------------------------------------------------------------------------------
 
-    def _log_metrics(self, mode: str, inputs: dict, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                     labels: Tensor, policy: Tensor, ref: Tensor, candidate_mask: Tensor) -> None:
+    def _log_metrics(self, mode: str, inputs: dict, head: causal_lm.HeadInputs, labels: Tensor, policy: Tensor,
+                     ref: Tensor, candidate_mask: Tensor) -> None:
         """TRL's metrics (gathered over processes), and EPA's rewards/weak."""
         batch, num_candidates = candidate_mask.shape
         num_strong = self._num_strong if self._loss_type == "epa" else 1
@@ -572,20 +570,18 @@ class EPATrainer(DPOTrainer):
         with torch.no_grad():
             kept = labels != IGNORE_INDEX
             token_row = kept.nonzero()[:, 0]
-            kept_hidden = hidden.detach()[kept]
+            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+            kept_hidden = head.hidden.detach()[kept]
             candidate = token_row // batch
             chosen_tokens = candidate == 0
             rejected_tokens = (candidate >= 1) & (candidate <= num_strong)
             if self._token_metrics:
-                entropy, top1 = _token_statistics(kept_hidden, weight.detach(), None if bias is None else bias.detach(),
-                                                  labels[kept])
+                entropy, top1 = _token_statistics(kept_hidden, weight, bias, labels[kept], head.softcap)
                 store["entropy"].append(_gathered_ratio(gather, entropy.sum(), entropy.numel()))
             if mode == "train":
                 self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
             store["num_tokens"] = [self._total_train_tokens]
-            mean_logits = kept_hidden.float() @ weight.detach().float().mean(0)
-            if bias is not None:
-                mean_logits += bias.detach().float().mean()
+            mean_logits = causal_lm.mean_logits(kept_hidden, weight, bias, head.softcap)
             store["logits/chosen"].append(_gathered_ratio(gather, mean_logits[chosen_tokens].sum(),
                                                           chosen_tokens.sum()))
             store["logits/rejected"].append(_gathered_ratio(gather, mean_logits[rejected_tokens].sum(),
@@ -610,61 +606,15 @@ def _model_inputs(inputs: dict) -> dict:
     return {key: value for key, value in inputs.items() if key not in _NON_MODEL_KEYS}
 
 
-def _check_model(model: nn.Module) -> None:
-    """Raises ValueError unless the model's log-probs are log softmax(h W^T + b) of its
-    backbone's last hidden state, computable by epa_ext (and reachable through its forward)."""
-    causal_lm = unwrap(model)
-    if is_peft_model(model) and any(getattr(c, "is_prompt_learning", False) for c in model.peft_config.values()):
-        raise ValueError("prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens that EPATrainer "
-                         "does not account for: use LoRA-style adapters, or trl.DPOTrainer")
-    head = causal_lm.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
-        raise ValueError(f"{type(causal_lm).__name__} has no output embedding (lm_head) with a weight: EPATrainer "
-                         "needs a causal LM whose logits are hidden @ lm_head.weight.T")
-    text_config = causal_lm.config.get_text_config()
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(text_config, name, None)
-        if value is not None and (name == "final_logit_softcapping" or value != 1):
-            raise ValueError(f"{type(causal_lm).__name__} transforms its logits ({name}={value}); epa_ext's fused "
-                             "loss computes log softmax(hidden @ W.T + b) and would be wrong: use trl.DPOTrainer")
-    if "logits_to_keep" not in inspect.signature(type(causal_lm).forward).parameters:
-        raise ValueError(f"{type(causal_lm).__name__}.forward takes no logits_to_keep: EPATrainer runs the model's "
-                         "forward for the hidden states with logits_to_keep=1 so that it never forms all logits")
-
-
-def _final_hidden(model: nn.Module, model_kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The backbone's last hidden state [R, T, H] and the lm_head's weight and bias, in one dtype
-    (autocast's when active).
-
-    The model's own forward runs (so DDP and PEFT wrappers see the call) with logits_to_keep=1,
-    i.e. [R, 1, V] logits; a forward hook on the backbone takes its last_hidden_state."""
-    backbone, head = decoder_and_head(model)
-    captured = []
-
-    def keep_hidden(_module, _args, output):
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    handle = backbone.register_forward_hook(keep_hidden)
-    try:
-        model(**model_kwargs, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    (hidden,) = captured
-    return head_inputs(hidden, head)
-
-
-def _token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
+def _token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                      softcap: float | None) -> tuple[Tensor, Tensor]:
     """Per kept token: the entropy of the next-token distribution and whether the label is its
-    first argmax, in chunks of about H tokens (a chunk's logits about the lm_head's size)."""
+    first argmax (of the model's own logits, softcap included), in chunks of about H tokens."""
     entropies, top1 = [], []
-    rows = max(hidden.shape[-1], 1)
-    for start in range(0, hidden.shape[0], rows):
-        logits = (hidden[start:start + rows] @ weight.T).float()
-        if bias is not None:
-            logits += bias.float()
+    for start, logits in causal_lm.logit_chunks(hidden, weight, bias, softcap):
         log_probs = logits.log_softmax(-1)
         entropies.append(-(log_probs.exp() * log_probs).sum(-1))
-        top1.append(logits.argmax(-1) == labels[start:start + rows])
+        top1.append(logits.argmax(-1) == labels[start:start + logits.shape[0]])
     empty = hidden.new_empty(0, dtype=torch.float32)
     return (torch.cat(entropies) if entropies else empty,
             torch.cat(top1) if top1 else empty.bool())

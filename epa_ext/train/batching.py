@@ -122,8 +122,7 @@ def tokenize(examples: list[PreferenceExample], tokenizer: Any, *, max_length: i
             prompt_ids.insert(0, bos)
         truncated = len(prompt_ids) > max_prompt_length
         if truncated:
-            head = prompt_ids[:1] if bos is not None else []
-            prompt_ids = head + prompt_ids[len(prompt_ids) - (max_prompt_length - len(head)):]
+            prompt_ids = keep_prompt_end(prompt_ids, max_prompt_length, bos is not None)
         budget = max_length - len(prompt_ids)
         answers: list[list[int]] = []
         history = example.prompt if isinstance(example.prompt, list) else None
@@ -144,6 +143,15 @@ def tokenize(examples: list[PreferenceExample], tokenizer: Any, *, max_length: i
             report.add("truncated")
         tokenized.append(TokenizedExample(prompt_ids, answers))
     return tokenized
+
+
+def keep_prompt_end(prompt_ids: list[int], limit: int, has_bos: bool) -> list[int]:
+    """The prompt cut to its last tokens within limit (>= 1) tokens, the BOS (when the tokenizer
+    has one, in front) kept first: the end of a prompt, next to the answer, matters most."""
+    if len(prompt_ids) <= limit:
+        return prompt_ids
+    head = prompt_ids[:1] if has_bos else []
+    return head + prompt_ids[len(prompt_ids) - (limit - len(head)):]
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -255,10 +263,18 @@ def collate(examples: list[TokenizedExample], example_ids: list[int], *, num_str
             for j, k in sources[:num_weak]:
                 if j == example_id:
                     raise ValueError(f"weak_sources[{example_id}] borrows from example {example_id} itself")
-                answers.append(_fit(all_examples[j].answer_ids[k], example, example_id, max_length))
+                answers.append(fit_borrowed_answer(all_examples[j].answer_ids[k], example, example_id,
+                                                   max_length))
         for c, answer in enumerate(answers):
             rows[c * batch_size + b] = (example.prompt_ids, answer)
 
+    input_ids, attention_mask, labels = pad_rows(rows, pad_id)
+    return Batch(input_ids, attention_mask, labels, candidate_mask, num_candidates, num_strong, list(example_ids))
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) [R, T] of (prompt, answer) token rows, right-padded;
+    labels as ``collate`` documents them (the answer's tokens, one position early)."""
     length = max(len(prompt) + len(answer) for prompt, answer in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -272,10 +288,11 @@ def collate(examples: list[TokenizedExample], example_ids: list[int], *, num_str
         # answer with no prompt before it cannot have its first token predicted.
         start = max(len(prompt) - 1, 0)
         labels[r, start:end - 1] = sequence[start + 1:end]
-    return Batch(input_ids, attention_mask, labels, candidate_mask, num_candidates, num_strong, list(example_ids))
+    return input_ids, attention_mask, labels
 
 
-def _fit(answer: list[int], example: TokenizedExample, example_id: int, max_length: int | None) -> list[int]:
+def fit_borrowed_answer(answer: list[int], example: TokenizedExample, example_id: int,
+                        max_length: int | None) -> list[int]:
     """A borrowed answer cut from the right to fit under example's prompt within max_length."""
     if max_length is None:
         return answer

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modeling import unwrap
+from ..causal_lm import unwrap
 from .runtime import Runtime, barrier, full_weights, optimizer_state
 
 STATE_FILE = "trainer_state.pt"

@@ -67,6 +67,13 @@ class TrainConfig:
                                         "example has, fewer are masked)")
     num_weak: int = _opt(0, "EPA weak negatives per prompt: answers of other examples scored under this prompt")
     weak_weight: float = _opt(1.0, "weight of each weak negative in EPA's partition sum")
+    weak_correction: Literal["none", "importance"] = _opt(
+        "none", "importance: add the log importance weight log pi_ref(y|x) - log q(y) to each weak negative's "
+                "score, with q the data's answer mixture, estimated per answer (docs/losses.md); scored once "
+                "before training and cached in output_dir. none: weak negatives as they are")
+    weak_correction_prompts: int = _opt(8, "S of --weak-correction importance: each weak answer's q is estimated "
+                                           "from its own prompt and S - 1 others drawn by the seed (S + 1 extra "
+                                           "reference scorings per weak negative)")
     sft_weight: float = _opt(0.0, "lambda >= 0: adds lambda * the chosen answers' negative log-likelihood, averaged "
                                   "over all their completion tokens in the batch, to the loss (DPO + SFT = RPO; "
                                   "TRL's rpo_alpha)")
@@ -182,6 +189,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "max_prompt_length", "logging_steps",
                      "tiny_hidden_size", "tiny_layers", "tiny_vocab_size"):
             _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _check(self, "weak_correction_prompts", self.weak_correction_prompts >= 2, ">= 2",
+               "the answer's own prompt and at least one other")
         for name in ("num_weak", "lora_r", "eval_steps", "save_steps"):
             _check(self, name, getattr(self, name) >= 0, ">= 0")
         for name in ("max_steps", "num_strong", "save_total_limit"):
@@ -215,6 +224,7 @@ class TrainConfig:
                     raise ConfigError(f"{_flag(name)} applies to --loss dpo only; EPA has no such option")
         else:
             for name, meant in (("num_weak", "weak negatives"), ("weak_weight", "weak negatives"),
+                                ("weak_correction", "weak negatives"), ("weak_correction_prompts", "weak negatives"),
                                 ("num_strong", "several rejected answers")):
                 value = getattr(self, name)
                 if value != defaults[name].default and not (name == "num_strong" and value == 1):
@@ -223,6 +233,10 @@ class TrainConfig:
             if self.label_smoothing and self.dpo_loss_type not in ("sigmoid", "robust"):
                 raise ConfigError(f"--label-smoothing applies to --dpo-loss-type sigmoid or robust only; got "
                                   f"{self.dpo_loss_type}")
+        if self.loss == "epa" and self.weak_correction != "none" and not self.num_weak:
+            raise ConfigError("--weak-correction corrects weak negatives: it needs --num-weak > 0")
+        if self.weak_correction == "none" and self.weak_correction_prompts != defaults["weak_correction_prompts"].default:
+            raise ConfigError("--weak-correction-prompts applies to --weak-correction importance only")
         if self.model != "tiny":
             for name in ("tiny_hidden_size", "tiny_layers", "tiny_vocab_size"):
                 if getattr(self, name) != defaults[name].default:

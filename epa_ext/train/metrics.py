@@ -1,6 +1,7 @@
 """What epa-train logs, under TRL's names: per optimizer step loss, learning_rate, grad_norm,
 epoch, num_tokens (tokens fed to the policy so far), rewards/{chosen,rejected,margins,accuracies}
-(and rewards/weak with weak negatives), logps/{chosen,rejected}, logits/{chosen,rejected} (the
+(and rewards/weak with weak negatives; aux_loss, an MoE model's router loss, when its config asks for it; weak/log_weight and weak/log_weight_std, the mean and
+spread of their log importance weights, with --weak-correction importance), logps/{chosen,rejected}, logits/{chosen,rejected} (the
 mean logit over the vocabulary and the completion tokens), tokens_per_second; evaluations the same
 under eval/. Written to metrics.jsonl (one JSON object per line) and, with --report-to
 tensorboard, as TensorBoard scalars (train/... and eval/..., as transformers' Trainer writes)."""
@@ -19,9 +20,10 @@ from .batching import Batch
 
 
 def batch_metrics(loss: Tensor, seq: Tensor, ref: Tensor, logit_sums: Tensor, batch: Batch, *, beta: float,
-                  dpo: bool) -> dict[str, float]:
+                  dpo: bool, log_weights: Tensor | None = None, aux_loss: Tensor | None = None) -> dict[str, float]:
     """The metrics of one micro-batch (one host synchronization). seq, ref, logit_sums: [C*B]
-    (see PreferenceLoss.forward)."""
+    (see PreferenceLoss.forward); log_weights [B, C] or None; aux_loss: an MoE model's router
+    loss (logged as aux_loss, TRL's name) or None."""
     shape = (batch.num_candidates, -1)
     policy_bc, ref_bc = seq.detach().view(shape).T, ref.view(shape).T
     num_strong = 1 if dpo else batch.num_strong
@@ -33,6 +35,15 @@ def batch_metrics(loss: Tensor, seq: Tensor, ref: Tensor, logit_sums: Tensor, ba
     values["logits/chosen"] = sums[:, 0].sum() / tokens[:, 0].sum().clamp(min=1)
     values["logits/rejected"] = ((sums[:, 1:1 + num_strong] * strong).sum()
                                  / (tokens[:, 1:1 + num_strong] * strong).sum().clamp(min=1))
+    if aux_loss is not None:
+        values["aux_loss"] = aux_loss.detach()
+    if log_weights is not None:
+        weak = log_weights[:, 1 + num_strong:]
+        finite = torch.isfinite(weak)
+        count = finite.sum().clamp(min=1)
+        mean = torch.where(finite, weak, 0).sum() / count
+        values["weak/log_weight"] = mean
+        values["weak/log_weight_std"] = (torch.where(finite, weak - mean, 0).pow(2).sum() / count).sqrt()
     names = list(values)
     return dict(zip(names, torch.stack([values[k].float().reshape(()) for k in names]).tolist()))
 

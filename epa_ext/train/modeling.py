@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..causal_lm import HeadInputs, LogitTransform, final_hidden, logit_transform, mean_logits, unwrap
 from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss
 from ..logps import IGNORE_INDEX
 from . import hub
 from .config import ConfigError, TrainConfig, tiny_attention_heads
-from .packing import Packed, packed_hidden
+from .packing import Packed, packed_final_hidden
 
 # --- the tiny model ------------------------------------------------------------------------------
 
@@ -165,47 +166,17 @@ def enable_gradient_checkpointing(policy: nn.Module) -> None:
     model.config.use_cache = False
 
 
-def unwrap(model: nn.Module, *, keep_adapters: bool = False) -> nn.Module:
-    """The transformers model inside DDP wrappers and (unless keep_adapters) the PEFT wrapper.
-    keep_adapters keeps the PEFT model, which saves the adapters and can disable them."""
-    while hasattr(model, "module"):
-        model = model.module
-    if not keep_adapters and hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 # --- scoring through the fused linear path -------------------------------------------------------
 
 
-def decoder_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the transformer body that returns last_hidden_state, the lm_head Linear)."""
-    base = unwrap(causal_lm)
-    return base.base_model, base.get_output_embeddings()
-
-
-def score_hidden(causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                 packed: Packed | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Final hidden states [R, T, H] of the padded batch input_ids / attention_mask [R, T] and the
-    lm_head's weight and bias, in one dtype (autocast's, when active) so the fused linear op can
-    take them. With packed (the same batch, ``packing.pack``), the decoder runs on the packed rows
-    and their hidden states are gathered into the padded layout (padding positions: see Packed)."""
-    decoder, head = decoder_and_head(causal_lm)
+def batch_hidden(model: nn.Module, transform: LogitTransform, input_ids: Tensor, attention_mask: Tensor,
+                 packed: Packed | None, *, router_logits: bool = False) -> tuple[HeadInputs, Tensor | None]:
+    """``final_hidden`` of the padded batch input_ids / attention_mask [R, T], or, with packed (the
+    same batch, ``packing.pack``), of its packed rows, gathered back into the padded layout."""
     if packed is not None:
-        return head_inputs(packed_hidden(decoder, packed), head)
-    return head_inputs(decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, head)
-
-
-def head_inputs(hidden: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(hidden, head.weight, head.bias) in one dtype: autocast's when active, else the weight's."""
-    weight, bias = head.weight, head.bias
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    elif hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    return hidden, weight, bias
+        return packed_final_hidden(model, transform, packed, router_logits=router_logits)
+    return final_hidden(model, transform, router_logits=router_logits, input_ids=input_ids,
+                        attention_mask=attention_mask)
 
 
 class PreferenceLoss(nn.Module):
@@ -213,41 +184,49 @@ class PreferenceLoss(nn.Module):
     (the lm_head's weight is read by the fused linear loss, not by a forward call of its own).
 
     forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C],
-    packed=None) returns (loss, policy_seq_logps [C*B], logit_sums [C*B]) (see ``logit_sums``; no
-    graph). packed: the batch's rows packed without padding (``score_hidden``), or None.
+    log_weights [B, C] or None: EPA's per-candidate log-weights, packed: the batch's rows packed
+    without padding or None, ``batch_hidden``) returns (loss, policy_seq_logps [C*B], logit_sums
+    [C*B] (see ``logit_sums``; no graph), the router loss or None). With router_aux_coef > 0 (an
+    MoE model whose config asks for router logits) the loss includes router_aux_coef times the
+    model's router load-balancing loss, as transformers and TRL add it.
     """
 
     def __init__(self, policy: nn.Module, *, loss: str, beta: float, dpo_loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, num_strong: int = 1, weak_weight: float = 1.0, sft_weight: float = 0.0):
+                 label_smoothing: float = 0.0, num_strong: int = 1, weak_weight: float = 1.0, sft_weight: float = 0.0,
+                 transform: LogitTransform | None = None, router_aux_coef: float = 0.0):
         super().__init__()
         self.policy = policy
         self.loss, self.beta, self.dpo_loss_type = loss, beta, dpo_loss_type
         self.label_smoothing, self.num_strong, self.weak_weight = label_smoothing, num_strong, weak_weight
         self.sft_weight = sft_weight
+        self.transform = logit_transform(policy) if transform is None else transform
+        self.router_aux_coef = router_aux_coef
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
-                candidate_mask: Tensor, packed: Packed | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        hidden, weight, bias = score_hidden(self.policy, input_ids, attention_mask, packed)
+                candidate_mask: Tensor, log_weights: Tensor | None = None, packed: Packed | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        head, aux_loss = batch_hidden(self.policy, self.transform, input_ids, attention_mask, packed,
+                                      router_logits=self.router_aux_coef > 0)
         if self.loss == "dpo":
-            loss, seq = fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias, beta=self.beta,
-                                              loss_type=self.dpo_loss_type, label_smoothing=self.label_smoothing,
-                                              sft_weight=self.sft_weight)
+            loss, seq = fused_linear_dpo_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
+                                              beta=self.beta, loss_type=self.dpo_loss_type,
+                                              label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
         else:
-            loss, seq = fused_linear_epa_loss(hidden, weight, labels, ref_logps, bias=bias,
+            loss, seq = fused_linear_epa_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
                                               num_candidates=candidate_mask.shape[1], beta=self.beta,
                                               num_strong=self.num_strong, weak_weight=self.weak_weight,
-                                              mask=candidate_mask, sft_weight=self.sft_weight)
-        return loss, seq, logit_sums(hidden, weight, bias, labels)
+                                              mask=candidate_mask, sft_weight=self.sft_weight,
+                                              log_weights=log_weights)
+        if aux_loss is not None:
+            loss = loss + self.router_aux_coef * aux_loss.to(loss.dtype)
+        return loss, seq, logit_sums(head, labels), aux_loss
 
 
 @torch.no_grad()
-def logit_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
+def logit_sums(head: HeadInputs, labels: Tensor) -> Tensor:
     """[R]: for each row, the sum over its kept tokens (labels != IGNORE_INDEX) of the token's
-    mean logit over the vocabulary, without forming the logits: the mean over v of h . w_v + b_v
-    is h . mean_v(w_v) + mean_v(b_v), one [H] vector for the whole batch. Divided by the kept
-    token count it gives TRL's logits/chosen and logits/rejected."""
-    mean_row = weight.detach().float().mean(0).to(hidden.dtype)
-    per_token = (hidden.detach() @ mean_row).float()
-    if bias is not None:
-        per_token = per_token + bias.detach().float().mean()
+    mean logit over the vocabulary (causal_lm.mean_logits: the model's own logits, softcap
+    included). Divided by the kept token count it gives TRL's logits/chosen and logits/rejected."""
+    hidden = head.hidden.reshape(-1, head.hidden.shape[-1])
+    per_token = mean_logits(hidden, head.weight, head.bias, head.softcap).view(labels.shape)
     return per_token.masked_fill(labels == IGNORE_INDEX, 0.0).sum(-1)

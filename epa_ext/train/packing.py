@@ -6,7 +6,7 @@ labels. Only the decoder runs on the packed rows: it is what padding costs (the 
 already skip ignored labels), and the padded batch's labels cannot cross a sequence boundary.
 
     packed = pack(batch.input_ids, batch.attention_mask, max_row_tokens=1024, pad_id=0)
-    hidden = packed_hidden(decoder, packed)  # [R, T, H]: decoder(input_ids, attention_mask)'s, on real tokens
+    head, _ = packed_final_hidden(model, transform, packed)  # head.hidden [R, T, H]: the padded batch's
 
 Which attention implementations keep packed sequences apart (read in transformers 5.25):
 
@@ -21,7 +21,7 @@ Which attention implementations keep packed sequences apart (read in transformer
 - any other (paged, hub kernels, custom functions): refused.
 
 Without a cache only: a model called with ``use_cache`` (Llama's config default) creates one, and
-``create_causal_mask`` then ignores the restarts, so the decoder is called with
+``create_causal_mask`` then ignores the restarts; ``causal_lm.final_hidden`` calls the model with
 ``use_cache=False``. ``check_packed_attention`` refuses the implementations above and verifies the
 rest on the model itself (packed and padded hidden states of a few short sequences must agree), so
 a model whose attention ignores the restarts is refused instead of silently attending across
@@ -30,10 +30,12 @@ sequences.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+
+from ..causal_lm import HeadInputs, LogitTransform, backbone_and_head, final_hidden, unwrap
 
 ROWS_OF_ANY_NUMBER = ("sdpa", "eager", "flex_attention")
 ONE_ROW_ONLY = ("flash_attention_2", "flash_attention_3")
@@ -43,6 +45,9 @@ PACKED_ATTENTION = ROWS_OF_ANY_NUMBER + ONE_ROW_ONLY
 # by O(1) (measured 0.9 to 2.2 on a random tiny Llama); half precisions round at ~4e-3.
 _PROBE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}
 _PROBE_RTOL_HALF = 5e-2
+_ROUTER_LOSS_REFUSED = ("padding-free batches cannot give an MoE model's router load-balancing loss (it would count the "
+                        "packed rows' free tails, which the padded batch's attention mask leaves out); train it with "
+                        "padding, or without output_router_logits")
 
 
 @dataclass
@@ -142,42 +147,55 @@ def unpack(hidden: Tensor, packed: Packed) -> Tensor:
     return hidden.reshape(-1, hidden.shape[-1])[packed.index]
 
 
-def packed_hidden(decoder: nn.Module, packed: Packed) -> Tensor:
-    """The decoder's last hidden state on the packed rows, in the padded layout [R, T, H]."""
-    output = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
-    return unpack(output.last_hidden_state, packed)
+def packed_final_hidden(model: nn.Module, transform: LogitTransform, packed: Packed, *,
+                        router_logits: bool = False) -> tuple[HeadInputs, Tensor | None]:
+    """``causal_lm.final_hidden`` of the packed rows (the model's own forward, given input_ids and
+    position_ids and no attention mask, without a cache), the hidden states gathered back into the
+    padded layout [R, T, H].
+
+    Raises ValueError for router_logits (_ROUTER_LOSS_REFUSED)."""
+    if router_logits:
+        raise ValueError(_ROUTER_LOSS_REFUSED)
+    head, _ = final_hidden(model, transform, input_ids=packed.input_ids, position_ids=packed.position_ids)
+    return replace(head, hidden=unpack(head.hidden, packed)), None
 
 
 def attn_implementation(model: nn.Module) -> str:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return str(getattr(config, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", ""))
+    """The attention implementation the model's (text) config names."""
+    causal_lm = unwrap(model)
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    return str(getattr(config, "_attn_implementation", None) or getattr(causal_lm.config, "_attn_implementation", ""))
 
 
 @torch.no_grad()
-def check_packed_attention(causal_lm: nn.Module, decoder: nn.Module) -> None:
-    """Raises ValueError (one line) unless packed rows of this model's decoder give the padded
-    batch's hidden states: its attention implementation must be one of PACKED_ATTENTION, and a
-    probe (four short sequences, packed two to a row, or one row for flash attention) must agree
-    with the padded batch. The model is run in eval mode (no dropout) and left as it was."""
-    implementation = attn_implementation(causal_lm)
-    name = type(causal_lm).__name__
+def check_packed_attention(model: nn.Module, transform: LogitTransform, *, router_logits: bool = False) -> None:
+    """Raises ValueError (one line) unless packed rows of this model give the padded batch's
+    hidden states: its attention implementation must be one of PACKED_ATTENTION, it must not be
+    asked for a router loss (``packed_final_hidden``), and a probe (four short sequences, packed
+    two to a row, or one row for flash attention) through ``packed_final_hidden`` must agree with
+    ``final_hidden`` of the padded batch. The model is run in eval mode (no dropout) and left as
+    it was."""
+    implementation = attn_implementation(model)
+    name = type(unwrap(model)).__name__
     if implementation not in PACKED_ATTENTION:
         raise ValueError(f"{name} uses attn_implementation={implementation!r}, which does not keep packed sequences "
                          f"apart in transformers 5.x; padding-free batches need one of {', '.join(PACKED_ATTENTION)} "
                          f"(load the model with attn_implementation='sdpa'), or train with padding")
-    weight = decoder.get_input_embeddings().weight
+    if router_logits:
+        raise ValueError(_ROUTER_LOSS_REFUSED)
+    weight = backbone_and_head(model)[1].weight
     lengths = [5, 3, 4, 2]
     generator = torch.Generator().manual_seed(0)
-    vocab = weight.shape[0]
-    input_ids = torch.randint(0, vocab, (len(lengths), max(lengths)), generator=generator).to(weight.device)
+    input_ids = torch.randint(0, weight.shape[0], (len(lengths), max(lengths)), generator=generator).to(weight.device)
     attention_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long().to(weight.device)
-    was_training = decoder.training
-    decoder.eval()
+    was_training = model.training
+    model.eval()
     try:
-        padded = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        packed = packed_hidden(decoder, pack(input_ids, attention_mask, row_bound(implementation, 8), pad_id=0))
+        padded = final_hidden(model, transform, input_ids=input_ids, attention_mask=attention_mask)[0].hidden
+        packed = pack(input_ids, attention_mask, row_bound(implementation, 8), pad_id=0)
+        packed = packed_final_hidden(model, transform, packed)[0].hidden
     finally:
-        decoder.train(was_training)
+        model.train(was_training)
     real = attention_mask.bool()
     scale = padded[real].abs().max().clamp(min=1e-30)
     error = ((packed[real] - padded[real]).abs().max() / scale).item()

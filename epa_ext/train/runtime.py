@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import TrainConfig
-from .modeling import unwrap
+from ..causal_lm import unwrap
 
 
 @dataclass

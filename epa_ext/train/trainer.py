@@ -29,29 +29,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import causal_lm
 from . import checkpoint as ckpt
 from . import run_dir
 from .batching import BatchOrder, Layout, Split, hold_out, longest_rows, make_batch, make_split, render, tokenize
 from .config import ConfigError, TrainConfig, parse_config
 from .data import DataError, DropReport, PreferenceExample, load_rows, parse_rows
 from .metrics import Mean, MetricsLog, batch_metrics
-from .modeling import (PreferenceLoss, decoder_and_head, enable_gradient_checkpointing, load_policy, load_tokenizer,
-                       unwrap)
+from .modeling import PreferenceLoss, enable_gradient_checkpointing, load_policy, load_tokenizer
 from .packing import attn_implementation, check_packed_attention, row_bound
 from .plots import plot_training_curves
 from .reference import Reference
 from .runtime import (Runtime, all_finite, all_mean, any_rank, autocast, barrier, distribute, full_weights,
                       load_optimizer_state, no_sync, setup_runtime, teardown)
 from .signals import RunInterrupted, StopRequests
+from .weak_correction import KnownProposal
 
 
-def run(cfg: TrainConfig) -> list[dict]:
+def run(cfg: TrainConfig, *, weak_proposal: KnownProposal | None = None) -> list[dict]:
     """Trains as cfg says; returns the records written to metrics.jsonl (on rank 0; [] on the
-    others). Raises RunInterrupted after writing a checkpoint when SIGINT or SIGTERM arrives."""
+    others). Raises RunInterrupted after writing a checkpoint when SIGINT or SIGTERM arrives.
+    weak_proposal: with --weak-correction importance, a q of weak answers known in closed form
+    instead of the estimate (the known-reward experiment's; see weak_correction.py)."""
     cfg.validate()
+    if weak_proposal is not None and cfg.weak_correction != "importance":
+        raise ConfigError("a known weak proposal q is used by --weak-correction importance only")
     runtime = setup_runtime(cfg)
     try:
-        with set_up(cfg, runtime) as training:
+        with set_up(cfg, runtime, weak_proposal) as training:
             with StopRequests() as stop:
                 while training.position.step < training.total_steps:
                     training.train_step()
@@ -85,13 +90,13 @@ class Data:
     report: DropReport
 
 
-def set_up(cfg: TrainConfig, runtime: Runtime) -> Training:
+def set_up(cfg: TrainConfig, runtime: Runtime, weak_proposal: KnownProposal | None = None) -> Training:
     """The run's pieces, each from the ones before it."""
     torch.manual_seed(cfg.seed)
     run = ckpt.run_record(cfg.training_options(), runtime.world_size)
     resume_dir = run_dir.prepare(cfg, runtime, run)
     data = prepare_data(cfg, runtime, resume_dir)
-    policy, loss_module, reference = build_models(cfg, runtime, data, resume_dir)
+    policy, loss_module, reference = build_models(cfg, runtime, data, resume_dir, weak_proposal)
     model = distribute(loss_module, cfg, runtime)
     trainable = [p for p in loss_module.parameters() if p.requires_grad]
     # fused: one kernel for all parameters per step (CPU and CUDA), as transformers' default
@@ -110,29 +115,46 @@ def set_up(cfg: TrainConfig, runtime: Runtime) -> Training:
                     total_steps, position)
 
 
-def build_models(cfg: TrainConfig, runtime: Runtime, data: Data,
-                 resume_dir: Path | None) -> tuple[nn.Module, PreferenceLoss, Reference]:
-    """(the policy, the policy with its loss, pi_ref), on the run's device."""
+def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Path | None,
+                 weak_proposal: KnownProposal | None = None) -> tuple[nn.Module, PreferenceLoss, Reference]:
+    """(the policy, the policy with its loss, pi_ref and the weak negatives' importance weights),
+    on the run's device."""
     policy, reference_model = load_policy(cfg, data.tokenizer, resume_dir)
     policy.to(runtime.device)
     if reference_model is not None:
         reference_model.to(runtime.device)
+    try:  # the fused path gives this model's own log-probs, or the run stops here
+        transform = causal_lm.check(policy)
+    except ValueError as error:
+        raise ConfigError(f"--model {cfg.model}: {error}") from None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if cfg.padding_free:
         try:
-            check_packed_attention(unwrap(policy), decoder_and_head(policy)[0])
+            check_packed_attention(policy, transform, router_logits=router_aux_coef(policy) > 0)
         except ValueError as error:
             raise ConfigError(f"--padding-free: {error}") from None
-        data.layout = replace(data.layout, max_row_tokens=row_bound(attn_implementation(unwrap(policy)),
+        data.layout = replace(data.layout, max_row_tokens=row_bound(attn_implementation(policy),
                                                                     data.layout.max_row_tokens))
     loss_module = PreferenceLoss(policy, loss=cfg.loss, beta=cfg.beta, dpo_loss_type=cfg.dpo_loss_type,
                                  label_smoothing=cfg.label_smoothing, num_strong=data.layout.num_strong,
-                                 weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight)
-    reference = Reference(cfg, runtime, policy, reference_model)
+                                 weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight, transform=transform,
+                                 router_aux_coef=router_aux_coef(policy))
+    reference = Reference(cfg, runtime, policy, reference_model, transform)
+    splits = {"train": data.train, "eval": data.held_out}
+    if cfg.weak_correction == "importance":  # before precompute, which drops the reference model
+        reference.prepare_weak_correction(splits, data.layout, Path(cfg.output_dir),
+                                          has_bos=data.tokenizer.bos_token_id is not None, proposal=weak_proposal)
     if cfg.ref == "precompute":
-        reference.precompute({"train": data.train, "eval": data.held_out}, data.layout, Path(cfg.output_dir))
+        reference.precompute(splits, data.layout, Path(cfg.output_dir))
     return policy, loss_module, reference
+
+
+def router_aux_coef(policy: nn.Module) -> float:
+    """The coefficient of an MoE model's router load-balancing loss when its config asks for router
+    logits (output_router_logits, as transformers' own training forward adds it), else 0."""
+    has_router, coef = causal_lm.router_aux(policy)
+    return coef if has_router and causal_lm.unwrap(policy).config.get_text_config().output_router_logits else 0.0
 
 
 def restore(resume_dir: Path, cfg: TrainConfig, loss_module: PreferenceLoss, optimizer, scheduler, total_steps: int,
@@ -290,16 +312,17 @@ class Training:
             ids = self.order(self.position.micro_index)[runtime.rank * cfg.batch_size:(runtime.rank + 1) * cfg.batch_size]
             batch = make_batch(self.data.train, ids, self.data.layout, runtime.device)
             ref = self.reference.logps("train", batch)
+            log_weights = self.reference.log_weights("train", batch)
             with no_sync(self.model, sync=accum == cfg.grad_accum - 1), autocast(cfg, runtime):
-                loss, seq, logit_sums = self.model(batch.input_ids, batch.attention_mask, batch.labels, ref,
-                                                   batch.candidate_mask, batch.packed)
+                loss, seq, logit_sums, aux_loss = self.model(batch.input_ids, batch.attention_mask, batch.labels,
+                                                             ref, batch.candidate_mask, log_weights, batch.packed)
             if not all_finite(loss, runtime):  # the same decision on every rank
                 if not cfg.skip_nonfinite_steps:
                     raise self._nonfinite_error()
                 nonfinite = True
             # backward even for a step that will be skipped: DDP expects one after every forward
             self.scaler.scale(loss / cfg.grad_accum).backward()
-            metrics.add(self._metrics(loss, seq, ref, logit_sums, batch))
+            metrics.add(self._metrics(loss, seq, ref, logit_sums, batch, log_weights, aux_loss))
             tokens += int(batch.attention_mask.sum())
             self.position.micro_index += 1
         grad_norm, learning_rate = self._optimizer_step(skip=nonfinite)
@@ -331,10 +354,13 @@ class Training:
                 ids = mine[index * cfg.batch_size:(index + 1) * cfg.batch_size]
                 batch = make_batch(held_out, ids or [0], self.data.layout, runtime.device)
                 ref = self.reference.logps("eval", batch)
+                log_weights = self.reference.log_weights("eval", batch)
                 with autocast(cfg, runtime):
-                    loss, seq, logit_sums = self.loss_module(batch.input_ids, batch.attention_mask, batch.labels,
-                                                             ref, batch.candidate_mask, batch.packed)
-                metrics.add(self._metrics(loss, seq, ref, logit_sums, batch), weight=len(ids))
+                    loss, seq, logit_sums, aux_loss = self.loss_module(batch.input_ids, batch.attention_mask,
+                                                                       batch.labels, ref, batch.candidate_mask,
+                                                                       log_weights, batch.packed)
+                metrics.add(self._metrics(loss, seq, ref, logit_sums, batch, log_weights, aux_loss),
+                            weight=len(ids))
         self.policy.train()
         totals = all_mean({**metrics.sums, "weight": metrics.weight}, runtime)
         return {f"eval/{k}": v / totals["weight"] for k, v in totals.items() if k != "weight"}
@@ -379,8 +405,9 @@ class Training:
 
     # --- the parts of a step
 
-    def _metrics(self, loss, seq, ref, logit_sums, batch) -> dict[str, float]:
-        return batch_metrics(loss, seq, ref, logit_sums, batch, beta=self.cfg.beta, dpo=self.cfg.loss == "dpo")
+    def _metrics(self, loss, seq, ref, logit_sums, batch, log_weights, aux_loss) -> dict[str, float]:
+        return batch_metrics(loss, seq, ref, logit_sums, batch, beta=self.cfg.beta, dpo=self.cfg.loss == "dpo",
+                             log_weights=log_weights, aux_loss=aux_loss)
 
     def _optimizer_step(self, *, skip: bool) -> tuple[float, float]:
         """(gradient norm before clipping, the learning rate the step used)."""
