@@ -45,9 +45,9 @@ PACKED_ATTENTION = ROWS_OF_ANY_NUMBER + ONE_ROW_ONLY
 # by O(1) (measured 0.9 to 2.2 on a random tiny Llama); half precisions round at ~4e-3.
 _PROBE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}
 _PROBE_RTOL_HALF = 5e-2
-_ROUTER_LOSS_REFUSED = ("padding-free batches cannot give an MoE model's router load-balancing loss (it would count the "
-                        "packed rows' free tails, which the padded batch's attention mask leaves out); train it with "
-                        "padding, or without output_router_logits")
+_ROUTER_LOSS_REFUSED = ("padding-free batches cannot give an MoE model's router load-balancing loss (it would count "
+                        "the packed rows' free tails, which the padded batch's attention mask leaves out); train it "
+                        "with padding, or without output_router_logits")
 
 
 @dataclass

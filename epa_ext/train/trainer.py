@@ -309,7 +309,8 @@ class Training:
         cfg, runtime = self.cfg, self.runtime
         started, metrics, tokens, nonfinite = time.perf_counter(), Mean(), 0, False
         for accum in range(cfg.grad_accum):
-            ids = self.order(self.position.micro_index)[runtime.rank * cfg.batch_size:(runtime.rank + 1) * cfg.batch_size]
+            ids = self.order(self.position.micro_index)
+            ids = ids[runtime.rank * cfg.batch_size:(runtime.rank + 1) * cfg.batch_size]
             batch = make_batch(self.data.train, ids, self.data.layout, runtime.device)
             ref = self.reference.logps("train", batch)
             log_weights = self.reference.log_weights("train", batch)
