@@ -6,7 +6,8 @@ fused-linear losses, whose lm_head gradient is formed in the forward and only sc
   parameter, the lm_head's weight and bias included: DDP's reducer and FSDP2's reduce-scatter see
   the gradient the op formed. For the three-matmul path (the trainer's) and the recomputing one.
 - Real `epa-train` runs under torchrun: 2 ranks of 2 prompts against 1 process of 4 give the same
-  step losses and final weights, for DDP (with --grad-accum 2) and for --fsdp (and its resume).
+  step losses and final weights, for DDP (with --grad-accum 2; and with padding-free, length-grouped
+  batches against padded ones) and for --fsdp (and its resume).
 """
 
 from __future__ import annotations
@@ -257,6 +258,21 @@ def test_ddp_over_two_processes_trains_as_one(tmp_path):
     # averaged batch by batch as TRL does, so they depend on how the batches are cut)
     per_prompt = ("eval/loss", "eval/logps/chosen", "eval/rewards/chosen")
     evaluation = lambda out: [r[k] for r in read_metrics(out) if "eval/loss" in r for k in per_prompt]  # noqa: E731
+    assert evaluation(double) == pytest.approx(evaluation(single), rel=RTOL, abs=ATOL)
+    assert_same_training(single, double)
+
+
+def test_ddp_with_padding_free_length_grouped_batches_trains_as_one_padded_process(tmp_path):
+    """2 DDP ranks of 2 prompts, each packing its own half of the length-grouped global batch,
+    against 1 process of 4 padded prompts in the same grouped order: the same losses, evaluation
+    and final weights (the ranks' halves are disjoint and together the padded batch)."""
+    common = ["--max-steps", "3", "--num-weak", "1", "--eval-fraction", "0.1", "--group-by-length", *ON_CPU]
+    single, double = tmp_path / "single", tmp_path / "double"
+    train_in_process(single, *common, "--batch-size", "4")
+    torchrun_epa_train(double, *common, "--batch-size", "2", "--padding-free")
+    assert train_losses(read_metrics(double)) == pytest.approx(train_losses(read_metrics(single)), rel=RTOL, abs=ATOL)
+    evaluation = lambda out: [r[k] for r in read_metrics(out) if "eval/loss" in r  # noqa: E731
+                              for k in ("eval/loss", "eval/logps/chosen", "eval/rewards/chosen")]
     assert evaluation(double) == pytest.approx(evaluation(single), rel=RTOL, abs=ATOL)
     assert_same_training(single, double)
 
