@@ -277,8 +277,9 @@ torch.set_num_threads(1)
 from pathlib import Path
 import test_trl as T
 args = T.config(T.EPAConfig, Path(tempfile.mkdtemp()), per_device_train_batch_size=2, ddp_backend="gloo",
-                token_metrics=True)
+                token_metrics=True, padding_free=True)
 log, trainer = T.train(T.EPATrainer, args, T.standard_rows(), T.make_tokenizer())
+assert trainer.padding_free
 if os.environ["RANK"] == "0":
     json.dump(log, open({log_path!r}, "w"))
     torch.save(trainer.model.state_dict(), {weights_path!r})
@@ -288,7 +289,8 @@ if os.environ["RANK"] == "0":
 def test_data_parallel_trains_as_trl_on_one_process(tokenizer, tmp_path):
     """Two DDP processes (gloo) with 2 pairs each train as TRL with 4 pairs in one process: the
     policy's forward goes through the DDP wrapper (gradients are averaged) and the metrics are
-    gathered over both processes."""
+    gathered over both processes. The ranks pack their pairs (padding_free=True) and TRL pads:
+    packing changes nothing DDP sees (one process: test_padding_free_trains_as_padded_batches)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -441,6 +443,63 @@ def test_epa_loss_falls_where_it_must(tokenizer, tmp_path):
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.5 * first, losses
     assert log[-1]["rewards/margins"] > 0 and log[-1]["rewards/chosen"] > log[-1]["rewards/weak"]
+
+
+# --- padding-free batches ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options,max_packed_length,lora", [
+    (dict(loss_type="sigmoid"), 64, False),
+    (dict(loss_type="epa", num_weak=1, precompute_ref_log_probs=True, gradient_checkpointing=True), None, False),
+    (dict(loss_type="sigmoid", precompute_ref_log_probs=True), None, True),
+], ids=["dpo-reference-model-bounded-rows", "epa-weak-precomputed-checkpointing", "dpo-lora-precomputed"])
+def test_padding_free_trains_as_padded_batches(options, max_packed_length, lora, tokenizer, tmp_path, monkeypatch):
+    """padding_free=True (which TRL 1.16 turns off): the policy and the reference score packed
+    rows (at most max_packed_length tokens, by default 2 x max_length = 128; at 64, several per
+    batch), and the logged numbers and final weights are those of padded batches."""
+    import epa_ext.integrations.trl as integration
+
+    packed_rows = []
+    pack = integration.pack
+    monkeypatch.setattr(integration, "pack", lambda *a, **k: packed_rows.append(pack(*a, **k)) or packed_rows[-1])
+    rows = pick_rows() if options["loss_type"] == "epa" else standard_rows()
+    ref_model = True if options.get("num_weak") else None  # weak negatives are scored during training
+    padded = train(EPATrainer, config(EPAConfig, tmp_path / "padded", **options), rows, tokenizer, lora=lora,
+                   ref_model=ref_model)
+    assert not packed_rows
+    args = config(EPAConfig, tmp_path / "packed", padding_free=True, max_packed_length=max_packed_length, **options)
+    packed = train(EPATrainer, args, rows, tokenizer, lora=lora, ref_model=ref_model)
+    assert packed[1].padding_free and packed[1].args.padding_free
+    assert packed_rows and all(p.input_ids.shape[1] <= (max_packed_length or 128) for p in packed_rows)
+    assert any(p.input_ids.shape[0] > 1 for p in packed_rows) or not max_packed_length
+    assert_same_training(packed, padded)
+
+
+def test_padding_free_options_are_checked(tokenizer, tmp_path):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with pytest.raises(ValueError, match="max_packed_length applies to padding_free=True"):
+        config(EPAConfig, tmp_path, max_packed_length=128)
+    with pytest.raises(ValueError, match=r"max_packed_length must be >= max_length \(64\)"):
+        config(EPAConfig, tmp_path, padding_free=True, max_packed_length=32)
+    with pytest.raises(TypeError, match="max_packed_length must be an int or None; got float"):
+        config(EPAConfig, tmp_path, padding_free=True, max_packed_length=100.0)
+    AttentionInterface.register("my_sdpa", sdpa_attention_forward)
+    model = build_tiny_model(len(tokenizer), 32, 2, 128, seed=0)
+    model.set_attn_implementation("my_sdpa")
+    with pytest.raises(ValueError, match="padding_free=True: model: LlamaForCausalLM uses attn_implementation="
+                                         "'my_sdpa', which does not keep packed sequences apart"):
+        EPATrainer(model=model, ref_model=copy.deepcopy(model), args=config(EPAConfig, tmp_path, padding_free=True),
+                   train_dataset=Dataset.from_list(standard_rows()), processing_class=tokenizer)
+    from test_models import build
+
+    mixtral = build("mixtral", vocab_size=len(tokenizer), max_position_embeddings=128, output_router_logits=True,
+                    router_aux_loss_coef=0.5)
+    with pytest.raises(ValueError, match="padding_free=True: model: padding-free batches cannot give an MoE model's "
+                                         "router load-balancing loss"):
+        EPATrainer(model=mixtral, ref_model=copy.deepcopy(mixtral), args=config(EPAConfig, tmp_path,
+                   padding_free=True), train_dataset=Dataset.from_list(standard_rows()), processing_class=tokenizer)
 
 
 # --- refused up front --------------------------------------------------------------------------------

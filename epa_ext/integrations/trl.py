@@ -34,6 +34,13 @@ This module depends on DPOTrainer internals of TRL 1.16 (``_prepare_dataset``,
 ``compute_ref_log_probs``, ``_precompute_ref_logps``, ``_precompute_model_hash``, ``_metrics``,
 ``_total_train_tokens``); importing it with another TRL raises ImportError naming the supported
 versions.
+
+Padding-free batches (``padding_free=True``, which TRL 1.16 turns off with a warning): each
+batch's sequences are packed into rows without padding (at most ``max_packed_length`` tokens each),
+position ids restarting at every sequence so that attention stays within it, the policy and the
+reference run on the packed rows and their hidden states are gathered back into the padded layout
+for the fused losses: the same log-probs and losses as padded batches, to rounding. Attention
+implementations that do not keep packed sequences apart are refused (epa_ext.train.packing).
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ from ..linear import linear_sequence_logps  # noqa: E402
 from ..logps import IGNORE_INDEX, completion_labels  # noqa: E402
 from ..losses import DPO_LOSS_TYPES, preference_metrics  # noqa: E402
 from ..train.batching import weak_negative_sources  # noqa: E402
+from ..train.config import PACKED_ROW_LENGTHS  # noqa: E402
+from ..train.packing import (attn_implementation, check_packed_attention, pack, packed_final_hidden,  # noqa: E402
+                             row_bound)
 from .. import causal_lm  # noqa: E402
 
 __all__ = ["EPAConfig", "EPADataCollator", "EPATrainer", "SUPPORTED_LOSS_TYPES", "SUPPORTED_TRL_VERSIONS"]
@@ -153,6 +163,16 @@ def check_config(args: DPOConfig) -> None:
     if not weak_weight >= 0 or weak_weight == float("inf"):
         raise ValueError(f"weak_weight must be a finite number >= 0; got {weak_weight}")
     _check_weak_batch(num_weak, args.per_device_train_batch_size, "per_device_train_batch_size")
+    max_packed_length = getattr(args, "max_packed_length", None)
+    if max_packed_length is not None:
+        if not isinstance(max_packed_length, int) or isinstance(max_packed_length, bool):
+            raise TypeError(f"max_packed_length must be an int or None; got {type(max_packed_length).__name__}")
+        if not args.padding_free:
+            raise ValueError(f"max_packed_length applies to padding_free=True; got {max_packed_length} with "
+                             "padding_free=False")
+        if max_packed_length < (args.max_length or 1):
+            raise ValueError(f"max_packed_length must be >= max_length ({args.max_length}), as a sequence is never "
+                             f"split across packed rows; got {max_packed_length}")
 
 
 def _check_weak_batch(num_weak: int, batch_size: int, what: str) -> None:
@@ -179,6 +199,12 @@ class EPAConfig(DPOConfig):
         token_metrics (`bool`, defaults to `False`): also log TRL's entropy and
             mean_token_accuracy, which need the full softmax: one more no-grad pass of the lm_head
             over the answer tokens per step.
+        padding_free (`bool`, defaults to `False`): DPOConfig's field, honoured: the batch's
+            sequences packed into rows without padding (module docstring), for attention
+            implementations sdpa, eager, flex_attention, flash_attention_2/3.
+        max_packed_length (`int`, *optional*): with padding_free, the most tokens in a packed row,
+            >= max_length (attention's cost grows with its square). None: 2 x max_length (with
+            max_length None: 2 x the batch's longest sequence); flash attention packs one row.
     """
 
     num_weak: int = field(default=0, metadata={"help": "EPA: weak negatives per prompt, from other rows of the batch."})
@@ -190,6 +216,10 @@ class EPAConfig(DPOConfig):
     token_metrics: bool = field(
         default=False,
         metadata={"help": "Log entropy and mean_token_accuracy (one more no-grad lm_head pass per step)."},
+    )
+    max_packed_length: int | None = field(
+        default=None,
+        metadata={"help": "With padding_free: most tokens in a packed row (default: 2 x max_length)."},
     )
 
     def __post_init__(self):
@@ -317,11 +347,25 @@ class EPATrainer(DPOTrainer):
                 "fine-tuning and precomputed log-probs there is none. Pass ref_model, train a PEFT adapter (the "
                 "reference is the model with adapters disabled), or set precompute_ref_log_probs=False"
             )
-        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
-                         quantization_config=quantization_config, peft_config=peft_config)
+        padding_free = args.padding_free
+        args.padding_free = False  # TRL's DPOTrainer would warn that it turns it off; this subclass honours it
+        try:
+            super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                             compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                             quantization_config=quantization_config, peft_config=peft_config)
+        finally:
+            args.padding_free = padding_free
         causal_lm.check(self.model)
+        self.padding_free = padding_free
+        if padding_free:
+            for name, scorer in (("model", self.model), ("ref_model", self.ref_model)):
+                if scorer is not None:
+                    try:
+                        check_packed_attention(scorer, causal_lm.logit_transform(scorer),
+                                               router_logits=self.aux_loss_enabled and name == "model")
+                    except ValueError as error:
+                        raise ValueError(f"padding_free=True: {name}: {error}") from None
         if self._is_vlm:
             raise TypeError("EPATrainer takes text models with a tokenizer; this model's processing class is a "
                             "vision-language processor: use trl.DPOTrainer")
@@ -471,8 +515,26 @@ class EPATrainer(DPOTrainer):
         """[R] summed reference log-probs of the rows of model_kwargs / labels (no graph)."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter_context:
-            head, _ = causal_lm.final_hidden(scorer, causal_lm.logit_transform(scorer), **model_kwargs)
+            head, _ = self._final_hidden(scorer, model_kwargs)
             return linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()).float()
+
+    def _final_hidden(self, model: nn.Module, model_kwargs: dict, *, router_logits: bool = False):
+        """``causal_lm.final_hidden`` of the padded batch, or with padding_free of its sequences
+        packed into rows (``packing.pack``), the hidden states gathered back into the padded layout."""
+        transform = causal_lm.logit_transform(model)
+        if not self.padding_free:
+            return causal_lm.final_hidden(model, transform, router_logits=router_logits, **model_kwargs)
+        extra = sorted(set(model_kwargs) - {"input_ids", "attention_mask"})
+        if extra:
+            raise ValueError(f"padding_free=True packs input_ids and attention_mask only; this batch also has {extra}: "
+                             "use padding_free=False")
+        input_ids, attention_mask = model_kwargs["input_ids"], model_kwargs["attention_mask"]
+        bound = getattr(self.args, "max_packed_length", None) or PACKED_ROW_LENGTHS * (self.args.max_length
+                                                                                        or input_ids.shape[1])
+        pad_id = self._tokenizer.pad_token_id  # fills the rows' free tails, which no real token attends
+        packed = pack(input_ids, attention_mask, row_bound(attn_implementation(model), bound),
+                      0 if pad_id is None else pad_id)
+        return packed_final_hidden(model, transform, packed, router_logits=router_logits)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch, for TRL's precomputation: ([B], [B]) for DPO
@@ -517,8 +579,7 @@ class EPATrainer(DPOTrainer):
         batch, num_candidates = candidate_mask.shape
         labels = completion_labels(input_ids, completion_mask)
         model_kwargs = _model_inputs(inputs)
-        head, aux_loss = causal_lm.final_hidden(model, causal_lm.logit_transform(model),
-                                                router_logits=self.aux_loss_enabled, **model_kwargs)
+        head, aux_loss = self._final_hidden(model, model_kwargs, router_logits=self.aux_loss_enabled)
         ref = self._all_reference_logps(inputs, model_kwargs, labels, batch)
         if self._loss_type == "epa":
             loss, policy = fused_linear_epa_loss(
