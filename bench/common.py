@@ -70,16 +70,18 @@ def time_ms(fn: Callable[[], object], device: str, *, reps: int, warmup: int = 2
     return _summary(samples)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str, *, reps: int,
-                     warmup: int = 1) -> dict[str, dict[str, float]]:
-    """time_ms for each of fns, run in turns (warm-up rounds, then reps rounds of one call each)."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, *, reps: int, warmup: int = 1,
+                     samples: dict[str, list[float]] | None = None) -> dict[str, dict[str, float]]:
+    """time_ms for each of fns, run in turns (warm-up rounds, then reps rounds of one call each).
+    samples: a dict that receives each fn's timed calls in ms (for totals over calls that differ)."""
+    samples = {} if samples is None else samples
+    samples.update({name: [] for name in fns})
     for i in range(warmup + reps):
         for name, fn in fns.items():
             timing = time_ms(fn, device, reps=1, warmup=0)
             if i >= warmup:
                 samples[name].append(timing["median_ms"])
-    return {name: _summary(values) for name, values in samples.items()}
+    return {name: _summary(samples[name]) for name in fns}
 
 
 def _summary(samples: list[float]) -> dict[str, float]:

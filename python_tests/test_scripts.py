@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CUDA
+from conftest import CUDA, PREFS
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+REAL_DATA_TINY = ["--hidden", "16", "--layers", "1", "--vocab", "600", "--batch", "4", "--max-length", "64",
+                  "--max-prompt-length", "32", "--warmup", "0", "--reps", "2", "--share-batches", "2"]
 
 
 def run(args, cwd):
@@ -33,6 +35,10 @@ def run(args, cwd):
         ("bench_trl.py", ["--hidden", "16", "--layers", "1", "--vocab", "64", "--prompt-len", "8", "--answer-len", "8",
                           "--warmup", "1", "--reps", "2", "--threads", "1", "--providers", "trl", "epa_ext"],
          {"trl", "epa_ext"}),
+        ("bench_real_data.py", [*REAL_DATA_TINY, "--dataset", str(PREFS)],
+         {"padded", "length-grouped", "padding-free", "TRL DPOTrainer"}),
+        ("bench_real_data.py", [*REAL_DATA_TINY, "--dataset", str(PREFS), "--mode", "rows"],
+         {"rows <= 1 x max-length", "rows <= 2 x max-length", "rows <= 4 x max-length", "one row"}),
     ],
 )
 def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
@@ -45,6 +51,9 @@ def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
     assert all(row["median_ms"] > 0 for row in report["results"])
     if script == "bench_fused_linear.py":  # the allocator-level CPU peak, next to the resident one
         assert all(row["peak_allocated_mib"] > 0 for row in report["results"])
+    if script == "bench_real_data.py":
+        assert all(0 <= row["padding_share"] < 1 and row["real_tokens_per_s"] > 0 for row in report["results"])
+        assert report["results"][2]["max_loss_difference"] < 1e-4  # padding-free (or a bound): the padded losses
 
 
 @CUDA
