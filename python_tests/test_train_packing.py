@@ -59,6 +59,17 @@ def test_pack_puts_every_sequence_whole_in_a_bounded_row_with_positions_restarti
     assert one_row.input_ids.shape == (1, sum(lengths))
 
 
+def test_rows_are_filled_evenly_where_first_fit_leaves_one_fuller():
+    """First fit, longest first, packs [7, 4, 4, 4, 1] into rows of 12 as [7 4 1] and [4 4]: width
+    12; the even fill of the same two rows, [7 4] and [4 4 1], needs 11."""
+    from epa_ext.train.packing import pack_lengths
+
+    lengths = [7, 4, 4, 4, 1]
+    rows = pack_lengths(lengths, 12)
+    assert sorted(sorted(lengths[i] for i in row) for row in rows) == [[1, 4, 4], [4, 7]]
+    assert pack_lengths([9, 5, 5, 3, 3], 8) == [[0], [1, 3], [2, 4]]  # an overlong sequence: first fit
+
+
 def test_pack_refuses_left_padding_and_a_bound_below_one():
     from epa_ext.train.packing import pack
 

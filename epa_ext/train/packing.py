@@ -80,22 +80,38 @@ def row_bound(attn_implementation: str, max_row_tokens: int | None) -> int | Non
 
 
 def pack_lengths(lengths: list[int], max_row_tokens: int | None) -> list[list[int]]:
-    """The sequences (indices into lengths) of each packed row: first fit, longest first, in rows
-    of at most max_row_tokens (None: one row); a sequence longer than the bound gets a row of its
-    own. Deterministic (ties keep index order); empty sequences are left out."""
+    """The sequences (indices into lengths) of each packed row, in rows of at most max_row_tokens
+    (None: one row); a sequence longer than the bound gets a row of its own. Empty sequences are
+    left out; deterministic (ties keep index order).
+
+    The rows are padded to the fullest one, so the packing wants few rows of even fill: first fit
+    longest first gives the fewest rows the bound allows (P), then the same sequences, longest
+    first, each into the least filled of P rows, usually fill them evenly; that packing is taken
+    when its fullest row is shorter and within the bound (first fit leaves its last row part
+    empty: in HH-RLHF batches of 16 sequences packed into rows of at most 1024 tokens, first fit
+    left 19 % of the packed positions as free tails, the even fill 1.5 %; measured with
+    bench/bench_real_data.py, which reports the share)."""
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
     if max_row_tokens is None:
         return [order] if order else []
     rows: list[list[int]] = []
-    room: list[int] = []  # free tokens of each row (negative for a row holding one overlong sequence)
+    fills: list[int] = []
     for i in order:
-        fit = next((p for p, free in enumerate(room) if free >= lengths[i]), None)
+        fit = next((p for p, fill in enumerate(fills) if fill + lengths[i] <= max_row_tokens), None)
         if fit is None:
             rows.append([])
-            room.append(max_row_tokens)
+            fills.append(0)
             fit = len(rows) - 1
         rows[fit].append(i)
-        room[fit] -= lengths[i]
+        fills[fit] += lengths[i]
+    even_rows: list[list[int]] = [[] for _ in rows]
+    even_fills = [0] * len(rows)
+    for i in order:
+        emptiest = min(range(len(rows)), key=lambda p: (even_fills[p], p))
+        even_rows[emptiest].append(i)
+        even_fills[emptiest] += lengths[i]
+    if rows and max(even_fills) < max(fills) and max(even_fills) <= max_row_tokens:
+        return even_rows
     return rows
 
 
