@@ -118,10 +118,7 @@ def check_config(args: DPOConfig) -> None:
     if args.use_weighting:
         raise ValueError("use_weighting=True (WPO weights from the policy's per-token probabilities) is not "
                          "implemented by epa_ext: leave it False, or use trl.DPOTrainer")
-    for name in ("deepspeed", "fsdp"):
-        if getattr(args, name):
-            raise ValueError(f"{name} is not supported by EPATrainer yet (the fused loss reads the lm_head weight "
-                             "whole, and sharded weights have not been tested): train with DDP, or use trl.DPOTrainer")
+    _check_sharding(bool(args.deepspeed), (args.fsdp_config or {}).get("version") if args.fsdp else None)
     smoothing = args.label_smoothing
     if loss_type == "robust" and not 0.0 <= smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust'; got {smoothing}")
@@ -153,6 +150,20 @@ def check_config(args: DPOConfig) -> None:
     if not weak_weight >= 0 or weak_weight == float("inf"):
         raise ValueError(f"weak_weight must be a finite number >= 0; got {weak_weight}")
     _check_weak_batch(num_weak, args.per_device_train_batch_size, "per_device_train_batch_size")
+
+
+def _check_sharding(deepspeed: bool, fsdp_version: int | None) -> None:
+    """FSDP2 (FSDP's fully_shard; accelerate's fsdp_version 2) is supported: the loss runs inside
+    the model's forward, in the lm_head's forward hook, where FSDP2 holds the head's parameters
+    whole (epa_ext.causal_lm.through_model), and is tested against one process and against
+    DPOTrainer. The other sharded set-ups are refused before anything is loaded."""
+    if deepspeed:
+        raise ValueError("DeepSpeed is not supported by EPATrainer: ZeRO-3 partitions the lm_head's weight, which "
+                         "DeepSpeed releases before the fused loss (run in the lm_head's forward hook) reads it, and "
+                         "ZeRO-1/2 are untested; use FSDP2 (fsdp_version: 2), DDP, or trl.DPOTrainer")
+    if fsdp_version is not None and fsdp_version != 2:
+        raise ValueError(f"FSDP version {fsdp_version} is not supported by EPATrainer (untested with the fused loss); "
+                         "use FSDP2: fsdp_version: 2 in accelerate's config (or fsdp_config={'fsdp_version': 2})")
 
 
 def _check_weak_batch(num_weak: int, batch_size: int, what: str) -> None:
@@ -322,6 +333,9 @@ class EPATrainer(DPOTrainer):
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config)
         causal_lm.check(self.model)
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)  # `accelerate launch`'s own config
+        _check_sharding(self.is_deepspeed_enabled,
+                        getattr(fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else None)
         if self._is_vlm:
             raise TypeError("EPATrainer takes text models with a tokenizer; this model's processing class is a "
                             "vision-language processor: use trl.DPOTrainer")
@@ -471,8 +485,11 @@ class EPATrainer(DPOTrainer):
         """[R] summed reference log-probs of the rows of model_kwargs / labels (no graph)."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter_context:
-            head, _ = causal_lm.final_hidden(scorer, causal_lm.logit_transform(scorer), **model_kwargs)
-            return linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()).float()
+            logps, _ = causal_lm.through_model(
+                scorer, causal_lm.logit_transform(scorer),
+                lambda head: linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()),
+                **model_kwargs)
+            return logps.float()
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch, for TRL's precomputation: ([B], [B]) for DPO
@@ -517,21 +534,27 @@ class EPATrainer(DPOTrainer):
         batch, num_candidates = candidate_mask.shape
         labels = completion_labels(input_ids, completion_mask)
         model_kwargs = _model_inputs(inputs)
-        head, aux_loss = causal_lm.final_hidden(model, causal_lm.logit_transform(model),
-                                                router_logits=self.aux_loss_enabled, **model_kwargs)
         ref = self._all_reference_logps(inputs, model_kwargs, labels, batch)
-        if self._loss_type == "epa":
-            loss, policy = fused_linear_epa_loss(
-                head.hidden, head.weight, labels, ref, **head.as_kwargs(), num_candidates=num_candidates,
-                beta=self.beta, num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
-                sft_weight=self._sft_weight)
-        else:
-            loss, policy = self._dpo_loss(head, labels, ref, completion_mask)
+
+        def loss_and_statistics(head: causal_lm.HeadInputs):
+            """In the lm_head's forward hook, where its weight is whole (causal_lm.through_model)."""
+            if self._loss_type == "epa":
+                loss, policy = fused_linear_epa_loss(
+                    head.hidden, head.weight, labels, ref, **head.as_kwargs(), num_candidates=num_candidates,
+                    beta=self.beta, num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
+                    sft_weight=self._sft_weight)
+            else:
+                loss, policy = self._dpo_loss(head, labels, ref, completion_mask)
+            return loss, policy.detach(), self._token_statistics(head, labels)
+
+        (loss, policy, statistics), aux_loss = causal_lm.through_model(
+            model, causal_lm.logit_transform(model), loss_and_statistics, router_logits=self.aux_loss_enabled,
+            **model_kwargs)
         loss = loss * self._loss_weight
         if self.aux_loss_enabled:  # as TRL 1.16's DPOTrainer adds and logs it
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_metrics(mode, inputs, head, labels, policy.detach(), ref, candidate_mask)
+        self._log_metrics(mode, inputs, statistics, labels, policy, ref, candidate_mask)
         if return_outputs:
             warnings.warn("`return_outputs=True` (logits for compute_metrics) is deprecated in TRL and costs an extra "
                           "forward pass that forms the logits", FutureWarning, stacklevel=2)
@@ -557,7 +580,20 @@ class EPATrainer(DPOTrainer):
 
     # --- metrics -----------------------------------------------------------------------------------
 
-    def _log_metrics(self, mode: str, inputs: dict, head: causal_lm.HeadInputs, labels: Tensor, policy: Tensor,
+    @torch.no_grad()
+    def _token_statistics(self, head: causal_lm.HeadInputs, labels: Tensor) -> dict[str, Tensor]:
+        """Per kept token (labels' row-major order): its mean logit over the vocabulary and, with
+        token_metrics, the entropy of its distribution and whether the label is its argmax."""
+        kept = labels != IGNORE_INDEX
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        kept_hidden = head.hidden.detach()[kept]
+        statistics = {"mean_logits": causal_lm.mean_logits(kept_hidden, weight, bias, head.softcap)}
+        if self._token_metrics:
+            statistics["entropy"], statistics["top1"] = _token_statistics(kept_hidden, weight, bias, labels[kept],
+                                                                          head.softcap)
+        return statistics
+
+    def _log_metrics(self, mode: str, inputs: dict, statistics: dict[str, Tensor], labels: Tensor, policy: Tensor,
                      ref: Tensor, candidate_mask: Tensor) -> None:
         """TRL's metrics (gathered over processes), and EPA's rewards/weak."""
         batch, num_candidates = candidate_mask.shape
@@ -567,28 +603,22 @@ class EPATrainer(DPOTrainer):
         metrics = preference_metrics(gather(per_prompt["policy"]), gather(per_prompt["ref"]), beta=self.beta,
                                      num_strong=num_strong, mask=gather(candidate_mask))
         store = self._metrics[mode]
-        with torch.no_grad():
-            kept = labels != IGNORE_INDEX
-            token_row = kept.nonzero()[:, 0]
-            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
-            kept_hidden = head.hidden.detach()[kept]
-            candidate = token_row // batch
-            chosen_tokens = candidate == 0
-            rejected_tokens = (candidate >= 1) & (candidate <= num_strong)
-            if self._token_metrics:
-                entropy, top1 = _token_statistics(kept_hidden, weight, bias, labels[kept], head.softcap)
-                store["entropy"].append(_gathered_ratio(gather, entropy.sum(), entropy.numel()))
-            if mode == "train":
-                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
-            store["num_tokens"] = [self._total_train_tokens]
-            mean_logits = causal_lm.mean_logits(kept_hidden, weight, bias, head.softcap)
-            store["logits/chosen"].append(_gathered_ratio(gather, mean_logits[chosen_tokens].sum(),
-                                                          chosen_tokens.sum()))
-            store["logits/rejected"].append(_gathered_ratio(gather, mean_logits[rejected_tokens].sum(),
-                                                            rejected_tokens.sum()))
-            if self._token_metrics:
-                store["mean_token_accuracy"].append(_gathered_ratio(gather, top1[chosen_tokens].sum(),
-                                                                    chosen_tokens.sum()))
+        candidate = (labels != IGNORE_INDEX).nonzero()[:, 0] // batch
+        chosen_tokens = candidate == 0
+        rejected_tokens = (candidate >= 1) & (candidate <= num_strong)
+        if self._token_metrics:
+            entropy = statistics["entropy"]
+            store["entropy"].append(_gathered_ratio(gather, entropy.sum(), entropy.numel()))
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        store["num_tokens"] = [self._total_train_tokens]
+        mean_logits = statistics["mean_logits"]
+        store["logits/chosen"].append(_gathered_ratio(gather, mean_logits[chosen_tokens].sum(), chosen_tokens.sum()))
+        store["logits/rejected"].append(_gathered_ratio(gather, mean_logits[rejected_tokens].sum(),
+                                                        rejected_tokens.sum()))
+        if self._token_metrics:
+            store["mean_token_accuracy"].append(_gathered_ratio(gather, statistics["top1"][chosen_tokens].sum(),
+                                                                chosen_tokens.sum()))
         for key, value in metrics.items():
             store[key].append(value.item())
 

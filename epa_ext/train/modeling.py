@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..causal_lm import HeadInputs, LogitTransform, final_hidden, logit_transform, mean_logits, unwrap
+from ..causal_lm import HeadInputs, LogitTransform, logit_transform, mean_logits, through_model, unwrap
 from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss
 from ..logps import IGNORE_INDEX
 from . import hub
@@ -193,21 +193,25 @@ class PreferenceLoss(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
                 candidate_mask: Tensor, log_weights: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        head, aux_loss = final_hidden(self.policy, self.transform, router_logits=self.router_aux_coef > 0,
-                                      input_ids=input_ids, attention_mask=attention_mask)
-        if self.loss == "dpo":
-            loss, seq = fused_linear_dpo_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
-                                              beta=self.beta, loss_type=self.dpo_loss_type,
-                                              label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
-        else:
-            loss, seq = fused_linear_epa_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
-                                              num_candidates=candidate_mask.shape[1], beta=self.beta,
-                                              num_strong=self.num_strong, weak_weight=self.weak_weight,
-                                              mask=candidate_mask, sft_weight=self.sft_weight,
-                                              log_weights=log_weights)
+        def loss_of(head: HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
+            if self.loss == "dpo":
+                loss, seq = fused_linear_dpo_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
+                                                  beta=self.beta, loss_type=self.dpo_loss_type,
+                                                  label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
+            else:
+                loss, seq = fused_linear_epa_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
+                                                  num_candidates=candidate_mask.shape[1], beta=self.beta,
+                                                  num_strong=self.num_strong, weak_weight=self.weak_weight,
+                                                  mask=candidate_mask, sft_weight=self.sft_weight,
+                                                  log_weights=log_weights)
+            return loss, seq, logit_sums(head, labels)
+
+        (loss, seq, sums), aux_loss = through_model(self.policy, self.transform, loss_of,
+                                                    router_logits=self.router_aux_coef > 0, input_ids=input_ids,
+                                                    attention_mask=attention_mask)
         if aux_loss is not None:
             loss = loss + self.router_aux_coef * aux_loss.to(loss.dtype)
-        return loss, seq, logit_sums(head, labels), aux_loss
+        return loss, seq, sums, aux_loss
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from ..linear import linear_sequence_logps
 from . import weak_correction
 from .batching import Batch, Layout, Split, make_batch
 from .config import TrainConfig
-from ..causal_lm import LogitTransform, final_hidden, unwrap
+from ..causal_lm import LogitTransform, through_model, unwrap
 from .runtime import Runtime, autocast, barrier
 
 
@@ -96,8 +96,11 @@ class Reference:
     @torch.no_grad()
     def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         with self._scorer() as scorer, autocast(self.cfg, self.runtime):
-            head, _ = final_hidden(scorer, self.transform, input_ids=input_ids, attention_mask=attention_mask)
-            return linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()).float()
+            logps, _ = through_model(
+                scorer, self.transform,
+                lambda head: linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()),
+                input_ids=input_ids, attention_mask=attention_mask)
+            return logps.float()
 
     def _score_all(self, split: Split, layout: Layout) -> Tensor:
         """[n, C] reference log-probs of every example's candidates (0 for padding candidates)."""
