@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ from ..linear import linear_sequence_logps  # noqa: E402
 from ..logps import IGNORE_INDEX, completion_labels  # noqa: E402
 from ..losses import DPO_LOSS_TYPES, preference_metrics  # noqa: E402
 from ..train.batching import weak_negative_sources  # noqa: E402
+from ..train.weak_correction import estimated_log_q, other_prompts  # noqa: E402
 from .. import causal_lm  # noqa: E402
 
 __all__ = ["EPAConfig", "EPADataCollator", "EPATrainer", "SUPPORTED_LOSS_TYPES", "SUPPORTED_TRL_VERSIONS"]
@@ -85,7 +87,9 @@ SUPPORTED_LOSS_TYPES = (*DPO_LOSS_TYPES, "epa")
 """Preference loss types EPATrainer computes (one per run, optionally with "sft")."""
 
 # Keys of a collated batch that are not model inputs.
-_NON_MODEL_KEYS = frozenset({"completion_mask", "candidate_mask", "ref_chosen_logps", "ref_rejected_logps"})
+_NON_MODEL_KEYS = frozenset({"completion_mask", "candidate_mask", "ref_chosen_logps", "ref_rejected_logps",
+                             "weak_prompts_input_ids", "weak_prompts_attention_mask", "weak_prompts_completion_mask",
+                             "weak_source_index"})
 
 
 def _is_real(value: Any) -> bool:
@@ -149,6 +153,18 @@ def check_config(args: DPOConfig) -> None:
         raise ValueError(f"num_strong must be >= 1 or None (all rejected answers); got {num_strong}")
     if not weak_weight >= 0 or weak_weight == float("inf"):
         raise ValueError(f"weak_weight must be a finite number >= 0; got {weak_weight}")
+    correction = getattr(args, "weak_correction", "none")
+    prompts = getattr(args, "weak_correction_prompts", 8)
+    if correction not in ("none", "importance"):
+        raise ValueError(f"weak_correction must be 'none' or 'importance'; got {correction!r}")
+    if not isinstance(prompts, int) or isinstance(prompts, bool):
+        raise TypeError(f"weak_correction_prompts must be an int; got {type(prompts).__name__}")
+    if correction == "importance" and not num_weak:
+        raise ValueError("weak_correction='importance' corrects weak negatives: it needs loss_type='epa' with "
+                         "num_weak > 0")
+    if prompts < 2:
+        raise ValueError(f"weak_correction_prompts must be >= 2 (the answer's own prompt and at least one other); "
+                         f"got {prompts}")
     _check_weak_batch(num_weak, args.per_device_train_batch_size, "per_device_train_batch_size")
 
 
@@ -187,6 +203,13 @@ class EPAConfig(DPOConfig):
         num_strong (`int`, *optional*): K strong negatives per prompt for loss_type="epa": the
             first K rejected answers of each row (rows with fewer are padded and masked). None:
             the largest number of rejected answers of a training row.
+        weak_correction (`str`, defaults to `"none"`): `"importance"` adds each weak negative's
+            log importance weight log pi_ref(y|x) - log q(y) to its score, with q the answers'
+            mixture over prompts estimated per weak answer from its own prompt (exactly) and
+            weak_correction_prompts - 1 other prompts of the batch, scored by the reference
+            (docs/losses.md; epa-train's --weak-correction importance, within a batch).
+        weak_correction_prompts (`int`, defaults to `8`): S of that estimate (S - 1 extra
+            reference scorings per weak negative and step).
         token_metrics (`bool`, defaults to `False`): also log TRL's entropy and
             mean_token_accuracy, which need the full softmax: one more no-grad pass of the lm_head
             over the answer tokens per step.
@@ -198,6 +221,12 @@ class EPAConfig(DPOConfig):
         default=None,
         metadata={"help": "EPA: strong negatives (rejected answers) per prompt; None: the most any training row has."},
     )
+    weak_correction: str = field(
+        default="none",
+        metadata={"help": "EPA: 'importance' weights each weak negative by pi_ref(y|x) / q(y) (docs/losses.md)."},
+    )
+    weak_correction_prompts: int = field(
+        default=8, metadata={"help": "EPA: prompts S of the per-answer estimate of q (S - 1 from the batch)."})
     token_metrics: bool = field(
         default=False,
         metadata={"help": "Log entropy and mean_token_accuracy (one more no-grad lm_head pass per step)."},
@@ -227,11 +256,18 @@ class EPADataCollator(DataCollatorForPreference):
     and padded as TRL's DataCollatorForPreference does. Returns input_ids, attention_mask,
     completion_mask [C*B, T], candidate_mask [B, C] and, when the rows carry precomputed reference
     log-probs, ref_chosen_logps [B] and ref_rejected_logps [B, K] (0 for absent answers).
+
+    With weak_correction_prompts = S > 0 (weak_correction="importance"), also the sequences that
+    score each weak answer under S - 1 other prompts of the batch (rows other than its own, drawn
+    from the seed and the row positions): weak_prompts_{input_ids,attention_mask,completion_mask}
+    [B*M*(S-1), T'] in (b, m, s) order, and weak_source_index [B, M]: where the weak answer's
+    own sequence (row j's chosen or first rejected answer) is in the candidate-major rows.
     """
 
     num_strong: int = 1
     num_weak: int = 0
     seed: int = 0
+    weak_correction_prompts: int = 0
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch, num_strong = len(examples), self.num_strong
@@ -239,10 +275,10 @@ class EPADataCollator(DataCollatorForPreference):
         rejected = [example["rejected_ids"][:num_strong] for example in examples]
         candidates = [[example["chosen_ids"], *answers, *[None] * (num_strong - len(answers))]
                       for example, answers in zip(examples, rejected)]
-        if self.num_weak:
-            for b, sources in enumerate(weak_negative_sources(batch, self.num_weak, self.seed)):
-                candidates[b] += [rejected[j][0] if k == 1 and rejected[j] else examples[j]["chosen_ids"]
-                                  for j, k in sources]
+        weak_sources = weak_negative_sources(batch, self.num_weak, self.seed) if self.num_weak else []
+        for b, sources in enumerate(weak_sources):
+            candidates[b] += [rejected[j][0] if k == 1 and rejected[j] else examples[j]["chosen_ids"]
+                              for j, k in sources]
         num_candidates = len(candidates[0])
         sequences, masks = [], []
         for c in range(num_candidates):
@@ -250,6 +286,29 @@ class EPADataCollator(DataCollatorForPreference):
                 answer = answers[c] or []
                 sequences.append(example["prompt_ids"] + answer)
                 masks.append([0] * len(example["prompt_ids"]) + [1] * len(answer))
+        output = {**self._padded(sequences, masks),
+                  "candidate_mask": torch.tensor([[answer is not None for answer in answers] for answers in candidates])}
+        if self.weak_correction_prompts and weak_sources:
+            rows, masks, own = [], [], []
+            for b, sources in enumerate(weak_sources):
+                for m, (j, k) in enumerate(sources):
+                    answer = candidates[b][1 + num_strong + m]
+                    own.append((1 if k == 1 and rejected[j] else 0) * batch + j)
+                    rng = random.Random(f"weak-correction/{self.seed}/{b}/{m}")
+                    for other in other_prompts(batch, j, self.weak_correction_prompts - 1, rng):
+                        rows.append(examples[other]["prompt_ids"] + answer)
+                        masks.append([0] * len(examples[other]["prompt_ids"]) + [1] * len(answer))
+            output.update({f"weak_prompts_{key}": value for key, value in self._padded(rows, masks).items()})
+            output["weak_source_index"] = torch.tensor(own).view(batch, self.num_weak)
+        if "ref_chosen_logps" in examples[0]:
+            output["ref_chosen_logps"] = torch.tensor([example["ref_chosen_logps"] for example in examples])
+            output["ref_rejected_logps"] = torch.tensor(
+                [(list(example["ref_rejected_logps"]) + [0.0] * num_strong)[:num_strong] for example in examples])
+        return output
+
+    def _padded(self, sequences: list[list[int]], masks: list[list[int]]) -> dict[str, Tensor]:
+        """input_ids, attention_mask, completion_mask of (prompt + answer) sequences and their
+        answer masks, truncated and right-padded as TRL's DataCollatorForPreference does."""
         if self.max_length is not None:
             keep = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
             sequences, masks = [s[keep] for s in sequences], [m[keep] for m in masks]
@@ -258,17 +317,8 @@ class EPADataCollator(DataCollatorForPreference):
             return pad([torch.tensor(r, dtype=torch.long) for r in rows], padding_value=value, padding_side="right",
                        pad_to_multiple_of=self.pad_to_multiple_of)
 
-        output = {
-            "input_ids": padded(sequences, self.pad_token_id),
-            "attention_mask": padded([[1] * len(s) for s in sequences], 0),
-            "completion_mask": padded(masks, 0),
-            "candidate_mask": torch.tensor([[answer is not None for answer in answers] for answers in candidates]),
-        }
-        if "ref_chosen_logps" in examples[0]:
-            output["ref_chosen_logps"] = torch.tensor([example["ref_chosen_logps"] for example in examples])
-            output["ref_rejected_logps"] = torch.tensor(
-                [(list(example["ref_rejected_logps"]) + [0.0] * num_strong)[:num_strong] for example in examples])
-        return output
+        return {"input_ids": padded(sequences, self.pad_token_id),
+                "attention_mask": padded([[1] * len(s) for s in sequences], 0), "completion_mask": padded(masks, 0)}
 
 
 class EPATrainer(DPOTrainer):
@@ -303,6 +353,12 @@ class EPATrainer(DPOTrainer):
         self._weak_weight = float(getattr(args, "weak_weight", 1.0))
         self._num_strong = getattr(args, "num_strong", None)
         self._token_metrics = getattr(args, "token_metrics", False)
+        corrected = getattr(args, "weak_correction", "none") == "importance"
+        self._weak_correction_prompts = getattr(args, "weak_correction_prompts", 8) if corrected else 0
+        if corrected and not isinstance(train_dataset, Dataset):
+            raise ValueError("weak_correction='importance' weighs the batch's prompts by the training set's size N "
+                             "(q = the mean over its N prompts), which an IterableDataset does not have: pass a Dataset")
+        self._num_examples = len(train_dataset) if corrected else 0
         if isinstance(processing_class, ProcessorMixin):
             raise TypeError("EPATrainer takes text models with a tokenizer as processing_class; vision-language "
                             "processors are not supported: use trl.DPOTrainer")
@@ -453,7 +509,7 @@ class EPATrainer(DPOTrainer):
         self.data_collator = EPADataCollator(
             pad_token_id=base.pad_token_id, max_length=base.max_length, truncation_mode=base.truncation_mode,
             pad_to_multiple_of=base.pad_to_multiple_of, num_strong=self._num_strong, num_weak=self._num_weak,
-            seed=self.args.seed)
+            seed=self.args.seed, weak_correction_prompts=self._weak_correction_prompts)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's precomputation through ``compute_ref_log_probs`` below, cached apart from TRL's own
@@ -521,6 +577,24 @@ class EPATrainer(DPOTrainer):
         scorer, adapter_context = self._reference_scorer()
         return torch.cat([known, self._reference_logps(scorer, adapter_context, rest, labels[start:])])
 
+    @torch.no_grad()
+    def _weak_log_weights(self, inputs: dict, ref: Tensor, candidate_mask: Tensor) -> Tensor:
+        """[B, C] log importance weights: 0 on the chosen and strong columns, log mu(y~|x_b) -
+        log q^(y~) on the weak ones (epa_ext.train.weak_correction's estimate, with the batch's
+        other prompts as the S - 1 draws and N the training set's size)."""
+        batch, num_candidates = candidate_mask.shape
+        extra = {"input_ids": inputs["weak_prompts_input_ids"], "attention_mask": inputs["weak_prompts_attention_mask"]}
+        labels = completion_labels(extra["input_ids"], inputs["weak_prompts_completion_mask"])
+        scorer, adapter_context = self._reference_scorer()
+        with self.accelerator.autocast():
+            others = self._reference_logps(scorer, adapter_context, extra, labels)
+        others = others.view(batch, self._num_weak, self._weak_correction_prompts - 1)
+        by_prompt = ref.view(num_candidates, batch).T  # [B, C]
+        log_q = estimated_log_q(ref[inputs["weak_source_index"]], others, self._num_examples)
+        log_weights = torch.zeros_like(by_prompt)
+        log_weights[:, 1 + self._num_strong:] = by_prompt[:, 1 + self._num_strong:] - log_q
+        return log_weights
+
     # --- loss --------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -535,6 +609,7 @@ class EPATrainer(DPOTrainer):
         labels = completion_labels(input_ids, completion_mask)
         model_kwargs = _model_inputs(inputs)
         ref = self._all_reference_logps(inputs, model_kwargs, labels, batch)
+        log_weights = self._weak_log_weights(inputs, ref, candidate_mask) if "weak_source_index" in inputs else None
 
         def loss_and_statistics(head: causal_lm.HeadInputs):
             """In the lm_head's forward hook, where its weight is whole (causal_lm.through_model)."""
@@ -542,7 +617,7 @@ class EPATrainer(DPOTrainer):
                 loss, policy = fused_linear_epa_loss(
                     head.hidden, head.weight, labels, ref, **head.as_kwargs(), num_candidates=num_candidates,
                     beta=self.beta, num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
-                    sft_weight=self._sft_weight)
+                    sft_weight=self._sft_weight, log_weights=log_weights)
             else:
                 loss, policy = self._dpo_loss(head, labels, ref, completion_mask)
             return loss, policy.detach(), self._token_statistics(head, labels)
@@ -555,6 +630,10 @@ class EPATrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_metrics(mode, inputs, statistics, labels, policy, ref, candidate_mask)
+        if log_weights is not None:
+            weak = self.accelerator.gather(log_weights[:, 1 + self._num_strong:]).float()
+            self._metrics[mode]["weak/log_weight"].append(weak.mean().item())
+            self._metrics[mode]["weak/log_weight_std"].append(weak.std(unbiased=False).item())
         if return_outputs:
             warnings.warn("`return_outputs=True` (logits for compute_metrics) is deprecated in TRL and costs an extra "
                           "forward pass that forms the logits", FutureWarning, stacklevel=2)
