@@ -11,7 +11,7 @@ DEPS := numpy "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 pytest hypo
 	"trl>=1.16,<1.17" liger-kernel
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.epa_ext-installed
-SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*) $(shell find epa_ext -name '*.py')
+SOURCES := CMakeLists.txt pyproject.toml $(wildcard cmake/*) $(wildcard csrc/*) $(shell find epa_ext -name '*.py')
 
 .PHONY: demo test build dev bench clean
 

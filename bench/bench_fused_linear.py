@@ -10,9 +10,16 @@
 - epa_ext@N (with --max-chunk-tokens N): the same with a budget of N tokens per chunk; a group
   over it goes in pieces, the logits of all but the last recomputed (less memory, more matmuls).
 
+With --softcap C (Gemma-2's final_logit_softcapping is 30) every provider computes the log-probs of
+C * tanh(logits / C): eager on its logits, epa_ext in its row kernels; "epa_ext-nocap" is epa_ext
+without it, for the softcap's cost. Liger's chunked DPO loss has no softcap and is left out; on
+CUDA, "liger_flce" is Liger's softcapped fused linear cross-entropy over the same kept tokens (a
+token loss, not DPO, for the speed of a softcapped fused head).
+
     python bench/bench_fused_linear.py          # CPU: 4096 tokens, H = 512, V = 32000 and 65536, fp32
     python bench/bench_fused_linear.py --vocab 32000 --losses dpo --max-chunk-tokens 256 128
     python bench/bench_fused_linear.py --device cuda --tokens 16384 --hidden 4096 --vocab 128256 --dtype bf16
+    python bench/bench_fused_linear.py --vocab 32000 --softcap 30 --providers eager epa_ext epa_ext-nocap
 
 DPO takes pairs of 256-token sequences, EPA groups of 4 candidates of 128 tokens (so a prompt
 group, C x T = 512 tokens, fits the default chunk budget max(H, 512)); with half of the labels
@@ -57,19 +64,35 @@ def liger_dpo():
     return LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False, compiled=True)
 
 
-def providers(loss: str, candidates: int, budgets: list[int]) -> dict:
+def liger_flce(softcap: float):
+    """Liger's softcapped fused linear cross-entropy (Triton: CUDA only), or None without liger."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(softcap=softcap, reduction="sum")
+
+
+def providers(loss: str, candidates: int, budgets: list[int], softcap: float | None, device: str) -> dict:
     """name -> fn(hidden, weight, labels, ref) -> loss."""
     if loss == "dpo":
         ours = lambda h, w, y, r, **options: epa_ext.fused_linear_dpo_loss(h, w, y, r, **options)[0]  # noqa: E731
-        table = {"eager": lambda h, w, y, r: eager.fused_dpo_loss(h @ w.T, y, r)[0]}
+        table = {"eager": lambda h, w, y, r: eager.fused_dpo_loss(h @ w.T, y, r, softcap=softcap)[0]}
     else:
         ours = lambda h, w, y, r, **options: epa_ext.fused_linear_epa_loss(  # noqa: E731
             h, w, y, r, num_candidates=candidates, **options)[0]
-        table = {"eager": lambda h, w, y, r: eager.fused_epa_loss(h @ w.T, y, r, candidates)[0]}
-    table["recompute"] = lambda h, w, y, r: ours(h, w, y, r, differentiable_logps=True)
-    table["epa_ext"] = ours
+        table = {"eager": lambda h, w, y, r: eager.fused_epa_loss(h @ w.T, y, r, candidates, softcap=softcap)[0]}
+    table["recompute"] = lambda h, w, y, r: ours(h, w, y, r, differentiable_logps=True, softcap=softcap)
+    table["epa_ext"] = lambda h, w, y, r: ours(h, w, y, r, softcap=softcap)
     for budget in budgets:
-        table[f"epa_ext@{budget}"] = lambda h, w, y, r, budget=budget: ours(h, w, y, r, max_chunk_tokens=budget)
+        table[f"epa_ext@{budget}"] = lambda h, w, y, r, budget=budget: ours(h, w, y, r, max_chunk_tokens=budget,
+                                                                              softcap=softcap)
+    if softcap is not None:
+        table["epa_ext-nocap"] = ours
+        flce = liger_flce(softcap) if device == "cuda" else None
+        if flce is not None:
+            table["liger_flce"] = lambda h, w, y, r: flce(w, h.flatten(0, 1), y.flatten())
+        return table
     liger = liger_dpo() if loss == "dpo" else None
     if liger is not None:
         table["liger"] = lambda h, w, y, r: liger(w, h, y)[0]
@@ -121,8 +144,12 @@ def main() -> None:
     parser.add_argument("--max-chunk-tokens", type=int, nargs="*", default=[],
                         help="also run epa_ext with these chunk budgets (providers epa_ext@N)")
     parser.add_argument("--ignored", nargs="+", type=float, default=[0.0, 0.5], help="shares of ignored labels")
+    parser.add_argument("--softcap", type=float, default=None,
+                        help="logit softcap C of every provider (Gemma-2: 30); adds epa_ext-nocap")
     parser.add_argument("--reps", type=int, default=None, help="timed runs (default: 3 on CPU, 10 on CUDA)")
     parser.add_argument("--out", default=None, help="directory for the JSON report (default bench/results)")
+    parser.add_argument("--report-name", default=None,
+                        help="file name stem of the report (default: fused_linear, fused_linear_softcapC with --softcap)")
     args = parser.parse_args()
     reps = args.reps or (10 if args.device == "cuda" else 3)
     dtype = DTYPES[args.dtype]
@@ -140,8 +167,9 @@ def main() -> None:
             weight = (torch.randn(vocab, args.hidden, dtype=dtype, device=args.device)
                       / args.hidden**0.5).requires_grad_()
             ref = torch.zeros(sequences, device=args.device)
-            table = {k: v for k, v in providers(loss, candidates, args.max_chunk_tokens).items()
-                     if k in args.providers or k.startswith("epa_ext@")}
+            table = {k: v for k, v in providers(loss, candidates, args.max_chunk_tokens, args.softcap,
+                                                args.device).items()
+                     if k in args.providers or k.startswith("epa_ext@") or k == "liger_flce"}
             for ignored in args.ignored:
                 labels = torch.randint(0, vocab, (sequences, seq_len), device=args.device)
                 labels[:, : int(seq_len * ignored)] = epa_ext.IGNORE_INDEX  # the prompt comes first
@@ -162,7 +190,7 @@ def main() -> None:
                                "tokens": sequences * seq_len, "kept_tokens": kept}
                         if mode == "full":
                             baseline = result if name == "eager" else baseline
-                            if baseline is not None:
+                            if baseline is not None and name not in ("epa_ext-nocap", "liger_flce"):  # other losses
                                 row.update(deviations(result, baseline))
                         del result
                         row["peak_extra_mib"] = peak_extra_mib(run, args.device)
@@ -183,12 +211,14 @@ def main() -> None:
                               f"{row['median_ms']:.1f} ms, peak extra {row['peak_extra_mib']} MiB", flush=True)
                     rows.extend(case_rows)
     add_ratios_to_eager(rows, ("vocab", "loss", "ignored", "mode"))
-    print(f"{args.dtype}, H = {args.hidden}, {args.tokens} tokens per step")
+    cap = f", softcap {args.softcap:g}" if args.softcap is not None else ""
+    print(f"{args.dtype}, H = {args.hidden}, {args.tokens} tokens per step{cap}")
     columns = ["vocab", "loss", "ignored", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager",
                "peak_extra_mib", "memory_vs_eager", "loss_dev", "d_hidden_rel_dev", "d_weight_rel_dev", "tflops_kept"]
     columns += ["queued_ms", "fraction_of_matmul"] if args.device == "cuda" else ["peak_allocated_mib",
                                                                                   "allocated_vs_eager"]
-    finish("fused_linear", args.device, rows, columns, {"args": vars(args)}, args.out)
+    name = args.report_name or ("fused_linear" if args.softcap is None else f"fused_linear_softcap{args.softcap:g}")
+    finish(name, args.device, rows, columns, {"args": vars(args)}, args.out)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ and through this path, so a model whose logits are something else (a class not r
 code) is refused instead of trained silently wrong.
 
 Mixture-of-experts models: with ``config.output_router_logits`` the model's own forward returns
-its router load-balancing loss (``outputs.aux_loss``); ``final_hidden`` returns it with the hidden
-states, and the trainers add ``router_aux_loss_coef`` times it to the loss, as TRL does.
+its router load-balancing loss (``outputs.aux_loss``); ``through_model`` returns it with the loss, and the trainers add ``router_aux_loss_coef`` times it to the loss, as TRL does.
 """
 
 from __future__ import annotations
@@ -25,9 +24,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 # CausalLM class -> the factor its forward multiplies the logits by.
 _LOGIT_SCALE: dict[str, Callable[[nn.Module], float]] = {
@@ -149,30 +151,39 @@ def head_inputs(hidden: Tensor, head: nn.Module, transform: LogitTransform) -> H
     return HeadInputs(hidden, weight, bias, transform.softcap)
 
 
-def final_hidden(model: nn.Module, transform: LogitTransform, *, router_logits: bool = False,
-                 **model_kwargs) -> tuple[HeadInputs, Tensor | None]:
-    """(HeadInputs of the batch, the router load-balancing loss or None).
+def through_model(model: nn.Module, transform: LogitTransform, consume: Callable[[HeadInputs], T], *,
+                  router_logits: bool = False, **model_kwargs) -> tuple[T, Tensor | None]:
+    """(consume(the batch's HeadInputs), the router load-balancing loss or None).
 
     The model's own forward runs (so DDP, FSDP and PEFT wrappers see the call), its head on one
-    position only (logits_to_keep as a one-element index, which no backbone slices by), and a
-    forward hook on the backbone takes its last_hidden_state: the batch's [R, T, V] logits are
-    never formed. router_logits: ask an MoE model for its router loss (outputs.aux_loss)."""
+    position only (logits_to_keep as a one-element index, which no backbone slices by); a forward
+    hook on the backbone takes its last_hidden_state, and consume runs in a forward hook of the
+    lm_head: inside the model's forward, where FSDP holds the head's parameters gathered whole (it
+    may reshard them once the forward returns). The batch's [R, T, V] logits are never formed.
+    router_logits: ask an MoE model for its router loss (outputs.aux_loss)."""
     backbone, head = backbone_and_head(model)
-    captured = []
+    captured, results = [], []
 
     def keep_hidden(_module, _args, output):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
+    def run_consume(module, _args, _output):
+        (hidden,) = captured
+        results.append(consume(head_inputs(hidden, module, transform)))
+
     if router_logits:
         model_kwargs["output_router_logits"] = True
-    handle = backbone.register_forward_hook(keep_hidden)
+    handles = [backbone.register_forward_hook(keep_hidden), head.register_forward_hook(run_consume)]
     try:
         device = model_kwargs["input_ids"].device
         outputs = model(**model_kwargs, use_cache=False, logits_to_keep=torch.zeros(1, dtype=torch.long, device=device))
     finally:
-        handle.remove()
-    (hidden,) = captured
-    return head_inputs(hidden, head, transform), getattr(outputs, "aux_loss", None) if router_logits else None
+        for handle in handles:
+            handle.remove()
+    if len(results) != 1:
+        raise ValueError(f"{type(unwrap(model)).__name__}'s forward called its backbone {len(captured)} and its lm_head "
+                         f"{len(results)} time(s); the fused path needs exactly one call of each")
+    return results[0], getattr(outputs, "aux_loss", None) if router_logits else None
 
 
 def logit_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
@@ -247,8 +258,9 @@ def _probe(causal_lm: nn.Module, transform: LogitTransform) -> None:
     try:
         logits = causal_lm(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
         own = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None])[..., 0]
-        parts, _ = final_hidden(causal_lm, transform, input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-        ours = linear_token_logps(parts.hidden, parts.weight, labels, bias=parts.bias, softcap=parts.softcap)
+        ours, _ = through_model(causal_lm, transform,
+                                lambda head: linear_token_logps(head.hidden, head.weight, labels, **head.as_kwargs()),
+                                input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     finally:
         causal_lm.train(was_training)
     # fp32: rounding only (~1e-6 of the log-probs' size); bf16/fp16 models: their own logits are rounded

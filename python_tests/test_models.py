@@ -110,9 +110,10 @@ def test_log_probs_and_gradients_are_the_models_own(model_type):
         assert_paths_agree(grad, expected, what=f"{model_type} d({name})")
     if model_type in TRANSFORMED:  # the transform bites: leaving it out would be far off
         with torch.no_grad():
-            parts, _ = causal_lm.final_hidden(model, causal_lm.LogitTransform(), input_ids=batch[0],
-                                              attention_mask=batch[1])
-            plain = eager.linear_sequence_logps(parts.hidden, parts.weight, batch[2], parts.bias)
+            plain, _ = causal_lm.through_model(
+                model, causal_lm.LogitTransform(),
+                lambda head: eager.linear_sequence_logps(head.hidden, head.weight, batch[2], head.bias),
+                input_ids=batch[0], attention_mask=batch[1])
         assert (plain - own_seq).abs().max() > 1e-3
 
 

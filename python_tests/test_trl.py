@@ -432,6 +432,49 @@ def test_epa_batches_and_numbers_are_epa_loss_of_plain_log_probs(variant, tokeni
         assert entry.keys() >= TRL_KEYS
 
 
+def test_weak_correction_is_the_estimate_on_plain_log_probs(tokenizer, tmp_path):
+    """weak_correction='importance' (S = 3): each weak answer is also scored under S - 1 prompts of
+    other rows of the batch than its own; the logged loss is epa_loss with log-weights
+    log mu(y~|x_b) - log q^(y~) (epa_ext.train.weak_correction's estimate, N = the training set's
+    size) on plain-torch reference log-probs of those sequences, and weak/log_weight their mean."""
+    from epa_ext.train.weak_correction import estimated_log_q
+
+    beta, num_weak, prompts = 0.2, 2, 3
+    args = config(EPAConfig, tmp_path, loss_type="epa", num_weak=num_weak, beta=beta, max_steps=3,
+                  weak_correction="importance", weak_correction_prompts=prompts)
+    rows = pick_rows()
+    log, trainer = train(RecordingEPATrainer, args, rows, tokenizer)
+    log = [entry for entry in log if "loss" in entry]
+    for record, entry in zip(trainer.recorded, log):
+        inputs, mask = record["inputs"], record["inputs"]["candidate_mask"]
+        batch, candidates = mask.shape
+        num_strong = candidates - 1 - num_weak
+        rows_of, extra_rows = split_rows(inputs), split_rows({k.removeprefix("weak_prompts_"): v for k, v in
+                                                              inputs.items() if k.startswith("weak_prompts_")})
+        extra = {"input_ids": inputs["weak_prompts_input_ids"], "attention_mask": inputs["weak_prompts_attention_mask"],
+                 "completion_mask": inputs["weak_prompts_completion_mask"]}
+        with torch.no_grad():
+            others = RecordingEPATrainer._plain_logps(trainer.ref_model, extra, epa_ext.completion_labels(
+                extra["input_ids"], extra["completion_mask"])).view(batch, num_weak, prompts - 1)
+        sources = weak_negative_sources(batch, num_weak, args.seed)
+        for b in range(batch):
+            for m, (j, _) in enumerate(sources[b]):
+                weak_answer = rows_of[(1 + num_strong + m) * batch + b][1]
+                assert rows_of[inputs["weak_source_index"][b, m]][1] == weak_answer  # its own sequence
+                for s in range(prompts - 1):
+                    prompt, answer = extra_rows[(b * num_weak + m) * (prompts - 1) + s]
+                    assert answer == weak_answer and prompt != rows_of[j][0]
+        ref = record["ref"]
+        by_prompt = ref.view(candidates, batch).T
+        log_weights = torch.zeros_like(by_prompt)
+        log_weights[:, 1 + num_strong:] = by_prompt[:, 1 + num_strong:] - estimated_log_q(
+            ref[inputs["weak_source_index"]], others, len(rows))
+        loss = epa_ext.epa_loss(record["policy"].view(candidates, batch).T, by_prompt, beta=beta,
+                                num_strong=num_strong, mask=mask, log_weights=log_weights)
+        assert_trl_parity(entry["loss"], loss, f"step {entry['step']} loss")
+        assert_trl_parity(entry["weak/log_weight"], log_weights[:, 1 + num_strong:].mean(), "weak/log_weight")
+
+
 def test_epa_loss_falls_where_it_must(tokenizer, tmp_path):
     """The chosen answer repeats the prompt's word, every negative (strong or weak) another word:
     EPA's loss falls from about log(1 + K + M) to a fraction of it in 20 steps."""
@@ -521,6 +564,10 @@ def test_padding_free_options_are_checked(tokenizer, tmp_path):
     (dict(use_weighting=True), "use_weighting=True"),
     (dict(loss_type="robust", label_smoothing=0.5), r"label_smoothing must lie in \[0, 0.5\)"),
     (dict(loss_type="epa", label_smoothing=0.1), "label_smoothing does not apply to loss_type='epa'"),
+    (dict(loss_type="epa", weak_correction="exact"), "weak_correction must be 'none' or 'importance'"),
+    (dict(loss_type="epa", weak_correction="importance"), "weak_correction='importance' corrects weak negatives"),
+    (dict(loss_type="epa", num_weak=1, weak_correction="importance", weak_correction_prompts=1),
+     r"weak_correction_prompts must be >= 2"),
 ])
 def test_unsupported_configurations_are_refused_by_the_config(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message) if "\\" not in message else message):

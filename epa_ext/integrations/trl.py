@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,8 +86,9 @@ from ..logps import IGNORE_INDEX, completion_labels  # noqa: E402
 from ..losses import DPO_LOSS_TYPES, preference_metrics  # noqa: E402
 from ..train.batching import weak_negative_sources  # noqa: E402
 from ..train.config import PACKED_ROW_LENGTHS  # noqa: E402
-from ..train.packing import (attn_implementation, check_packed_attention, pack, packed_final_hidden,  # noqa: E402
-                             row_bound)
+from ..train.packing import (attn_implementation, check_packed_attention, pack, row_bound,  # noqa: E402
+                             through_packed_model)
+from ..train.weak_correction import estimated_log_q, other_prompts  # noqa: E402
 from .. import causal_lm  # noqa: E402
 
 __all__ = ["EPAConfig", "EPADataCollator", "EPATrainer", "SUPPORTED_LOSS_TYPES", "SUPPORTED_TRL_VERSIONS"]
@@ -95,7 +97,9 @@ SUPPORTED_LOSS_TYPES = (*DPO_LOSS_TYPES, "epa")
 """Preference loss types EPATrainer computes (one per run, optionally with "sft")."""
 
 # Keys of a collated batch that are not model inputs.
-_NON_MODEL_KEYS = frozenset({"completion_mask", "candidate_mask", "ref_chosen_logps", "ref_rejected_logps"})
+_NON_MODEL_KEYS = frozenset({"completion_mask", "candidate_mask", "ref_chosen_logps", "ref_rejected_logps",
+                             "weak_prompts_input_ids", "weak_prompts_attention_mask", "weak_prompts_completion_mask",
+                             "weak_source_index"})
 
 
 def _is_real(value: Any) -> bool:
@@ -128,10 +132,7 @@ def check_config(args: DPOConfig) -> None:
     if args.use_weighting:
         raise ValueError("use_weighting=True (WPO weights from the policy's per-token probabilities) is not "
                          "implemented by epa_ext: leave it False, or use trl.DPOTrainer")
-    for name in ("deepspeed", "fsdp"):
-        if getattr(args, name):
-            raise ValueError(f"{name} is not supported by EPATrainer yet (the fused loss reads the lm_head weight "
-                             "whole, and sharded weights have not been tested): train with DDP, or use trl.DPOTrainer")
+    _check_sharding(bool(args.deepspeed), (args.fsdp_config or {}).get("version") if args.fsdp else None)
     smoothing = args.label_smoothing
     if loss_type == "robust" and not 0.0 <= smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust'; got {smoothing}")
@@ -162,6 +163,18 @@ def check_config(args: DPOConfig) -> None:
         raise ValueError(f"num_strong must be >= 1 or None (all rejected answers); got {num_strong}")
     if not weak_weight >= 0 or weak_weight == float("inf"):
         raise ValueError(f"weak_weight must be a finite number >= 0; got {weak_weight}")
+    correction = getattr(args, "weak_correction", "none")
+    prompts = getattr(args, "weak_correction_prompts", 8)
+    if correction not in ("none", "importance"):
+        raise ValueError(f"weak_correction must be 'none' or 'importance'; got {correction!r}")
+    if not isinstance(prompts, int) or isinstance(prompts, bool):
+        raise TypeError(f"weak_correction_prompts must be an int; got {type(prompts).__name__}")
+    if correction == "importance" and not num_weak:
+        raise ValueError("weak_correction='importance' corrects weak negatives: it needs loss_type='epa' with "
+                         "num_weak > 0")
+    if prompts < 2:
+        raise ValueError(f"weak_correction_prompts must be >= 2 (the answer's own prompt and at least one other); "
+                         f"got {prompts}")
     _check_weak_batch(num_weak, args.per_device_train_batch_size, "per_device_train_batch_size")
     max_packed_length = getattr(args, "max_packed_length", None)
     if max_packed_length is not None:
@@ -173,6 +186,20 @@ def check_config(args: DPOConfig) -> None:
         if max_packed_length < (args.max_length or 1):
             raise ValueError(f"max_packed_length must be >= max_length ({args.max_length}), as a sequence is never "
                              f"split across packed rows; got {max_packed_length}")
+
+
+def _check_sharding(deepspeed: bool, fsdp_version: int | None) -> None:
+    """FSDP2 (FSDP's fully_shard; accelerate's fsdp_version 2) is supported: the loss runs inside
+    the model's forward, in the lm_head's forward hook, where FSDP2 holds the head's parameters
+    whole (epa_ext.causal_lm.through_model), and is tested against one process and against
+    DPOTrainer. The other sharded set-ups are refused before anything is loaded."""
+    if deepspeed:
+        raise ValueError("DeepSpeed is not supported by EPATrainer: ZeRO-3 partitions the lm_head's weight, which "
+                         "DeepSpeed releases before the fused loss (run in the lm_head's forward hook) reads it, and "
+                         "ZeRO-1/2 are untested; use FSDP2 (fsdp_version: 2), DDP, or trl.DPOTrainer")
+    if fsdp_version is not None and fsdp_version != 2:
+        raise ValueError(f"FSDP version {fsdp_version} is not supported by EPATrainer (untested with the fused loss); "
+                         "use FSDP2: fsdp_version: 2 in accelerate's config (or fsdp_config={'fsdp_version': 2})")
 
 
 def _check_weak_batch(num_weak: int, batch_size: int, what: str) -> None:
@@ -196,6 +223,13 @@ class EPAConfig(DPOConfig):
         num_strong (`int`, *optional*): K strong negatives per prompt for loss_type="epa": the
             first K rejected answers of each row (rows with fewer are padded and masked). None:
             the largest number of rejected answers of a training row.
+        weak_correction (`str`, defaults to `"none"`): `"importance"` adds each weak negative's
+            log importance weight log pi_ref(y|x) - log q(y) to its score, with q the answers'
+            mixture over prompts estimated per weak answer from its own prompt (exactly) and
+            weak_correction_prompts - 1 other prompts of the batch, scored by the reference
+            (docs/losses.md; epa-train's --weak-correction importance, within a batch).
+        weak_correction_prompts (`int`, defaults to `8`): S of that estimate (S - 1 extra
+            reference scorings per weak negative and step).
         token_metrics (`bool`, defaults to `False`): also log TRL's entropy and
             mean_token_accuracy, which need the full softmax: one more no-grad pass of the lm_head
             over the answer tokens per step.
@@ -213,6 +247,12 @@ class EPAConfig(DPOConfig):
         default=None,
         metadata={"help": "EPA: strong negatives (rejected answers) per prompt; None: the most any training row has."},
     )
+    weak_correction: str = field(
+        default="none",
+        metadata={"help": "EPA: 'importance' weights each weak negative by pi_ref(y|x) / q(y) (docs/losses.md)."},
+    )
+    weak_correction_prompts: int = field(
+        default=8, metadata={"help": "EPA: prompts S of the per-answer estimate of q (S - 1 from the batch)."})
     token_metrics: bool = field(
         default=False,
         metadata={"help": "Log entropy and mean_token_accuracy (one more no-grad lm_head pass per step)."},
@@ -246,11 +286,18 @@ class EPADataCollator(DataCollatorForPreference):
     and padded as TRL's DataCollatorForPreference does. Returns input_ids, attention_mask,
     completion_mask [C*B, T], candidate_mask [B, C] and, when the rows carry precomputed reference
     log-probs, ref_chosen_logps [B] and ref_rejected_logps [B, K] (0 for absent answers).
+
+    With weak_correction_prompts = S > 0 (weak_correction="importance"), also the sequences that
+    score each weak answer under S - 1 other prompts of the batch (rows other than its own, drawn
+    from the seed and the row positions): weak_prompts_{input_ids,attention_mask,completion_mask}
+    [B*M*(S-1), T'] in (b, m, s) order, and weak_source_index [B, M]: where the weak answer's
+    own sequence (row j's chosen or first rejected answer) is in the candidate-major rows.
     """
 
     num_strong: int = 1
     num_weak: int = 0
     seed: int = 0
+    weak_correction_prompts: int = 0
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch, num_strong = len(examples), self.num_strong
@@ -258,10 +305,10 @@ class EPADataCollator(DataCollatorForPreference):
         rejected = [example["rejected_ids"][:num_strong] for example in examples]
         candidates = [[example["chosen_ids"], *answers, *[None] * (num_strong - len(answers))]
                       for example, answers in zip(examples, rejected)]
-        if self.num_weak:
-            for b, sources in enumerate(weak_negative_sources(batch, self.num_weak, self.seed)):
-                candidates[b] += [rejected[j][0] if k == 1 and rejected[j] else examples[j]["chosen_ids"]
-                                  for j, k in sources]
+        weak_sources = weak_negative_sources(batch, self.num_weak, self.seed) if self.num_weak else []
+        for b, sources in enumerate(weak_sources):
+            candidates[b] += [rejected[j][0] if k == 1 and rejected[j] else examples[j]["chosen_ids"]
+                              for j, k in sources]
         num_candidates = len(candidates[0])
         sequences, masks = [], []
         for c in range(num_candidates):
@@ -269,6 +316,29 @@ class EPADataCollator(DataCollatorForPreference):
                 answer = answers[c] or []
                 sequences.append(example["prompt_ids"] + answer)
                 masks.append([0] * len(example["prompt_ids"]) + [1] * len(answer))
+        output = {**self._padded(sequences, masks),
+                  "candidate_mask": torch.tensor([[answer is not None for answer in answers] for answers in candidates])}
+        if self.weak_correction_prompts and weak_sources:
+            rows, masks, own = [], [], []
+            for b, sources in enumerate(weak_sources):
+                for m, (j, k) in enumerate(sources):
+                    answer = candidates[b][1 + num_strong + m]
+                    own.append((1 if k == 1 and rejected[j] else 0) * batch + j)
+                    rng = random.Random(f"weak-correction/{self.seed}/{b}/{m}")
+                    for other in other_prompts(batch, j, self.weak_correction_prompts - 1, rng):
+                        rows.append(examples[other]["prompt_ids"] + answer)
+                        masks.append([0] * len(examples[other]["prompt_ids"]) + [1] * len(answer))
+            output.update({f"weak_prompts_{key}": value for key, value in self._padded(rows, masks).items()})
+            output["weak_source_index"] = torch.tensor(own).view(batch, self.num_weak)
+        if "ref_chosen_logps" in examples[0]:
+            output["ref_chosen_logps"] = torch.tensor([example["ref_chosen_logps"] for example in examples])
+            output["ref_rejected_logps"] = torch.tensor(
+                [(list(example["ref_rejected_logps"]) + [0.0] * num_strong)[:num_strong] for example in examples])
+        return output
+
+    def _padded(self, sequences: list[list[int]], masks: list[list[int]]) -> dict[str, Tensor]:
+        """input_ids, attention_mask, completion_mask of (prompt + answer) sequences and their
+        answer masks, truncated and right-padded as TRL's DataCollatorForPreference does."""
         if self.max_length is not None:
             keep = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
             sequences, masks = [s[keep] for s in sequences], [m[keep] for m in masks]
@@ -277,17 +347,8 @@ class EPADataCollator(DataCollatorForPreference):
             return pad([torch.tensor(r, dtype=torch.long) for r in rows], padding_value=value, padding_side="right",
                        pad_to_multiple_of=self.pad_to_multiple_of)
 
-        output = {
-            "input_ids": padded(sequences, self.pad_token_id),
-            "attention_mask": padded([[1] * len(s) for s in sequences], 0),
-            "completion_mask": padded(masks, 0),
-            "candidate_mask": torch.tensor([[answer is not None for answer in answers] for answers in candidates]),
-        }
-        if "ref_chosen_logps" in examples[0]:
-            output["ref_chosen_logps"] = torch.tensor([example["ref_chosen_logps"] for example in examples])
-            output["ref_rejected_logps"] = torch.tensor(
-                [(list(example["ref_rejected_logps"]) + [0.0] * num_strong)[:num_strong] for example in examples])
-        return output
+        return {"input_ids": padded(sequences, self.pad_token_id),
+                "attention_mask": padded([[1] * len(s) for s in sequences], 0), "completion_mask": padded(masks, 0)}
 
 
 class EPATrainer(DPOTrainer):
@@ -322,6 +383,12 @@ class EPATrainer(DPOTrainer):
         self._weak_weight = float(getattr(args, "weak_weight", 1.0))
         self._num_strong = getattr(args, "num_strong", None)
         self._token_metrics = getattr(args, "token_metrics", False)
+        corrected = getattr(args, "weak_correction", "none") == "importance"
+        self._weak_correction_prompts = getattr(args, "weak_correction_prompts", 8) if corrected else 0
+        if corrected and not isinstance(train_dataset, Dataset):
+            raise ValueError("weak_correction='importance' weighs the batch's prompts by the training set's size N "
+                             "(q = the mean over its N prompts), which an IterableDataset does not have: pass a Dataset")
+        self._num_examples = len(train_dataset) if corrected else 0
         if isinstance(processing_class, ProcessorMixin):
             raise TypeError("EPATrainer takes text models with a tokenizer as processing_class; vision-language "
                             "processors are not supported: use trl.DPOTrainer")
@@ -357,6 +424,9 @@ class EPATrainer(DPOTrainer):
         finally:
             args.padding_free = padding_free
         causal_lm.check(self.model)
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)  # `accelerate launch`'s own config
+        _check_sharding(self.is_deepspeed_enabled,
+                        getattr(fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else None)
         self.padding_free = padding_free
         if padding_free:
             for name, scorer in (("model", self.model), ("ref_model", self.ref_model)):
@@ -483,7 +553,7 @@ class EPATrainer(DPOTrainer):
         self.data_collator = EPADataCollator(
             pad_token_id=base.pad_token_id, max_length=base.max_length, truncation_mode=base.truncation_mode,
             pad_to_multiple_of=base.pad_to_multiple_of, num_strong=self._num_strong, num_weak=self._num_weak,
-            seed=self.args.seed)
+            seed=self.args.seed, weak_correction_prompts=self._weak_correction_prompts)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's precomputation through ``compute_ref_log_probs`` below, cached apart from TRL's own
@@ -515,15 +585,18 @@ class EPATrainer(DPOTrainer):
         """[R] summed reference log-probs of the rows of model_kwargs / labels (no graph)."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter_context:
-            head, _ = self._final_hidden(scorer, model_kwargs)
-            return linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()).float()
+            logps, _ = self._through_batch(
+                scorer, model_kwargs,
+                lambda head: linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()))
+            return logps.float()
 
-    def _final_hidden(self, model: nn.Module, model_kwargs: dict, *, router_logits: bool = False):
-        """``causal_lm.final_hidden`` of the padded batch, or with padding_free of its sequences
-        packed into rows (``packing.pack``), the hidden states gathered back into the padded layout."""
+    def _through_batch(self, model: nn.Module, model_kwargs: dict, consume, *, router_logits: bool = False):
+        """``causal_lm.through_model`` of the padded batch, or with padding_free of its sequences
+        packed into rows (``packing.pack``), consume given the hidden states in the padded layout:
+        (consume's result, the router loss or None)."""
         transform = causal_lm.logit_transform(model)
         if not self.padding_free:
-            return causal_lm.final_hidden(model, transform, router_logits=router_logits, **model_kwargs)
+            return causal_lm.through_model(model, transform, consume, router_logits=router_logits, **model_kwargs)
         extra = sorted(set(model_kwargs) - {"input_ids", "attention_mask"})
         if extra:
             raise ValueError(f"padding_free=True packs input_ids and attention_mask only; this batch also has {extra}: "
@@ -534,7 +607,7 @@ class EPATrainer(DPOTrainer):
         pad_id = self._tokenizer.pad_token_id  # fills the rows' free tails, which no real token attends
         packed = pack(input_ids, attention_mask, row_bound(attn_implementation(model), bound),
                       0 if pad_id is None else pad_id)
-        return packed_final_hidden(model, transform, packed, router_logits=router_logits)
+        return through_packed_model(model, transform, packed, consume, router_logits=router_logits), None
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch, for TRL's precomputation: ([B], [B]) for DPO
@@ -566,6 +639,24 @@ class EPATrainer(DPOTrainer):
         scorer, adapter_context = self._reference_scorer()
         return torch.cat([known, self._reference_logps(scorer, adapter_context, rest, labels[start:])])
 
+    @torch.no_grad()
+    def _weak_log_weights(self, inputs: dict, ref: Tensor, candidate_mask: Tensor) -> Tensor:
+        """[B, C] log importance weights: 0 on the chosen and strong columns, log mu(y~|x_b) -
+        log q^(y~) on the weak ones (epa_ext.train.weak_correction's estimate, with the batch's
+        other prompts as the S - 1 draws and N the training set's size)."""
+        batch, num_candidates = candidate_mask.shape
+        extra = {"input_ids": inputs["weak_prompts_input_ids"], "attention_mask": inputs["weak_prompts_attention_mask"]}
+        labels = completion_labels(extra["input_ids"], inputs["weak_prompts_completion_mask"])
+        scorer, adapter_context = self._reference_scorer()
+        with self.accelerator.autocast():
+            others = self._reference_logps(scorer, adapter_context, extra, labels)
+        others = others.view(batch, self._num_weak, self._weak_correction_prompts - 1)
+        by_prompt = ref.view(num_candidates, batch).T  # [B, C]
+        log_q = estimated_log_q(ref[inputs["weak_source_index"]], others, self._num_examples)
+        log_weights = torch.zeros_like(by_prompt)
+        log_weights[:, 1 + self._num_strong:] = by_prompt[:, 1 + self._num_strong:] - log_q
+        return log_weights
+
     # --- loss --------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -579,20 +670,31 @@ class EPATrainer(DPOTrainer):
         batch, num_candidates = candidate_mask.shape
         labels = completion_labels(input_ids, completion_mask)
         model_kwargs = _model_inputs(inputs)
-        head, aux_loss = self._final_hidden(model, model_kwargs, router_logits=self.aux_loss_enabled)
         ref = self._all_reference_logps(inputs, model_kwargs, labels, batch)
-        if self._loss_type == "epa":
-            loss, policy = fused_linear_epa_loss(
-                head.hidden, head.weight, labels, ref, **head.as_kwargs(), num_candidates=num_candidates,
-                beta=self.beta, num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
-                sft_weight=self._sft_weight)
-        else:
-            loss, policy = self._dpo_loss(head, labels, ref, completion_mask)
+        log_weights = self._weak_log_weights(inputs, ref, candidate_mask) if "weak_source_index" in inputs else None
+
+        def loss_and_statistics(head: causal_lm.HeadInputs):
+            """In the lm_head's forward hook, where its weight is whole (causal_lm.through_model)."""
+            if self._loss_type == "epa":
+                loss, policy = fused_linear_epa_loss(
+                    head.hidden, head.weight, labels, ref, **head.as_kwargs(), num_candidates=num_candidates,
+                    beta=self.beta, num_strong=self._num_strong, weak_weight=self._weak_weight, mask=candidate_mask,
+                    sft_weight=self._sft_weight, log_weights=log_weights)
+            else:
+                loss, policy = self._dpo_loss(head, labels, ref, completion_mask)
+            return loss, policy.detach(), self._token_statistics(head, labels)
+
+        (loss, policy, statistics), aux_loss = self._through_batch(model, model_kwargs, loss_and_statistics,
+                                                                   router_logits=self.aux_loss_enabled)
         loss = loss * self._loss_weight
         if self.aux_loss_enabled:  # as TRL 1.16's DPOTrainer adds and logs it
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_metrics(mode, inputs, head, labels, policy.detach(), ref, candidate_mask)
+        self._log_metrics(mode, inputs, statistics, labels, policy, ref, candidate_mask)
+        if log_weights is not None:
+            weak = self.accelerator.gather(log_weights[:, 1 + self._num_strong:]).float()
+            self._metrics[mode]["weak/log_weight"].append(weak.mean().item())
+            self._metrics[mode]["weak/log_weight_std"].append(weak.std(unbiased=False).item())
         if return_outputs:
             warnings.warn("`return_outputs=True` (logits for compute_metrics) is deprecated in TRL and costs an extra "
                           "forward pass that forms the logits", FutureWarning, stacklevel=2)
@@ -618,7 +720,20 @@ class EPATrainer(DPOTrainer):
 
     # --- metrics -----------------------------------------------------------------------------------
 
-    def _log_metrics(self, mode: str, inputs: dict, head: causal_lm.HeadInputs, labels: Tensor, policy: Tensor,
+    @torch.no_grad()
+    def _token_statistics(self, head: causal_lm.HeadInputs, labels: Tensor) -> dict[str, Tensor]:
+        """Per kept token (labels' row-major order): its mean logit over the vocabulary and, with
+        token_metrics, the entropy of its distribution and whether the label is its argmax."""
+        kept = labels != IGNORE_INDEX
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        kept_hidden = head.hidden.detach()[kept]
+        statistics = {"mean_logits": causal_lm.mean_logits(kept_hidden, weight, bias, head.softcap)}
+        if self._token_metrics:
+            statistics["entropy"], statistics["top1"] = _token_statistics(kept_hidden, weight, bias, labels[kept],
+                                                                          head.softcap)
+        return statistics
+
+    def _log_metrics(self, mode: str, inputs: dict, statistics: dict[str, Tensor], labels: Tensor, policy: Tensor,
                      ref: Tensor, candidate_mask: Tensor) -> None:
         """TRL's metrics (gathered over processes), and EPA's rewards/weak."""
         batch, num_candidates = candidate_mask.shape
@@ -628,28 +743,22 @@ class EPATrainer(DPOTrainer):
         metrics = preference_metrics(gather(per_prompt["policy"]), gather(per_prompt["ref"]), beta=self.beta,
                                      num_strong=num_strong, mask=gather(candidate_mask))
         store = self._metrics[mode]
-        with torch.no_grad():
-            kept = labels != IGNORE_INDEX
-            token_row = kept.nonzero()[:, 0]
-            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
-            kept_hidden = head.hidden.detach()[kept]
-            candidate = token_row // batch
-            chosen_tokens = candidate == 0
-            rejected_tokens = (candidate >= 1) & (candidate <= num_strong)
-            if self._token_metrics:
-                entropy, top1 = _token_statistics(kept_hidden, weight, bias, labels[kept], head.softcap)
-                store["entropy"].append(_gathered_ratio(gather, entropy.sum(), entropy.numel()))
-            if mode == "train":
-                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
-            store["num_tokens"] = [self._total_train_tokens]
-            mean_logits = causal_lm.mean_logits(kept_hidden, weight, bias, head.softcap)
-            store["logits/chosen"].append(_gathered_ratio(gather, mean_logits[chosen_tokens].sum(),
-                                                          chosen_tokens.sum()))
-            store["logits/rejected"].append(_gathered_ratio(gather, mean_logits[rejected_tokens].sum(),
-                                                            rejected_tokens.sum()))
-            if self._token_metrics:
-                store["mean_token_accuracy"].append(_gathered_ratio(gather, top1[chosen_tokens].sum(),
-                                                                    chosen_tokens.sum()))
+        candidate = (labels != IGNORE_INDEX).nonzero()[:, 0] // batch
+        chosen_tokens = candidate == 0
+        rejected_tokens = (candidate >= 1) & (candidate <= num_strong)
+        if self._token_metrics:
+            entropy = statistics["entropy"]
+            store["entropy"].append(_gathered_ratio(gather, entropy.sum(), entropy.numel()))
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        store["num_tokens"] = [self._total_train_tokens]
+        mean_logits = statistics["mean_logits"]
+        store["logits/chosen"].append(_gathered_ratio(gather, mean_logits[chosen_tokens].sum(), chosen_tokens.sum()))
+        store["logits/rejected"].append(_gathered_ratio(gather, mean_logits[rejected_tokens].sum(),
+                                                        rejected_tokens.sum()))
+        if self._token_metrics:
+            store["mean_token_accuracy"].append(_gathered_ratio(gather, statistics["top1"][chosen_tokens].sum(),
+                                                                chosen_tokens.sum()))
         for key, value in metrics.items():
             store[key].append(value.item())
 

@@ -8,17 +8,19 @@ import copy
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from ..causal_lm import HeadInputs, LogitTransform, final_hidden, logit_transform, mean_logits, unwrap
+from ..causal_lm import HeadInputs, LogitTransform, logit_transform, mean_logits, through_model, unwrap
 from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss
 from ..logps import IGNORE_INDEX
 from . import hub
 from .config import ConfigError, TrainConfig, tiny_attention_heads
-from .packing import Packed, packed_final_hidden
+from .packing import Packed, through_packed_model
+
+T = TypeVar("T")
 
 # --- the tiny model ------------------------------------------------------------------------------
 
@@ -169,14 +171,16 @@ def enable_gradient_checkpointing(policy: nn.Module) -> None:
 # --- scoring through the fused linear path -------------------------------------------------------
 
 
-def batch_hidden(model: nn.Module, transform: LogitTransform, input_ids: Tensor, attention_mask: Tensor,
-                 packed: Packed | None, *, router_logits: bool = False) -> tuple[HeadInputs, Tensor | None]:
-    """``final_hidden`` of the padded batch input_ids / attention_mask [R, T], or, with packed (the
-    same batch, ``packing.pack``), of its packed rows, gathered back into the padded layout."""
+def through_batch(model: nn.Module, transform: LogitTransform, consume: Callable[[HeadInputs], T],
+                  input_ids: Tensor, attention_mask: Tensor, packed: Packed | None, *,
+                  router_logits: bool = False) -> tuple[T, Tensor | None]:
+    """``causal_lm.through_model`` of the padded batch input_ids / attention_mask [R, T], or, with
+    packed (the same batch, ``packing.pack``), of its packed rows, consume given the hidden states
+    in the padded layout either way: (consume's result, the router loss or None)."""
     if packed is not None:
-        return packed_final_hidden(model, transform, packed, router_logits=router_logits)
-    return final_hidden(model, transform, router_logits=router_logits, input_ids=input_ids,
-                        attention_mask=attention_mask)
+        return through_packed_model(model, transform, packed, consume, router_logits=router_logits), None
+    return through_model(model, transform, consume, router_logits=router_logits, input_ids=input_ids,
+                         attention_mask=attention_mask)
 
 
 class PreferenceLoss(nn.Module):
@@ -185,7 +189,7 @@ class PreferenceLoss(nn.Module):
 
     forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C],
     log_weights [B, C] or None: EPA's per-candidate log-weights, packed: the batch's rows packed
-    without padding or None, ``batch_hidden``) returns (loss, policy_seq_logps [C*B], logit_sums
+    without padding or None, ``through_batch``) returns (loss, policy_seq_logps [C*B], logit_sums
     [C*B] (see ``logit_sums``; no graph), the router loss or None). With router_aux_coef > 0 (an
     MoE model whose config asks for router logits) the loss includes router_aux_coef times the
     model's router load-balancing loss, as transformers and TRL add it.
@@ -205,21 +209,24 @@ class PreferenceLoss(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
                 candidate_mask: Tensor, log_weights: Tensor | None = None, packed: Packed | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        head, aux_loss = batch_hidden(self.policy, self.transform, input_ids, attention_mask, packed,
-                                      router_logits=self.router_aux_coef > 0)
-        if self.loss == "dpo":
-            loss, seq = fused_linear_dpo_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
-                                              beta=self.beta, loss_type=self.dpo_loss_type,
-                                              label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
-        else:
-            loss, seq = fused_linear_epa_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
-                                              num_candidates=candidate_mask.shape[1], beta=self.beta,
-                                              num_strong=self.num_strong, weak_weight=self.weak_weight,
-                                              mask=candidate_mask, sft_weight=self.sft_weight,
-                                              log_weights=log_weights)
+        def loss_of(head: HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
+            if self.loss == "dpo":
+                loss, seq = fused_linear_dpo_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
+                                                  beta=self.beta, loss_type=self.dpo_loss_type,
+                                                  label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
+            else:
+                loss, seq = fused_linear_epa_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
+                                                  num_candidates=candidate_mask.shape[1], beta=self.beta,
+                                                  num_strong=self.num_strong, weak_weight=self.weak_weight,
+                                                  mask=candidate_mask, sft_weight=self.sft_weight,
+                                                  log_weights=log_weights)
+            return loss, seq, logit_sums(head, labels)
+
+        (loss, seq, sums), aux_loss = through_batch(self.policy, self.transform, loss_of, input_ids, attention_mask,
+                                                    packed, router_logits=self.router_aux_coef > 0)
         if aux_loss is not None:
             loss = loss + self.router_aux_coef * aux_loss.to(loss.dtype)
-        return loss, seq, logit_sums(head, labels), aux_loss
+        return loss, seq, sums, aux_loss
 
 
 @torch.no_grad()

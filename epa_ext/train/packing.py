@@ -6,7 +6,8 @@ labels. Only the decoder runs on the packed rows: it is what padding costs (the 
 already skip ignored labels), and the padded batch's labels cannot cross a sequence boundary.
 
     packed = pack(batch.input_ids, batch.attention_mask, max_row_tokens=1024, pad_id=0)
-    head, _ = packed_final_hidden(model, transform, packed)  # head.hidden [R, T, H]: the padded batch's
+    logps = through_packed_model(model, transform, packed, lambda head: linear_sequence_logps(
+        head.hidden, head.weight, batch.labels, **head.as_kwargs()))  # head.hidden [R, T, H] as padded
 
 Which attention implementations keep packed sequences apart (read in transformers 5.25):
 
@@ -21,7 +22,7 @@ Which attention implementations keep packed sequences apart (read in transformer
 - any other (paged, hub kernels, custom functions): refused.
 
 Without a cache only: a model called with ``use_cache`` (Llama's config default) creates one, and
-``create_causal_mask`` then ignores the restarts; ``causal_lm.final_hidden`` calls the model with
+``create_causal_mask`` then ignores the restarts; ``causal_lm.through_model`` calls the model with
 ``use_cache=False``. ``check_packed_attention`` refuses the implementations above and verifies the
 rest on the model itself (packed and padded hidden states of a few short sequences must agree), so
 a model whose attention ignores the restarts is refused instead of silently attending across
@@ -31,11 +32,14 @@ sequences.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from ..causal_lm import HeadInputs, LogitTransform, backbone_and_head, final_hidden, unwrap
+from ..causal_lm import HeadInputs, LogitTransform, backbone_and_head, through_model, unwrap
+
+T = TypeVar("T")
 
 ROWS_OF_ANY_NUMBER = ("sdpa", "eager", "flex_attention")
 ONE_ROW_ONLY = ("flash_attention_2", "flash_attention_3")
@@ -163,17 +167,18 @@ def unpack(hidden: Tensor, packed: Packed) -> Tensor:
     return hidden.reshape(-1, hidden.shape[-1])[packed.index]
 
 
-def packed_final_hidden(model: nn.Module, transform: LogitTransform, packed: Packed, *,
-                        router_logits: bool = False) -> tuple[HeadInputs, Tensor | None]:
-    """``causal_lm.final_hidden`` of the packed rows (the model's own forward, given input_ids and
-    position_ids and no attention mask, without a cache), the hidden states gathered back into the
-    padded layout [R, T, H].
+def through_packed_model(model: nn.Module, transform: LogitTransform, packed: Packed,
+                         consume: Callable[[HeadInputs], T], *, router_logits: bool = False) -> T:
+    """``causal_lm.through_model`` on the packed rows (the model's own forward, given input_ids and
+    position_ids and no attention mask, without a cache): consume gets the HeadInputs with the
+    hidden states gathered back into the padded layout [R, T, H].
 
     Raises ValueError for router_logits (_ROUTER_LOSS_REFUSED)."""
     if router_logits:
         raise ValueError(_ROUTER_LOSS_REFUSED)
-    head, _ = final_hidden(model, transform, input_ids=packed.input_ids, position_ids=packed.position_ids)
-    return replace(head, hidden=unpack(head.hidden, packed)), None
+    result, _ = through_model(model, transform, lambda head: consume(replace(head, hidden=unpack(head.hidden, packed))),
+                              input_ids=packed.input_ids, position_ids=packed.position_ids)
+    return result
 
 
 def attn_implementation(model: nn.Module) -> str:
@@ -187,9 +192,9 @@ def attn_implementation(model: nn.Module) -> str:
 def check_packed_attention(model: nn.Module, transform: LogitTransform, *, router_logits: bool = False) -> None:
     """Raises ValueError (one line) unless packed rows of this model give the padded batch's
     hidden states: its attention implementation must be one of PACKED_ATTENTION, it must not be
-    asked for a router loss (``packed_final_hidden``), and a probe (four short sequences, packed
-    two to a row, or one row for flash attention) through ``packed_final_hidden`` must agree with
-    ``final_hidden`` of the padded batch. The model is run in eval mode (no dropout) and left as
+    asked for a router loss (``through_packed_model``), and a probe (four short sequences, packed
+    two to a row, or one row for flash attention) through ``through_packed_model`` must agree with
+    ``causal_lm.through_model`` of the padded batch. The model is run in eval mode (no dropout) and left as
     it was."""
     implementation = attn_implementation(model)
     name = type(unwrap(model)).__name__
@@ -204,12 +209,15 @@ def check_packed_attention(model: nn.Module, transform: LogitTransform, *, route
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, weight.shape[0], (len(lengths), max(lengths)), generator=generator).to(weight.device)
     attention_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long().to(weight.device)
+    def hidden_of(head: HeadInputs) -> Tensor:
+        return head.hidden
+
     was_training = model.training
     model.eval()
     try:
-        padded = final_hidden(model, transform, input_ids=input_ids, attention_mask=attention_mask)[0].hidden
-        packed = pack(input_ids, attention_mask, row_bound(implementation, 8), pad_id=0)
-        packed = packed_final_hidden(model, transform, packed)[0].hidden
+        padded, _ = through_model(model, transform, hidden_of, input_ids=input_ids, attention_mask=attention_mask)
+        packed = through_packed_model(model, transform, pack(input_ids, attention_mask, row_bound(implementation, 8),
+                                                             pad_id=0), hidden_of)
     finally:
         model.train(was_training)
     real = attention_mask.bool()

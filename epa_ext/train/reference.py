@@ -23,7 +23,7 @@ from . import weak_correction
 from .batching import Batch, Layout, Split, make_batch
 from .config import TrainConfig
 from ..causal_lm import LogitTransform, unwrap
-from .modeling import batch_hidden
+from .modeling import through_batch
 from .packing import Packed
 from .runtime import Runtime, autocast, barrier
 
@@ -99,8 +99,11 @@ class Reference:
     def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                     packed: Packed | None = None) -> Tensor:
         with self._scorer() as scorer, autocast(self.cfg, self.runtime):
-            head, _ = batch_hidden(scorer, self.transform, input_ids, attention_mask, packed)
-            return linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()).float()
+            logps, _ = through_batch(
+                scorer, self.transform,
+                lambda head: linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()),
+                input_ids, attention_mask, packed)
+            return logps.float()
 
     def _score_all(self, split: Split, layout: Layout) -> Tensor:
         """[n, C] reference log-probs of every example's candidates (0 for padding candidates)."""
