@@ -10,8 +10,7 @@ then the loss; autograd).
     python bench/bench_train_step.py --device cuda --dtype bf16 --hidden 2048 --layers 8 --vocab 128256 --seq-len 1024
 
 Modes:
-- speed: step time, tokens/s (all candidate tokens) and peak memory above the model and the
-  optimizer state, for both paths at --prompts.
+- speed: step time, tokens/s (all candidate tokens) and peak memory, for both paths at --prompts.
 - max-batch: for each path the largest micro-batch (prompts, doubling then bisecting) whose
   step's peak memory fits --memory-budget-mib, and tokens/s at that batch.
 - checkpointing: epa-train's step with and without --gradient-checkpointing (the decoder layers
@@ -19,9 +18,14 @@ Modes:
 
 Same model, batch and reference log-probs (given, as with a precomputed reference) for both
 paths; fused AdamW for both; gradients are set to None after each step, as the trainers do.
-max-batch and checkpointing measure each case in a fresh process, after the optimizer state
-exists but before any step ran (so the peak includes the gradients the step forms): on CPU the
-peak resident set of a process that ran a bigger step before would hide memory reused from it.
+
+Memory, in every mode (MEMORY_DEFINITION, recorded in the report): the peak of a path's first
+optimizer step in a fresh process, above the model, its AdamW state and the batch, so it includes
+the gradients the step forms; CPU: the rise of the process's peak resident set, CUDA: the caching
+allocator's peak. A fresh process, because on CPU the peak resident set of a process that ran a
+step before hides the memory that step's pages leave to reuse. (Before the report had a
+memory_definition field, speed mode measured a step after the timed ones, in the timing process.)
+The speed mode times both paths in turns in one process and takes each path's memory from a child.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from epa_ext import eager
 from epa_ext.train.modeling import PreferenceLoss, enable_gradient_checkpointing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MEMORY_DEFINITION = ("first-step-fresh-process: peak of the first optimizer step in a fresh process above the model, "
+                     "its AdamW state and the batch (the step's gradients included); CPU: rise of the peak resident "
+                     "set, CUDA: the caching allocator's peak")
 PROVIDERS = ("eager", "epa_ext")
 
 
@@ -187,13 +194,15 @@ def main() -> None:
         return
     print(describe(args))
     if args.mode == "speed":
+        # memory first, each path in its own fresh process (before this one holds any model)
+        peaks = {name: measure_in_child(args, name, args.prompts, reps=1)["peak_extra_mib"] for name in PROVIDERS}
         steps = {name: Step(args, name, args.prompts) for name in PROVIDERS}
-        for step in steps.values():  # the optimizer state exists before measuring
+        for step in steps.values():  # the optimizer state exists before timing
             step()
         # timed in turns, so that a drift in a shared host's speed slows both paths alike
         timings = time_interleaved(steps, args.device, reps=args.reps)
-        rows = [{"provider": name, "prompts": args.prompts,
-                 **step.timed_row(timings[name], peak_extra_mib(step, args.device))} for name, step in steps.items()]
+        rows = [{"provider": name, "prompts": args.prompts, **step.timed_row(timings[name], peaks[name])}
+                for name, step in steps.items()]
         add_ratios_to_eager(rows, ())
     elif args.mode == "max-batch":
         rows = []
@@ -215,7 +224,7 @@ def main() -> None:
         columns = ["provider", "prompts", "median_ms", "tokens_per_second", "peak_extra_mib", "memory_vs_plain",
                    "time_vs_plain"]
     finish("train_step" if args.mode == "speed" else f"train_step_{args.mode.replace('-', '_')}", args.device, rows,
-           columns, {"args": vars(args)}, args.out)
+           columns, {"args": vars(args), "memory_definition": MEMORY_DEFINITION}, args.out)
 
 
 if __name__ == "__main__":

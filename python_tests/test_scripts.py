@@ -51,6 +51,9 @@ def test_benchmark_writes_a_report(script, args, expected_providers, tmp_path):
     assert all(row["median_ms"] > 0 for row in report["results"])
     if script == "bench_fused_linear.py":  # the allocator-level CPU peak, next to the resident one
         assert all(row["peak_allocated_mib"] > 0 for row in report["results"])
+    if script == "bench_train_step.py":  # one definition of memory in every mode, said in the report
+        assert report["memory_definition"].startswith("first-step-fresh-process")
+        assert all(row["peak_extra_mib"] is not None and row["peak_extra_mib"] >= 0 for row in report["results"])
     if script == "bench_real_data.py":
         assert all(0 <= row["padding_share"] < 1 and row["real_tokens_per_s"] > 0 for row in report["results"])
         assert report["results"][2]["max_loss_difference"] < 1e-4  # padding-free (or a bound): the padded losses
