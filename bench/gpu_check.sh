@@ -48,7 +48,8 @@ step bench_fused_linear 150 "$PY" "$REPO/bench/bench_fused_linear.py" --device c
   --vocab 128256 --dtype bf16 --reps 5 --out "$OUT"
 step train_smoke 60 "$PY" -m epa_ext.train --dataset "$REPO/python_tests/data/prefs.jsonl" --output-dir "$OUT/train_smoke" \
   --device cuda --precision bf16 --max-steps 30 --batch-size 4 --num-weak 2 --lr 1e-3 --eval-fraction 0.1
-step bench_train_step 75 "$PY" "$REPO/bench/bench_train_step.py" --device cuda --dtype bf16 --hidden 2048 \
+# 150 s: besides the timing process, each path's memory is measured in a fresh process of its own
+step bench_train_step 150 "$PY" "$REPO/bench/bench_train_step.py" --device cuda --dtype bf16 --hidden 2048 \
   --layers 8 --vocab 128256 --seq-len 1024 --reps 10 --out "$OUT"
 # TRL side by side (bench_trl.py): the GPU machine has no package registry, so trl (and liger-kernel)
 # must already be installed there, e.g. from wheels carried in the working tree; without trl: skipped.

@@ -36,11 +36,11 @@ from .pipeline import Setting, build_eval_set, prepare_reference, resolve_device
 from .task import KnownRewardTask
 from .report import COLUMNS, markdown_table
 
-# Shared by the negatives and practical sweeps, chosen before either was run (README: "How the
-# step count was chosen"): the convergence sweep's curves flatten by SWEEP_STEPS at a constant
-# learning rate, and the sweeps then decay it (cosine) over those steps. 8000 prompts per seed
-# keep SWEEP_STEPS x 16 prompts within a few epochs, so longer training does not turn into
-# memorizing the training prompts.
+# Shared by the negatives and practical sweeps, chosen before either was run
+# (docs/known_reward/README.md: "How the step count was chosen"): the convergence sweep's curves
+# flatten by SWEEP_STEPS at a constant learning rate, and the sweeps then decay it (cosine) over
+# those steps. 8000 prompts per seed keep SWEEP_STEPS x 16 prompts within a few epochs, so longer
+# training does not turn into memorizing the training prompts.
 SWEEP_STEPS = 1000
 SWEEP_TRAIN_PROMPTS = 8000
 # One training process with one thread: the machine is shared, and the tiny models gain little
@@ -179,7 +179,7 @@ def _method_of(setting: dict):
 
 
 def sweep_markdown(results: dict) -> str:
-    """The sweep's tables in Markdown (what README shows)."""
+    """The sweep's tables in Markdown (what docs/known_reward/README.md shows)."""
     seeds = len(results["config"]["seeds"])
     lines = [f"{results['sweep']} sweep: mean ± std over {seeds} seed(s); {results['config']['steps']} steps, "
              f"{results['config']['train_prompts']} training prompts per seed, scheduler "

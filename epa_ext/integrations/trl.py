@@ -15,7 +15,7 @@ optimizer, scheduler, PEFT, gradient accumulation, mixed precision, logging, che
 and transformers' own. Supported loss types: "sigmoid", "robust", "hinge", "ipo" (the numbers of
 TRL 1.16's DPOTrainer with the same config) and "epa", each optionally with TRL's "sft" term (RPO;
 epa_ext's ``sft_weight``). DPOConfig fields the subclass cannot honour raise before anything is
-loaded (README, "EPA for TRL users", lists every field).
+loaded (docs/trl.md lists every field).
 
 EPA (``loss_type="epa"``): candidate 0 of a prompt is its chosen answer, candidates 1..K its
 rejected answers (strong negatives; ``rejected`` may be a list of answers, K is the largest count
