@@ -182,6 +182,7 @@ def test_rerun_reuses_finished_work(smoke_results, capsys):
     main(argv)
     out = capsys.readouterr().out
     assert len(evals) == 4 and [p.stat().st_mtime_ns for p in evals] == written  # nothing retrained
+    assert not list(Path(cfg.output_dir).glob("runs/*/checkpoint-*"))  # the final policy is in final/
     assert "EPA K=3 M=4 vs DPO: reward" in out and "slope1_error" in out
     for name in ("reward_vs_kl.png", "slope1.png", "implicit_vs_true.png"):
         assert f"wrote {cfg.output_dir}/{name}" in out and (Path(cfg.output_dir) / name).stat().st_size > 10_000

@@ -209,12 +209,13 @@ def train_and_evaluate(setting: Setting, seed: int, task: KnownRewardTask, refer
               # what epa_ext.train recorded it trained with
               "train_config": json.loads((directory / "config.json").read_text()),
               "implicit_rewards": rounded(implicit[:64])}
+    checkpoints = sorted((int(p.name.split("-")[1]), p) for p in directory.glob("checkpoint-*"))
     if cfg.eval_every:
-        checkpoints = sorted((int(p.name.split("-")[1]), p) for p in directory.glob("checkpoint-*"))
-        result["curve"] = [{"step": step, **evaluate(path)[0]} for step, path in checkpoints] + \
+        # The last step's checkpoint (epa-train writes one for --resume) is the final policy, evaluated above.
+        result["curve"] = [{"step": step, **evaluate(path)[0]} for step, path in checkpoints if step < cfg.steps] + \
                           [{"step": cfg.steps, **metrics}]
-        for _, path in checkpoints:  # evaluated; final/ stays
-            shutil.rmtree(path)
+    for _, path in checkpoints:  # a run here is never resumed (a killed one trains again); final/ stays
+        shutil.rmtree(path)
     write_json(directory / "eval.json", result)
     return result
 
