@@ -6,7 +6,7 @@
 // Forward reads each logits row once from memory: the row is walked in L1-sized blocks, and a
 // block's max and its sum of exp(x - max) are two sweeps over data already in cache.
 // Backward reads the row once more and writes its gradient once. With a softcap, a block's capped
-// logits are formed in the L1 scratch first (forward) or in registers (backward).
+// logits are formed in registers, never stored.
 #include "logps_cpu_kernel.h"
 
 #include <ATen/Dispatch.h>
@@ -52,33 +52,58 @@ const float* block_as_float(const scalar_t* p, int64_t n, float* scratch) {
   }
 }
 
-// tanh(u) = 1 - 2 / (1 + exp(2u)), through the accurate vectorized exp (SLEEF's, 1 ulp), which
-// costs less than half of the vectorized tanh. exp(2u) = inf for large u gives 1, 0 for very
-// negative u gives -1, NaN stays NaN; for small |u| the difference from 1 is exact to an ulp of
-// 1, so cap * tanh is off by at most cap * 2^-24, the rounding of a logit of that size.
-FloatVec tanh_of(const FloatVec& u) {
-  const FloatVec one(1.f), two(2.f);
-  return one - two / (one + (u * two).exp());
-}
-
-// out[i] = cap * tanh(x[i] / cap) for a block (out may be x).
-void cap_block(const float* x, float* out, int64_t n, float cap) {
-  const FloatVec vcap(cap);
-  int64_t i = 0;
-  for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
-    (vcap * tanh_of(FloatVec::loadu(x + i) / vcap)).store(out + i);
+// The capped logit c = cap * t with t = tanh(u), u = z / cap, to a few ulp of t: for |u| < 1/2 its
+// Taylor series to u^17 (error below 2^-26 relative); above, (1 - e) / (1 + e) with
+// e = exp(-2|u|) <= e^-1 (SLEEF's vectorized exp, 1 ulp), then u's sign. Cheaper than the
+// vectorized tanh; a form such as 1 - 2 / (1 + exp(2u)) everywhere would be off by ulp(1) for
+// small |u|, an error a large cap multiplies back into logits far below it. +-inf logits give
+// +-1, NaN stays NaN. The slope dc/dz = 1 - t^2 = (1 - t)(1 + t).
+struct VecCap {
+  float cap_value;
+  FloatVec cap, inv_cap;
+  bool divide;  // 1 / cap would be subnormal (cap > ~8.5e37): divide by cap instead
+  explicit VecCap(float c) : cap_value(c), cap(c), inv_cap(1.f / c), divide(!std::isnormal(1.f / c)) {}
+  FloatVec tanh(const FloatVec& z) const {
+    const FloatVec u = divide ? z / cap : z * inv_cap;
+    const FloatVec one(1.f), sign_bit(-0.f);
+    const FloatVec a = u.abs();
+    const FloatVec e = (a * FloatVec(-2.f)).exp();
+    const FloatVec large = ((one - e) / (one + e)) | (u & sign_bit);
+    const FloatVec u2 = u * u;
+    FloatVec series(6404582.f / 10854718875.f);
+    for (const float c : {-929569.f / 638512875.f, 21844.f / 6081075.f, -1382.f / 155925.f, 62.f / 2835.f,
+                          -17.f / 315.f, 2.f / 15.f, -1.f / 3.f, 1.f}) {
+      series = at::vec::fmadd(series, u2, FloatVec(c));
+    }
+    return FloatVec::blendv(large, u * series, a < FloatVec(0.5f));
   }
-  for (; i < n; ++i) out[i] = Softcap<float>{cap}.logit(x[i]);
+};
+
+// tanh of a single logit through the vector routine, so that it equals what the block sweep gives
+// the same logit to the bit.
+float tanh_of(const VecCap& vc, float z) {
+  float lanes[FloatVec::size()];
+  vc.tanh(FloatVec(z)).store(lanes);
+  return lanes[0];
 }
 
-// Block [p, p + n) as the fp32 logits the softmax sees: capped into scratch with a softcap,
-// else block_as_float's (the input itself for float).
-template <typename scalar_t>
-const float* block_logits(const scalar_t* p, int64_t n, float* scratch, Softcap<float> softcap) {
-  const float* x = block_as_float(p, n, scratch);
-  if (!softcap.active()) return x;
-  cap_block(x, scratch, n, softcap.cap);
-  return scratch;
+// A block's capped logits c in one sweep, never stored: tanh is increasing, so the capped maximum
+// is that of the raw maximum z_max (t_max = tanh(z_max / cap)); returns sum_i exp(c[i] - c_max)
+// with c[i] - c_max = cap (t[i] - t_max) (the maximum's term is 1).
+float block_sum_exp_capped(const float* x, int64_t n, const VecCap& vc, float t_max) {
+  const FloatVec vt_max(t_max);
+  FloatVec acc0(0.f), acc1(0.f);
+  int64_t i = 0;
+  auto term = [&](const float* p) { return (vc.cap * (vc.tanh(FloatVec::loadu(p)) - vt_max)).exp_u20(); };
+  for (; i + 2 * FloatVec::size() <= n; i += 2 * FloatVec::size()) {
+    acc0 += term(x + i);
+    acc1 += term(x + i + FloatVec::size());
+  }
+  for (; i + FloatVec::size() <= n; i += FloatVec::size()) acc0 += term(x + i);
+  float s = at::vec::vec_reduce_all<float>([](FloatVec& a, FloatVec& b) { return a + b; },
+                                           acc0 + acc1);
+  for (; i < n; ++i) s += std::exp(vc.cap_value * (tanh_of(vc, x[i]) - t_max));
+  return s;
 }
 
 // Writes fp32 block values to out[0, n) in scalar_t.
@@ -141,7 +166,18 @@ LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, fl
   LogSumExp<float> acc;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
-    const float* x = block_logits(row + start, n, scratch, softcap);
+    const float* x = block_as_float(row + start, n, scratch);
+    if (softcap.active()) {
+      const float z_max = block_max(x, n);
+      if (std::isnan(z_max)) {  // capping keeps NaN; +-inf logits are capped to +-cap
+        acc.merge(NAN, NAN);
+        return acc;
+      }
+      const VecCap vc(softcap.cap);
+      const float t_max = tanh_of(vc, z_max);
+      acc.merge(softcap.cap * t_max, block_sum_exp_capped(x, n, vc, t_max));
+      continue;
+    }
     const float m = block_max(x, n);
     if (m == -INFINITY) continue;  // nothing to add
     if (!std::isfinite(m)) {       // NaN or +inf anywhere: the row is NaN, as in torch
@@ -163,6 +199,16 @@ LogSumExp<acc_t> row_logsumexp(const scalar_t* row, int64_t vocab, float* scratc
   }
 }
 
+// The target's capped logit through the routine its row's logsumexp used, so that a row's
+// dominant logit gets log-prob 0 to the bit, as in plain torch.
+template <typename scalar_t, typename acc_t>
+acc_t capped_logit(Softcap<acc_t> softcap, acc_t z) {
+  if constexpr (kIsFloatVectorPath<scalar_t>) {
+    if (softcap.active()) return softcap.cap * tanh_of(VecCap(softcap.cap), z);
+  }
+  return softcap.logit(z);
+}
+
 template <typename scalar_t, typename acc_t>
 void row_grad_scalar(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t label, acc_t g,
                      acc_t lse, acc_t logp_target, Softcap<acc_t> softcap) {
@@ -173,13 +219,15 @@ void row_grad_scalar(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t 
   }
 }
 
-// -g * softmax_v * d(capped logit)/dz for the block's columns, into result.
+// -g * softmax_v * d(capped logit)/dz for the block's columns, into result:
+// -g * exp(cap t - lse) * (1 - t)(1 + t), t as in VecCap.
 void block_grad_capped(const float* x, float* result, int64_t n, float g, float lse, float cap) {
-  const FloatVec vlse(lse), vneg_g(-g), vcap(cap), one(1.f);
+  const VecCap vc(cap);
+  const FloatVec vlse(lse), vneg_g(-g), one(1.f);
   int64_t i = 0;
   for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
-    const FloatVec t = tanh_of(FloatVec::loadu(x + i) / vcap);
-    (vneg_g * (vcap * t - vlse).exp_u20() * (one - t * t)).store(result + i);
+    const FloatVec t = vc.tanh(FloatVec::loadu(x + i));
+    (vneg_g * (vc.cap * t - vlse).exp_u20() * ((one - t) * (one + t))).store(result + i);
   }
   for (; i < n; ++i) {
     const auto z = Softcap<float>{cap}.apply(x[i]);
@@ -251,7 +299,7 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
             const scalar_t* row = base + layout.offset(r);
             const LogSumExp<acc_t> acc = row_logsumexp<scalar_t, acc_t>(row, vocab, scratch, cap);
             lse_ptr[r] = acc.value();
-            logp_ptr[r] = acc.log_prob(cap.logit(static_cast<acc_t>(row[label])));
+            logp_ptr[r] = acc.log_prob(capped_logit<scalar_t>(cap, static_cast<acc_t>(row[label])));
           }
         });
       });

@@ -33,8 +33,8 @@ def make_inputs(shape, dtype, device, *, ignore_fraction=0.2, scale=3.0, ignore_
 def check_against_reference(logits, labels, *, ignore_index=IGNORE_INDEX, what="", grad_extra_rtol=0.0,
                             softcap=None, inplace_backward=False):
     """Forward and d(logits) of token_logps against float64 truth and plain torch in the dtype.
-    With a softcap c, the capped logits (magnitude <= c) carry fp32 rounding of eps32 * c into
-    every log-prob, the inputs_scale of numerics.assert_close_to_truth."""
+    With a softcap c, the capped logits (magnitude <= min(c, max |logit|)) carry fp32 rounding of
+    eps32 times that into every log-prob, the inputs_scale of numerics.assert_close_to_truth."""
     dtype = logits.dtype
     upstream = torch.randn(labels.shape, dtype=torch.float64)
 
@@ -53,7 +53,8 @@ def check_against_reference(logits, labels, *, ignore_index=IGNORE_INDEX, what="
 
     assert ours.dtype == torch.float32 and ours.device == logits.device
     assert ours_in.grad.dtype == dtype and ours_in.grad.shape == logits.shape
-    scale = softcap or 0.0
+    finite = logits.detach()[logits.detach().isfinite()]
+    scale = min(softcap, finite.abs().max().item() if finite.numel() else 0.0) if softcap else 0.0
     assert_close_to_truth(ours, results["truth"][0], dtype=dtype, plain=results["plain"][0], what=f"{what} logps",
                           inputs_scale=scale)
     assert_close_to_truth(ours_in.grad, results["truth"][1], dtype=dtype, plain=results["plain"][1],

@@ -45,6 +45,15 @@ def test_float64(device):
     assert_close_to_truth(x.grad, y.grad, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("cap", [1e-3, 1e4, 1e30], ids=str)
+def test_caps_far_from_the_logits(cap, device):
+    """A cap far below the logits (every logit saturated) or far above them (capping changes
+    nothing): tanh(z / c) keeps its relative accuracy for tiny z / c, where 1 - 2 / (1 + exp(2z / c))
+    would round to 0 and a large cap would multiply that back into the logits."""
+    logits, labels = make_inputs((3, 7, 1000), torch.float32, device, scale=SCALE)
+    check_against_reference(logits, labels, softcap=cap, what=f"cap {cap}")
+
+
 def test_logits_far_beyond_the_cap_stay_finite_and_exact(device):
     """|z| = 1e4 against a cap of 30 (Gemma-2's): the capped logit is +-30 exactly and its slope
     1 - tanh^2 is exactly 0 in fp32 and fp64 alike, so those columns get no gradient; +-inf logits
