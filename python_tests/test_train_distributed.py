@@ -296,3 +296,35 @@ def test_fsdp_over_two_processes_trains_as_one_and_resumes(tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert train_losses(read_metrics(out)) == pytest.approx(train_losses(plain), rel=RTOL, abs=ATOL)
     assert_same_training(tmp_path / "plain", out)
+
+
+def test_a_finished_sharded_run_leaves_no_garbage_for_the_interpreters_exit(tmp_path, monkeypatch):
+    """run() frees an FSDP run's reference cycles (the sharded modules, their meshes and the process
+    group) itself, before it returns: freed by the interpreter's exit instead, a collective's thread
+    may release them when it can no longer take the GIL (a gloo rank aborted so once in CI). The
+    automatic collector is off, so only run() can have freed them."""
+    import gc
+
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one rank of its own (FSDP needs a process group)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    gc.collect()
+    gc.disable()
+    try:
+        train_in_process(tmp_path / "run", "--max-steps", "1", "--num-weak", "1", "--eval-fraction", "0", *ON_CPU,
+                         "--batch-size", "2", "--fsdp")
+        assert not dist.is_initialized()
+        assert not [o for o in gc.get_objects() if isinstance(o, FSDPModule)]
+    finally:
+        gc.enable()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

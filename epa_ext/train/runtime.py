@@ -6,6 +6,7 @@ model for checkpoints."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -48,8 +49,15 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 
 def teardown(runtime: Runtime) -> None:
+    """Frees the finished run's objects, then the process group, while the interpreter is whole.
+    A sharded model sits in reference cycles (modules, device meshes, the group itself); left to
+    the interpreter's exit, the group's threads release them while Python shuts down, where a
+    thread cannot take the GIL any more (a gloo rank of a finished FSDP run aborted once that way
+    in CI: "terminate called without an active exception")."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def barrier(runtime: Runtime) -> None:

@@ -56,16 +56,21 @@ def run(cfg: TrainConfig, *, weak_proposal: KnownProposal | None = None) -> list
         raise ConfigError("a known weak proposal q is used by --weak-correction importance only")
     runtime = setup_runtime(cfg)
     try:
-        with set_up(cfg, runtime, weak_proposal) as training:
-            with StopRequests() as stop:
-                while training.position.step < training.total_steps:
-                    training.train_step()
-                    training.evaluate_and_save()
-                    if any_rank(stop.signum is not None, runtime):
-                        training.stop(stop.signum or signal.SIGTERM)
-            return training.finish()
+        return train(cfg, runtime, weak_proposal)
     finally:
-        teardown(runtime)
+        teardown(runtime)  # the run's objects are unreachable here: train() has returned
+
+
+def train(cfg: TrainConfig, runtime: Runtime, weak_proposal: KnownProposal | None) -> list[dict]:
+    """run()'s loop, in a frame of its own so that the run's objects are garbage once it returns."""
+    with set_up(cfg, runtime, weak_proposal) as training:
+        with StopRequests() as stop:
+            while training.position.step < training.total_steps:
+                training.train_step()
+                training.evaluate_and_save()
+                if any_rank(stop.signum is not None, runtime):
+                    training.stop(stop.signum or signal.SIGTERM)
+        return training.finish()
 
 
 # --- set-up --------------------------------------------------------------------------------------
