@@ -14,7 +14,8 @@ With --softcap C (Gemma-2's final_logit_softcapping is 30) every provider comput
 C * tanh(logits / C): eager on its logits, epa_ext in its row kernels; "epa_ext-nocap" is epa_ext
 without it, for the softcap's cost. Liger's chunked DPO loss has no softcap and is left out; on
 CUDA, "liger_flce" is Liger's softcapped fused linear cross-entropy over the same kept tokens (a
-token loss, not DPO, for the speed of a softcapped fused head).
+token loss, not DPO, for the speed of a softcapped fused head). Hidden states are N(0, 1) and the
+lm_head is scaled so that the logits are N(0, --logit-std^2) (default 1: far below a cap of 30).
 
     python bench/bench_fused_linear.py          # CPU: 4096 tokens, H = 512, V = 32000 and 65536, fp32
     python bench/bench_fused_linear.py --vocab 32000 --losses dpo --max-chunk-tokens 256 128
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--ignored", nargs="+", type=float, default=[0.0, 0.5], help="shares of ignored labels")
     parser.add_argument("--softcap", type=float, default=None,
                         help="logit softcap C of every provider (Gemma-2: 30); adds epa_ext-nocap")
+    parser.add_argument("--logit-std", type=float, default=1.0,
+                        help="standard deviation of the logits (the lm_head's scale; N(0, 1) hidden states)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs (default: 3 on CPU, 10 on CUDA)")
     parser.add_argument("--out", default=None, help="directory for the JSON report (default bench/results)")
     parser.add_argument("--report-name", default=None,
@@ -165,7 +168,7 @@ def main() -> None:
             torch.manual_seed(0)
             hidden = torch.randn(sequences, seq_len, args.hidden, dtype=dtype, device=args.device).requires_grad_()
             weight = (torch.randn(vocab, args.hidden, dtype=dtype, device=args.device)
-                      / args.hidden**0.5).requires_grad_()
+                      * (args.logit_std / args.hidden**0.5)).requires_grad_()
             ref = torch.zeros(sequences, device=args.device)
             table = {k: v for k, v in providers(loss, candidates, args.max_chunk_tokens, args.softcap,
                                                 args.device).items()

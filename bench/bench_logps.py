@@ -2,16 +2,20 @@
 
     python bench/bench_logps.py                        # CPU: 4096 tokens, V = 32000, fp32
     python bench/bench_logps.py --device cuda --tokens 8192 --vocab 32000 128256 --dtype bf16 fp32
+    python bench/bench_logps.py --softcap 30 --modes full --providers eager epa_ext epa_ext-nocap
 
 eager is what a TRL user runs today (log_softmax, gather, masked sum; autograd); compile is
 torch.compile of the same function; both come from epa_ext.eager. On CUDA each row also gets
 its achieved bandwidth (bytes the op must move: forward reads the logits once, backward reads
-them and writes their gradient) next to a same-size device copy.
+them and writes their gradient) next to a same-size device copy. With --softcap C every provider
+caps the logits at C * tanh(logits / C) and "epa_ext-nocap" is epa_ext without it, for the cap's
+cost in the row kernels (logits are N(0, 1)).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 from common import add_ratios_to_eager, finish, peak_extra_mib, time_ms
@@ -22,12 +26,18 @@ from epa_ext import eager
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def providers(names: list[str]) -> dict:
+def providers(names: list[str], softcap: float | None) -> dict:
+    capped_eager = functools.partial(eager.sequence_logps, softcap=softcap)
     table = {
-        "eager": eager.sequence_logps,
-        "compile": torch.compile(eager.sequence_logps),
-        "epa_ext": epa_ext.sequence_logps,
+        "eager": capped_eager,
+        "compile": torch.compile(capped_eager),
+        "epa_ext": functools.partial(epa_ext.sequence_logps, softcap=softcap),
     }
+    if softcap is not None:
+        table["epa_ext-nocap"] = epa_ext.sequence_logps
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        raise ValueError(f"--providers: unknown {unknown} (epa_ext-nocap needs --softcap); known: {sorted(table)}")
     return {name: table[name] for name in names}
 
 
@@ -96,6 +106,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["forward", "backward", "full"])
     parser.add_argument("--providers", nargs="+", default=["eager", "compile", "epa_ext"])
     parser.add_argument("--ignore-fraction", type=float, default=0.0, help="share of labels set to ignore_index")
+    parser.add_argument("--softcap", type=float, default=None, help="logit softcap C of every provider (Gemma-2: 30)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs (default: 7 on CPU, 50 on CUDA)")
     parser.add_argument("--out", default=None, help="directory for the JSON report (default bench/results)")
     args = parser.parse_args()
@@ -103,7 +114,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows, copies = [], {}
-    chosen = providers(args.providers)
+    chosen = providers(args.providers, args.softcap)
     for dtype_name in args.dtype:
         for vocab in args.vocab:
             logits, labels = make_batch(args.tokens, vocab, args.seq_len, DTYPES[dtype_name], args.device,
@@ -124,7 +135,8 @@ def main() -> None:
                "peak_extra_mib", "memory_vs_eager", "gb_per_s"]
     if args.device == "cuda":
         columns.append("fraction_of_copy")
-    finish("logps", args.device, rows, columns, {"args": vars(args), "copy_gb_per_s": copies}, args.out)
+    name = "logps" if args.softcap is None else f"logps_softcap{args.softcap:g}"
+    finish(name, args.device, rows, columns, {"args": vars(args), "copy_gb_per_s": copies}, args.out)
 
 
 if __name__ == "__main__":

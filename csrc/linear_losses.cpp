@@ -31,6 +31,7 @@
 #include <string>
 
 #include "linear_common.h"
+#include "logps_cpu.h"
 
 namespace epa_ext {
 namespace {
@@ -187,6 +188,9 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
   int64_t widest = 0;
   for (const Span& span : spans) widest = std::max(widest, std::min(span.tokens(), budget));
   linear::ChunkLogits chunk(widest, weight);
+  // On the CPU, fp32 logits with a softcap are capped in place by the forward, which spares the
+  // gradient of the logits still in the buffer a second tanh per logit (logps_cpu.h).
+  const bool cap_in_place = with_grad && cpu::caps_logits_in_place(weight, o.softcap);  // weight: the buffer's kind
   for (const Span& span : spans) {
     const int64_t n = span.tokens(), groups = span.end_group - span.first_group;
     const at::Tensor positions = plan.token_positions.slice(0, span.first_token, span.end_token);
@@ -202,8 +206,10 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
       const auto [start, end] = piece_range(p);
       piece_hidden = hidden_rows.index_select(0, positions.slice(0, start, end));
       piece_logits = chunk.compute(piece_hidden, weight, bias);
-      auto [piece_logps, piece_lse] = linear::call_token_logps(piece_logits, span_labels.slice(0, start, end),
-                                                               o.ignore_index, o.softcap);
+      const at::Tensor piece_labels = span_labels.slice(0, start, end);
+      auto [piece_logps, piece_lse] =
+          cap_in_place ? cpu::token_logps_capping_(piece_logits, piece_labels, o.ignore_index, *o.softcap)
+                       : linear::call_token_logps(piece_logits, piece_labels, o.ignore_index, o.softcap);
       if (pieces == 1) {
         logps = piece_logps;
         lse = piece_lse;
@@ -254,9 +260,15 @@ Outputs linear_loss(const char* op, const at::Tensor& hidden, const at::Tensor& 
       const at::Tensor rows = positions.slice(0, start, end);
       const at::Tensor h = k == 0 ? piece_hidden : hidden_rows.index_select(0, rows);
       at::Tensor g = k == 0 ? piece_logits : chunk.compute(h, weight, bias);  // logits, then G in place
-      linear::call_token_logps_backward_(grad_tokens.slice(0, start, end), g, span_labels.slice(0, start, end),
-                                         lse.slice(0, start, end), logps.slice(0, start, end), o.ignore_index,
-                                         o.softcap);
+      const at::Tensor piece_grad = grad_tokens.slice(0, start, end), piece_labels = span_labels.slice(0, start, end);
+      const at::Tensor piece_lse = lse.slice(0, start, end), piece_logps = logps.slice(0, start, end);
+      if (cap_in_place && k == 0) {  // recomputed logits are raw
+        cpu::token_logps_backward_of_capped_(piece_grad, g, piece_labels, piece_lse, piece_logps, o.ignore_index,
+                                             *o.softcap);
+      } else {
+        linear::call_token_logps_backward_(piece_grad, g, piece_labels, piece_lse, piece_logps, o.ignore_index,
+                                           o.softcap);
+      }
       if (need_hidden) grad_hidden_rows.index_copy_(0, rows, at::mm(g, weight));
       if (need_weight) linear::accumulate_weight_grad(grad_weight, g, h);
       if (need_bias) grad_bias.add_(g.sum(0, /*keepdim=*/false, param_acc));

@@ -8,6 +8,8 @@
 #endif
 #include <cstdlib>
 
+#include "logps_cpu.h"
+
 #include "cpu_capability.h"
 #include "logps_checks.h"
 #include "logps_cpu_kernel.h"
@@ -60,17 +62,18 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
   at::Tensor logps = at::empty(labels.sizes(), options);
   at::Tensor lse = at::empty(labels.sizes(), options);
   if (labels.numel() == 0) return {logps, lse};
-  forward_kernel()(as_batch_time_vocab(logits), labels.contiguous(), ignore_index, cap, logps, lse);
+  forward_kernel()(as_batch_time_vocab(logits), labels.contiguous(), ignore_index, cap, /*cap_in_place=*/false,
+                   logps, lse);
   return {logps, lse};
 }
 
 // Writes the gradient into grad_3d ([B, T, V]; may be logits_3d itself).
 void run_backward(const at::Tensor& grad_logps, const at::Tensor& logits_3d, const at::Tensor& labels,
                   const at::Tensor& lse, const at::Tensor& logps, int64_t ignore_index, double softcap,
-                  at::Tensor& grad_3d) {
+                  bool logits_capped, at::Tensor& grad_3d) {
   if (labels.numel() == 0) return;
-  backward_kernel()(grad_logps.to(accumulate_dtype(logits_3d)).contiguous(), logits_3d,
-                    labels.contiguous(), lse.contiguous(), logps.contiguous(), ignore_index, softcap, grad_3d);
+  backward_kernel()(grad_logps.to(accumulate_dtype(logits_3d)).contiguous(), logits_3d, labels.contiguous(),
+                    lse.contiguous(), logps.contiguous(), ignore_index, softcap, logits_capped, grad_3d);
 }
 
 at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tensor& logits,
@@ -81,7 +84,8 @@ at::Tensor token_logps_backward_cpu(const at::Tensor& grad_logps, const at::Tens
   const double cap = check_softcap("token_logps_backward", softcap);
   at::Tensor grad_logits = empty_on_huge_pages(logits.sizes(), logits.scalar_type());
   at::Tensor grad_3d = as_batch_time_vocab(grad_logits);
-  run_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, cap, grad_3d);
+  run_backward(grad_logps, as_batch_time_vocab(logits), labels, lse, logps, ignore_index, cap,
+               /*logits_capped=*/false, grad_3d);
   return grad_logits;
 }
 
@@ -93,10 +97,31 @@ void token_logps_backward_inplace_cpu(const at::Tensor& grad_logps, const at::Te
   check_rows_writable("token_logps_backward_", logits);
   const double cap = check_softcap("token_logps_backward_", softcap);
   at::Tensor logits_3d = as_batch_time_vocab(logits);
-  run_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, cap, logits_3d);
+  run_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, cap, /*logits_capped=*/false, logits_3d);
 }
 
 }  // namespace
+
+bool caps_logits_in_place(const at::Tensor& like, const std::optional<double>& softcap) {
+  return like.is_cpu() && like.scalar_type() == at::kFloat && softcap.has_value();
+}
+
+std::tuple<at::Tensor, at::Tensor> token_logps_capping_(const at::Tensor& logits, const at::Tensor& labels,
+                                                        int64_t ignore_index, double softcap) {
+  const at::Tensor logits_3d = as_batch_time_vocab(logits);
+  at::Tensor logps = at::empty(labels.sizes(), labels.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty(labels.sizes(), labels.options().dtype(at::kFloat));
+  if (labels.numel() == 0) return {logps, lse};
+  forward_kernel()(logits_3d, labels.contiguous(), ignore_index, softcap, /*cap_in_place=*/true, logps, lse);
+  return {logps, lse};
+}
+
+void token_logps_backward_of_capped_(const at::Tensor& grad_logps, const at::Tensor& capped_logits,
+                                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
+                                     int64_t ignore_index, double softcap) {
+  at::Tensor logits_3d = as_batch_time_vocab(capped_logits);
+  run_backward(grad_logps, logits_3d, labels, lse, logps, ignore_index, softcap, /*logits_capped=*/true, logits_3d);
+}
 
 TORCH_LIBRARY_IMPL(epa_ext, CPU, m) {
   m.impl("token_logps", &token_logps_cpu);

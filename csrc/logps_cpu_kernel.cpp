@@ -6,7 +6,9 @@
 // Forward reads each logits row once from memory: the row is walked in L1-sized blocks, and a
 // block's max and its sum of exp(x - max) are two sweeps over data already in cache.
 // Backward reads the row once more and writes its gradient once. With a softcap, a block's capped
-// logits are formed in registers, never stored.
+// logits are formed in registers; the fused-linear ops, whose fp32 logits are a scratch buffer,
+// have the forward store them over the logits (cap_in_place), so that their backward reads the
+// capped logits and forms each slope without a second tanh.
 #include "logps_cpu_kernel.h"
 
 #include <ATen/Dispatch.h>
@@ -57,7 +59,9 @@ const float* block_as_float(const scalar_t* p, int64_t n, float* scratch) {
 // e = exp(-2|u|) <= e^-1 (SLEEF's vectorized exp, 1 ulp), then u's sign. Cheaper than the
 // vectorized tanh; a form such as 1 - 2 / (1 + exp(2u)) everywhere would be off by ulp(1) for
 // small |u|, an error a large cap multiplies back into logits far below it. +-inf logits give
-// +-1, NaN stays NaN. The slope dc/dz = 1 - t^2 = (1 - t)(1 + t).
+// +-1, NaN stays NaN. The slope dc/dz = 1 - t^2 = (1 - t)(1 + t). Logits are mostly far below
+// the cap (|u| < 1/2 for |z| < 15 at Gemma's 30), so a vector whose lanes all take the series
+// skips the exponential and the division.
 struct VecCap {
   float cap_value;
   FloatVec cap, inv_cap;
@@ -65,17 +69,26 @@ struct VecCap {
   explicit VecCap(float c) : cap_value(c), cap(c), inv_cap(1.f / c), divide(!std::isnormal(1.f / c)) {}
   FloatVec tanh(const FloatVec& z) const {
     const FloatVec u = divide ? z / cap : z * inv_cap;
-    const FloatVec one(1.f), sign_bit(-0.f);
     const FloatVec a = u.abs();
-    const FloatVec e = (a * FloatVec(-2.f)).exp();
-    const FloatVec large = ((one - e) / (one + e)) | (u & sign_bit);
     const FloatVec u2 = u * u;
     FloatVec series(6404582.f / 10854718875.f);
     for (const float c : {-929569.f / 638512875.f, 21844.f / 6081075.f, -1382.f / 155925.f, 62.f / 2835.f,
                           -17.f / 315.f, 2.f / 15.f, -1.f / 3.f, 1.f}) {
       series = at::vec::fmadd(series, u2, FloatVec(c));
     }
-    return FloatVec::blendv(large, u * series, a < FloatVec(0.5f));
+    const FloatVec small = a < FloatVec(0.5f);  // all bits set where true; NaN lanes are false
+    if (small.zero_mask() == 0) return u * series;
+    const FloatVec one(1.f), sign_bit(-0.f);
+    const FloatVec e = (a * FloatVec(-2.f)).exp();
+    const FloatVec large = ((one - e) / (one + e)) | (u & sign_bit);
+    return FloatVec::blendv(large, u * series, small);
+  }
+  // s = c / cap of a capped logit c, as tanh divides: the slope (1 - s)(1 + s) of an already
+  // capped logit.
+  FloatVec slope_of_capped(const FloatVec& c) const {
+    const FloatVec s = divide ? c / cap : c * inv_cap;
+    const FloatVec one(1.f);
+    return (one - s) * (one + s);
   }
 };
 
@@ -87,22 +100,31 @@ float tanh_of(const VecCap& vc, float z) {
   return lanes[0];
 }
 
-// A block's capped logits c in one sweep, never stored: tanh is increasing, so the capped maximum
-// is that of the raw maximum z_max (t_max = tanh(z_max / cap)); returns sum_i exp(c[i] - c_max)
-// with c[i] - c_max = cap (t[i] - t_max) (the maximum's term is 1).
-float block_sum_exp_capped(const float* x, int64_t n, const VecCap& vc, float t_max) {
+// A block's capped logits c in one sweep: tanh is increasing, so the capped maximum is that of
+// the raw maximum z_max (t_max = tanh(z_max / cap)); returns sum_i exp(c[i] - c_max) with
+// c[i] - c_max = cap (t[i] - t_max) (the maximum's term is 1). With capped_out (which may be x
+// itself), c[i] = cap t[i] is also stored there.
+float block_sum_exp_capped(const float* x, int64_t n, const VecCap& vc, float t_max, float* capped_out) {
   const FloatVec vt_max(t_max);
   FloatVec acc0(0.f), acc1(0.f);
   int64_t i = 0;
-  auto term = [&](const float* p) { return (vc.cap * (vc.tanh(FloatVec::loadu(p)) - vt_max)).exp_u20(); };
+  auto term = [&](int64_t at) {
+    const FloatVec t = vc.tanh(FloatVec::loadu(x + at));
+    if (capped_out != nullptr) (vc.cap * t).store(capped_out + at);
+    return (vc.cap * (t - vt_max)).exp_u20();
+  };
   for (; i + 2 * FloatVec::size() <= n; i += 2 * FloatVec::size()) {
-    acc0 += term(x + i);
-    acc1 += term(x + i + FloatVec::size());
+    acc0 += term(i);
+    acc1 += term(i + FloatVec::size());
   }
-  for (; i + FloatVec::size() <= n; i += FloatVec::size()) acc0 += term(x + i);
+  for (; i + FloatVec::size() <= n; i += FloatVec::size()) acc0 += term(i);
   float s = at::vec::vec_reduce_all<float>([](FloatVec& a, FloatVec& b) { return a + b; },
                                            acc0 + acc1);
-  for (; i < n; ++i) s += std::exp(vc.cap_value * (tanh_of(vc, x[i]) - t_max));
+  for (; i < n; ++i) {
+    const float t = tanh_of(vc, x[i]);
+    if (capped_out != nullptr) capped_out[i] = vc.cap_value * t;
+    s += std::exp(vc.cap_value * (t - t_max));
+  }
   return s;
 }
 
@@ -161,8 +183,10 @@ LogSumExp<acc_t> row_logsumexp_scalar(const scalar_t* row, int64_t vocab, Softca
   return acc;
 }
 
+// capped_row: where to store the capped logits (the row itself, fp32), or nullptr.
 template <typename scalar_t>
-LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, float* scratch, Softcap<float> softcap) {
+LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, float* scratch, Softcap<float> softcap,
+                                          float* capped_row) {
   LogSumExp<float> acc;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
@@ -175,7 +199,8 @@ LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, fl
       }
       const VecCap vc(softcap.cap);
       const float t_max = tanh_of(vc, z_max);
-      acc.merge(softcap.cap * t_max, block_sum_exp_capped(x, n, vc, t_max));
+      acc.merge(softcap.cap * t_max,
+                block_sum_exp_capped(x, n, vc, t_max, capped_row != nullptr ? capped_row + start : nullptr));
       continue;
     }
     const float m = block_max(x, n);
@@ -191,9 +216,10 @@ LogSumExp<float> row_logsumexp_vectorized(const scalar_t* row, int64_t vocab, fl
 
 // The row's (max, sum-exp): vectorized in fp32 for fp32/bf16/fp16, the scalar loop for fp64.
 template <typename scalar_t, typename acc_t>
-LogSumExp<acc_t> row_logsumexp(const scalar_t* row, int64_t vocab, float* scratch, Softcap<acc_t> softcap) {
+LogSumExp<acc_t> row_logsumexp(const scalar_t* row, int64_t vocab, float* scratch, Softcap<acc_t> softcap,
+                               float* capped_row) {
   if constexpr (kIsFloatVectorPath<scalar_t>) {
-    return row_logsumexp_vectorized(row, vocab, scratch, softcap);
+    return row_logsumexp_vectorized(row, vocab, scratch, softcap, capped_row);
   } else {
     return row_logsumexp_scalar<scalar_t, acc_t>(row, vocab, softcap);
   }
@@ -209,45 +235,58 @@ acc_t capped_logit(Softcap<acc_t> softcap, acc_t z) {
   return softcap.logit(z);
 }
 
+// logits_capped: the row holds capped logits (the forward's cap_in_place).
 template <typename scalar_t, typename acc_t>
 void row_grad_scalar(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t label, acc_t g,
-                     acc_t lse, acc_t logp_target, Softcap<acc_t> softcap) {
+                     acc_t lse, acc_t logp_target, Softcap<acc_t> softcap, bool logits_capped) {
   for (int64_t v = 0; v < vocab; ++v) {
-    const auto z = softcap.apply(static_cast<acc_t>(row[v]));
+    const auto x = static_cast<acc_t>(row[v]);
+    const auto z = logits_capped ? softcap.of_capped(x) : softcap.apply(x);
     const acc_t grad = v == label ? target_grad(g, logp_target) : nontarget_grad(g, z.logit, lse);
     out[v] = static_cast<scalar_t>(softcap.active() ? grad * z.slope : grad);
   }
 }
 
 // -g * softmax_v * d(capped logit)/dz for the block's columns, into result:
-// -g * exp(cap t - lse) * (1 - t)(1 + t), t as in VecCap.
-void block_grad_capped(const float* x, float* result, int64_t n, float g, float lse, float cap) {
+// -g * exp(cap t - lse) * (1 - t)(1 + t), t as in VecCap; from the raw logits, or from the capped
+// ones c = cap t when x_capped.
+void block_grad_capped(const float* x, float* result, int64_t n, float g, float lse, float cap, bool x_capped) {
   const VecCap vc(cap);
   const FloatVec vlse(lse), vneg_g(-g), one(1.f);
   int64_t i = 0;
-  for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
-    const FloatVec t = vc.tanh(FloatVec::loadu(x + i));
-    (vneg_g * (vc.cap * t - vlse).exp_u20() * ((one - t) * (one + t))).store(result + i);
+  if (x_capped) {
+    for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
+      const FloatVec c = FloatVec::loadu(x + i);
+      (vneg_g * (c - vlse).exp_u20() * vc.slope_of_capped(c)).store(result + i);
+    }
+  } else {
+    for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
+      const FloatVec t = vc.tanh(FloatVec::loadu(x + i));
+      (vneg_g * (vc.cap * t - vlse).exp_u20() * ((one - t) * (one + t))).store(result + i);
+    }
   }
   for (; i < n; ++i) {
-    const auto z = Softcap<float>{cap}.apply(x[i]);
+    const auto z = x_capped ? Softcap<float>{cap}.of_capped(x[i]) : Softcap<float>{cap}.apply(x[i]);
     result[i] = nontarget_grad(g, z.logit, lse) * z.slope;
   }
 }
 
 template <typename scalar_t>
 void row_grad_vectorized(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t label,
-                         float g, float lse, float logp_target, float* scratch, Softcap<float> softcap) {
+                         float g, float lse, float logp_target, float* scratch, Softcap<float> softcap,
+                         bool logits_capped) {
   const FloatVec vlse(lse), vneg_g(-g);
   // The target's logit before the loop overwrites it (out may alias row: in-place backward).
-  const float target_slope = softcap.apply(static_cast<float>(row[label])).slope;
+  const auto target_logit = static_cast<float>(row[label]);
+  const float target_slope =
+      (logits_capped ? softcap.of_capped(target_logit) : softcap.apply(target_logit)).slope;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
     const float* x = block_as_float(row + start, n, scratch);
     // For float the result goes straight to out; otherwise through scratch, then converted.
     float* result = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out + start) : scratch;
     if (softcap.active()) {
-      block_grad_capped(x, result, n, g, lse, softcap.cap);
+      block_grad_capped(x, result, n, g, lse, softcap.cap, logits_capped);
     } else {
       int64_t i = 0;
       for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
@@ -274,7 +313,7 @@ int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<
 }  // namespace
 
 void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                         double softcap, at::Tensor& logps, at::Tensor& lse) {
+                         double softcap, bool cap_in_place, at::Tensor& logps, at::Tensor& lse) {
   const int64_t num_rows = labels.numel();
   const int64_t vocab = logits.size(2);
   const RowLayout layout = row_layout(logits);
@@ -284,6 +323,11 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
         using acc_t = accumulate_t<scalar_t>;
         const Softcap<acc_t> cap{static_cast<acc_t>(softcap)};
         const scalar_t* base = logits.const_data_ptr<scalar_t>();
+        // The logits themselves receive the capped values (the host allows it for fp32 only).
+        float* capped_base = nullptr;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (cap_in_place && cap.active()) capped_base = logits.data_ptr<float>();
+        }
         acc_t* logp_ptr = logps.data_ptr<acc_t>();
         acc_t* lse_ptr = lse.data_ptr<acc_t>();
         at::parallel_for(0, num_rows, grain_for(vocab), [&](int64_t begin, int64_t end) {
@@ -297,9 +341,11 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
               continue;
             }
             const scalar_t* row = base + layout.offset(r);
-            const LogSumExp<acc_t> acc = row_logsumexp<scalar_t, acc_t>(row, vocab, scratch, cap);
+            const auto target_logit = static_cast<acc_t>(row[label]);  // before capping in place
+            float* capped_row = capped_base != nullptr ? capped_base + layout.offset(r) : nullptr;
+            const LogSumExp<acc_t> acc = row_logsumexp<scalar_t, acc_t>(row, vocab, scratch, cap, capped_row);
             lse_ptr[r] = acc.value();
-            logp_ptr[r] = acc.log_prob(capped_logit<scalar_t>(cap, static_cast<acc_t>(row[label])));
+            logp_ptr[r] = acc.log_prob(capped_logit<scalar_t>(cap, target_logit));
           }
         });
       });
@@ -307,7 +353,7 @@ void token_logps_forward(const at::Tensor& logits, const at::Tensor& labels, int
 
 void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits,
                           const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
-                          int64_t ignore_index, double softcap, at::Tensor& grad_logits) {
+                          int64_t ignore_index, double softcap, bool logits_capped, at::Tensor& grad_logits) {
   const int64_t num_rows = labels.numel();
   const int64_t vocab = logits.size(2);
   const RowLayout in_layout = row_layout(logits);
@@ -338,11 +384,11 @@ void token_logps_backward(const at::Tensor& grad_logps, const at::Tensor& logits
             if constexpr (kIsFloatVectorPath<scalar_t>) {
               if (std::isfinite(row_lse)) {
                 row_grad_vectorized(row, out, vocab, label, g, row_lse, logp_ptr[r], scratch,
-                                    Softcap<float>{static_cast<float>(cap.cap)});
+                                    Softcap<float>{static_cast<float>(cap.cap)}, logits_capped);
                 continue;
               }
             }
-            row_grad_scalar<scalar_t, acc_t>(row, out, vocab, label, g, row_lse, logp_ptr[r], cap);
+            row_grad_scalar<scalar_t, acc_t>(row, out, vocab, label, g, row_lse, logp_ptr[r], cap, logits_capped);
           }
         });
       });

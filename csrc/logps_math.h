@@ -104,6 +104,13 @@ struct Softcap {
     const acc_t t = ::tanh(z / cap);
     return {cap * t, acc_t(1) - t * t};
   }
+  // The same pair from a logit c that is already capped (c = cap * tanh(z / cap)): the slope
+  // 1 - (c / cap)^2 without a second tanh.
+  EPA_HD Capped of_capped(acc_t c) const {
+    if (!active()) return {c, acc_t(1)};
+    const acc_t t = c / cap;
+    return {c, (acc_t(1) - t) * (acc_t(1) + t)};
+  }
 };
 
 // d(loss)/d(z[v]) for a non-target column: -g * softmax(z)_v.

@@ -26,6 +26,9 @@ def run(args, cwd):
     [
         ("bench_logps.py", ["--tokens", "64", "--seq-len", "16", "--vocab", "300", "--reps", "2", "--providers",
                             "eager", "epa_ext"], {"eager", "epa_ext"}),
+        ("bench_logps.py", ["--tokens", "64", "--seq-len", "16", "--vocab", "300", "--reps", "2", "--modes", "full",
+                            "--softcap", "30", "--providers", "eager", "epa_ext", "epa_ext-nocap"],
+         {"eager", "epa_ext", "epa_ext-nocap"}),
         ("bench_losses.py", ["--seq-len", "8", "--vocab", "100", "--reps", "2"], {"eager", "epa_ext", "epa_ext inplace"}),
         ("bench_fused_linear.py", ["--tokens", "1024", "--hidden", "8", "--vocab", "50", "--reps", "2",
                                    "--max-chunk-tokens", "64"],
