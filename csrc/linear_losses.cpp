@@ -32,6 +32,7 @@
 
 #include "linear_common.h"
 #include "logps_cpu.h"
+#include "losses_checks.h"
 
 namespace epa_ext {
 namespace {
@@ -325,7 +326,7 @@ Outputs linear_dpo_loss(const at::Tensor& hidden, const at::Tensor& weight, cons
                         bool ref_logps_averaged, c10::string_view reduction, int64_t ignore_index,
                         int64_t max_chunk_tokens, std::array<bool, 3> output_mask, bool fp32_weight_grad,
                         std::optional<double> softcap) {
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, kDpo, ": beta must be a finite number > 0; got ", beta);
+  check_beta(kDpo, beta, accumulate_dtype(hidden));
   TORCH_CHECK_VALUE(loss_type == "sigmoid" || loss_type == "robust" || loss_type == "hinge" || loss_type == "ipo",
                     kDpo, ": loss_type must be one of 'sigmoid', 'robust', 'hinge', 'ipo'; got '",
                     std::string(loss_type), "'");
@@ -351,7 +352,7 @@ Outputs linear_epa_loss(const at::Tensor& hidden, const at::Tensor& weight, cons
                         int64_t ignore_index, int64_t max_chunk_tokens, std::array<bool, 3> output_mask,
                         bool fp32_weight_grad, const std::optional<at::Tensor>& log_weights,
                         std::optional<double> softcap) {
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, kEpa, ": beta must be a finite number > 0; got ", beta);
+  check_beta(kEpa, beta, accumulate_dtype(hidden));
   TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= num_candidates - 1, kEpa,
                     ": num_strong must lie in [1, C - 1] = [1, ", num_candidates - 1, "]; got ", num_strong);
   TORCH_CHECK_VALUE(std::isfinite(weak_weight) && weak_weight >= 0, kEpa,
@@ -370,7 +371,7 @@ Outputs linear_epa_loss(const at::Tensor& hidden, const at::Tensor& weight, cons
                         "present); it is False in row ", absent.nonzero().min().item<int64_t>());
     }
   }
-  if (log_weights.has_value()) {  // its values are checked by the loss kernel (epa_loss), span by span
+  if (log_weights.has_value()) {
     TORCH_CHECK_TYPE(log_weights->is_floating_point(), kEpa, ": log_weights must be a floating-point tensor; got ",
                      log_weights->scalar_type());
     TORCH_CHECK_VALUE(log_weights->dim() == 2 && log_weights->size(0) == prompts &&
@@ -379,6 +380,8 @@ Outputs linear_epa_loss(const at::Tensor& hidden, const at::Tensor& weight, cons
                       log_weights->sizes());
     TORCH_CHECK_VALUE(log_weights->device() == hidden.device(), kEpa, ": log_weights must be on the device of hidden (",
                       hidden.device(), "); got ", log_weights->device());
+    // here, before the chunks: the loss kernel sees one span of rows and would name its own row
+    check_log_weight_values(kEpa, *log_weights, mask, accumulate_dtype(hidden));
   }
   const LossOptions options{sft_weight, average, ref_logps_averaged, reduction, ignore_index, max_chunk_tokens,
                             output_mask, fp32_weight_grad, softcap};

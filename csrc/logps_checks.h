@@ -42,13 +42,14 @@ inline void check_logits_and_labels(const char* op, const at::Tensor& logits,
                     " and logits on ", logits.device());
 }
 
-// The softcap option of the log-prob ops: None (no capping, returned as 0) or a finite number
-// > 0 that float32 represents as a normal number (a smaller one would round to 0, i.e. no cap).
+// The softcap option of the log-prob ops: None (no capping, returned as 0) or a number that
+// float32, in which the kernels cap, represents as a finite normal number: a smaller one would
+// round to 0 (no cap), a larger one to inf (every log-prob NaN).
 inline double check_softcap(const char* op, const std::optional<double>& softcap) {
   if (!softcap.has_value()) return 0.0;
-  TORCH_CHECK_VALUE(std::isfinite(*softcap) && *softcap >= FLT_MIN, op,
-                    ": softcap must be None or a finite number >= ", FLT_MIN,
-                    " (logits become softcap * tanh(logits / softcap)); got ", *softcap);
+  TORCH_CHECK_VALUE(*softcap >= FLT_MIN && *softcap <= FLT_MAX, op, ": softcap must be None or a number in [",
+                    FLT_MIN, ", ", FLT_MAX, "] (float32's normal range; logits become softcap * tanh(logits / ",
+                    "softcap)); got ", *softcap);
   return *softcap;
 }
 

@@ -51,6 +51,18 @@ at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
 }
 
+// (logps, lse) of logits ([N, V] or [B, T, V]); with cap_in_place the kernel also stores the
+// capped logits over them.
+std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                                               double softcap, bool cap_in_place) {
+  const auto options = labels.options().dtype(accumulate_dtype(logits));
+  at::Tensor logps = at::empty(labels.sizes(), options);
+  at::Tensor lse = at::empty(labels.sizes(), options);
+  if (labels.numel() == 0) return {logps, lse};
+  forward_kernel()(as_batch_time_vocab(logits), labels.contiguous(), ignore_index, softcap, cap_in_place, logps, lse);
+  return {logps, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
                                                    const at::Tensor& labels,
                                                    int64_t ignore_index, bool inplace_backward,
@@ -58,13 +70,7 @@ std::tuple<at::Tensor, at::Tensor> token_logps_cpu(const at::Tensor& logits,
   check_logits_and_labels("token_logps", logits, labels);
   const double cap = check_softcap("token_logps", softcap);
   if (inplace_backward) check_rows_writable("token_logps", logits);
-  const auto options = labels.options().dtype(accumulate_dtype(logits));
-  at::Tensor logps = at::empty(labels.sizes(), options);
-  at::Tensor lse = at::empty(labels.sizes(), options);
-  if (labels.numel() == 0) return {logps, lse};
-  forward_kernel()(as_batch_time_vocab(logits), labels.contiguous(), ignore_index, cap, /*cap_in_place=*/false,
-                   logps, lse);
-  return {logps, lse};
+  return run_forward(logits, labels, ignore_index, cap, /*cap_in_place=*/false);
 }
 
 // Writes the gradient into grad_3d ([B, T, V]; may be logits_3d itself).
@@ -108,12 +114,7 @@ bool caps_logits_in_place(const at::Tensor& like, const std::optional<double>& s
 
 std::tuple<at::Tensor, at::Tensor> token_logps_capping_(const at::Tensor& logits, const at::Tensor& labels,
                                                         int64_t ignore_index, double softcap) {
-  const at::Tensor logits_3d = as_batch_time_vocab(logits);
-  at::Tensor logps = at::empty(labels.sizes(), labels.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty(labels.sizes(), labels.options().dtype(at::kFloat));
-  if (labels.numel() == 0) return {logps, lse};
-  forward_kernel()(logits_3d, labels.contiguous(), ignore_index, softcap, /*cap_in_place=*/true, logps, lse);
-  return {logps, lse};
+  return run_forward(logits, labels, ignore_index, softcap, /*cap_in_place=*/true);
 }
 
 void token_logps_backward_of_capped_(const at::Tensor& grad_logps, const at::Tensor& capped_logits,

@@ -18,6 +18,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <type_traits>
 
@@ -35,6 +36,36 @@ constexpr int64_t kBlock = 2048;
 
 template <typename scalar_t>
 constexpr bool kIsFloatVectorPath = !std::is_same_v<scalar_t, double>;
+
+// Softmax terms below the least normal float (FLT_MIN = e^-87.34) are taken as exactly 0. They
+// add nothing a float sum can hold, but as subnormal numbers they cost tens of times a normal
+// operation on many x86 cores (a microcode assist per operation), in these loops and in the
+// gradient matmuls that read them: a row of wide logits (spanning more than ~87 nats) would make
+// the step 4-12x slower. The floor is a little above ln(FLT_MIN), so that exp_u20's error keeps
+// every term it lets through normal. (Flush-to-zero mode would do it for free, but would also
+// flush z / cap for a cap far above the logits, so the softcap's tanh would read 0.)
+constexpr float kLeastNormalExponent = -87.f;
+
+// exp(a) where a >= floor, else exactly 0, without forming a subnormal number on the way (a that
+// is NaN gives 0: the callers' rows have finite maxima and logsumexps).
+inline FloatVec exp_or_zero(const FloatVec& a, const FloatVec& floor) {
+  return FloatVec::blendv(FloatVec(0.f), at::vec::maximum(a, floor).exp_u20(), a >= floor);
+}
+
+inline float exp_or_zero(float a, float floor) { return a >= floor ? std::exp(a) : 0.f; }
+
+// The floor on a of the gradient terms g * exp(a): |g| e^a stays normal above it (g = 0: +inf,
+// every term 0).
+inline float gradient_floor(float g) {
+  return kLeastNormalExponent + std::max(0.f, -std::log(std::abs(g)));
+}
+
+// v, with subnormal lanes as 0 (a softcap's slope can take a normal term below FLT_MIN).
+inline FloatVec flush_subnormal(const FloatVec& v) {
+  return FloatVec::blendv(FloatVec(0.f), v, v.abs() >= FloatVec(FLT_MIN));
+}
+
+inline float flush_subnormal(float v) { return std::abs(v) >= FLT_MIN ? v : 0.f; }
 
 // Returns block [p, p + n) as fp32: the input itself for float, else converted into scratch.
 template <typename scalar_t>
@@ -83,8 +114,8 @@ struct VecCap {
     const FloatVec large = ((one - e) / (one + e)) | (u & sign_bit);
     return FloatVec::blendv(large, u * series, small);
   }
-  // s = c / cap of a capped logit c, as tanh divides: the slope (1 - s)(1 + s) of an already
-  // capped logit.
+  // The slope (1 - s)(1 + s) of an already capped logit c, s = c / cap (formed as tanh forms
+  // z / cap).
   FloatVec slope_of_capped(const FloatVec& c) const {
     const FloatVec s = divide ? c / cap : c * inv_cap;
     const FloatVec one(1.f);
@@ -105,13 +136,13 @@ float tanh_of(const VecCap& vc, float z) {
 // c[i] - c_max = cap (t[i] - t_max) (the maximum's term is 1). With capped_out (which may be x
 // itself), c[i] = cap t[i] is also stored there.
 float block_sum_exp_capped(const float* x, int64_t n, const VecCap& vc, float t_max, float* capped_out) {
-  const FloatVec vt_max(t_max);
+  const FloatVec vt_max(t_max), floor(kLeastNormalExponent);
   FloatVec acc0(0.f), acc1(0.f);
   int64_t i = 0;
   auto term = [&](int64_t at) {
     const FloatVec t = vc.tanh(FloatVec::loadu(x + at));
     if (capped_out != nullptr) (vc.cap * t).store(capped_out + at);
-    return (vc.cap * (t - vt_max)).exp_u20();
+    return exp_or_zero(vc.cap * (t - vt_max), floor);
   };
   for (; i + 2 * FloatVec::size() <= n; i += 2 * FloatVec::size()) {
     acc0 += term(i);
@@ -123,7 +154,7 @@ float block_sum_exp_capped(const float* x, int64_t n, const VecCap& vc, float t_
   for (; i < n; ++i) {
     const float t = tanh_of(vc, x[i]);
     if (capped_out != nullptr) capped_out[i] = vc.cap_value * t;
-    s += std::exp(vc.cap_value * (t - t_max));
+    s += exp_or_zero(vc.cap_value * (t - t_max), kLeastNormalExponent);
   }
   return s;
 }
@@ -158,19 +189,19 @@ float block_max(const float* x, int64_t n) {
 
 // sum_i exp(x[i] - m) for a finite m; two accumulators hide the latency of exp.
 float block_sum_exp(const float* x, int64_t n, float m) {
-  const FloatVec vm(m);
+  const FloatVec vm(m), floor(kLeastNormalExponent);
   FloatVec acc0(0.f), acc1(0.f);
   int64_t i = 0;
   for (; i + 2 * FloatVec::size() <= n; i += 2 * FloatVec::size()) {
-    acc0 += (FloatVec::loadu(x + i) - vm).exp_u20();
-    acc1 += (FloatVec::loadu(x + i + FloatVec::size()) - vm).exp_u20();
+    acc0 += exp_or_zero(FloatVec::loadu(x + i) - vm, floor);
+    acc1 += exp_or_zero(FloatVec::loadu(x + i + FloatVec::size()) - vm, floor);
   }
   for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
-    acc0 += (FloatVec::loadu(x + i) - vm).exp_u20();
+    acc0 += exp_or_zero(FloatVec::loadu(x + i) - vm, floor);
   }
   float s = at::vec::vec_reduce_all<float>([](FloatVec& a, FloatVec& b) { return a + b; },
                                            acc0 + acc1);
-  for (; i < n; ++i) s += std::exp(x[i] - m);
+  for (; i < n; ++i) s += exp_or_zero(x[i] - m, kLeastNormalExponent);
   return s;
 }
 
@@ -252,22 +283,23 @@ void row_grad_scalar(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t 
 // ones c = cap t when x_capped.
 void block_grad_capped(const float* x, float* result, int64_t n, float g, float lse, float cap, bool x_capped) {
   const VecCap vc(cap);
-  const FloatVec vlse(lse), vneg_g(-g), one(1.f);
+  const float floor = gradient_floor(g);
+  const FloatVec vlse(lse), vneg_g(-g), one(1.f), vfloor(floor);
   int64_t i = 0;
   if (x_capped) {
     for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
       const FloatVec c = FloatVec::loadu(x + i);
-      (vneg_g * (c - vlse).exp_u20() * vc.slope_of_capped(c)).store(result + i);
+      flush_subnormal(vneg_g * exp_or_zero(c - vlse, vfloor) * vc.slope_of_capped(c)).store(result + i);
     }
   } else {
     for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
       const FloatVec t = vc.tanh(FloatVec::loadu(x + i));
-      (vneg_g * (vc.cap * t - vlse).exp_u20() * ((one - t) * (one + t))).store(result + i);
+      flush_subnormal(vneg_g * exp_or_zero(vc.cap * t - vlse, vfloor) * ((one - t) * (one + t))).store(result + i);
     }
   }
   for (; i < n; ++i) {
     const auto z = x_capped ? Softcap<float>{cap}.of_capped(x[i]) : Softcap<float>{cap}.apply(x[i]);
-    result[i] = nontarget_grad(g, z.logit, lse) * z.slope;
+    result[i] = flush_subnormal(-g * exp_or_zero(z.logit - lse, floor) * z.slope);
   }
 }
 
@@ -275,7 +307,8 @@ template <typename scalar_t>
 void row_grad_vectorized(const scalar_t* row, scalar_t* out, int64_t vocab, int64_t label,
                          float g, float lse, float logp_target, float* scratch, Softcap<float> softcap,
                          bool logits_capped) {
-  const FloatVec vlse(lse), vneg_g(-g);
+  const float floor = gradient_floor(g);
+  const FloatVec vlse(lse), vneg_g(-g), vfloor(floor);
   // The target's logit before the loop overwrites it (out may alias row: in-place backward).
   const auto target_logit = static_cast<float>(row[label]);
   const float target_slope =
@@ -290,9 +323,9 @@ void row_grad_vectorized(const scalar_t* row, scalar_t* out, int64_t vocab, int6
     } else {
       int64_t i = 0;
       for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
-        (vneg_g * (FloatVec::loadu(x + i) - vlse).exp_u20()).store(result + i);
+        (vneg_g * exp_or_zero(FloatVec::loadu(x + i) - vlse, vfloor)).store(result + i);
       }
-      for (; i < n; ++i) result[i] = nontarget_grad(g, x[i], lse);
+      for (; i < n; ++i) result[i] = -g * exp_or_zero(x[i] - lse, floor);
     }
     if constexpr (!std::is_same_v<scalar_t, float>) store_from_float(result, out + start, n);
   }

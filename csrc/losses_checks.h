@@ -7,7 +7,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cfloat>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -37,8 +39,36 @@ inline DpoLossType parse_dpo_loss_type(const std::string& name) {
   return DpoLossType::Ipo;
 }
 
-inline void check_beta(const char* op, double beta) {
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, op, ": beta must be finite and > 0; got ", beta);
+// beta as the kernels multiply by it: a normal number of the accumulation dtype. A beta that
+// rounds to 0 (or to a subnormal) there gives NaN or imprecise gradients, one that rounds to inf
+// NaN losses.
+inline void check_beta(const char* op, double beta, at::ScalarType acc) {
+  const bool in_double = acc == at::kDouble;
+  const double least = in_double ? DBL_MIN : FLT_MIN, most = in_double ? DBL_MAX : FLT_MAX;
+  TORCH_CHECK_VALUE(beta >= least && beta <= most, op, ": beta must be a number in [", least, ", ", most, "] (",
+                    in_double ? "float64" : "float32", "'s normal range, in which the loss is computed); got ", beta);
+}
+
+// log_weights' values as the kernels will read them (in the accumulation dtype acc), checked on
+// the host against the caller's tensor so that a refusal names the caller's value and [row,
+// column]: present candidates need a finite log-weight, or -inf for an absent negative (column 0,
+// the chosen answer, finite). CPU tensors only: on CUDA the check would synchronize, and the loss
+// kernel asserts instead.
+inline void check_log_weight_values(const char* op, const at::Tensor& log_weights,
+                                    const std::optional<at::Tensor>& mask, at::ScalarType acc) {
+  if (!log_weights.is_cpu() || log_weights.numel() == 0) return;
+  const at::Tensor as_read = log_weights.to(acc);
+  at::Tensor allowed = at::isfinite(as_read);
+  allowed.slice(1, 1).logical_or_(as_read.slice(1, 1) == -std::numeric_limits<double>::infinity());
+  if (mask.has_value()) allowed.logical_or_(mask->logical_not());
+  if (allowed.all().item<bool>()) return;
+  const int64_t first = allowed.logical_not().flatten().nonzero().min().item<int64_t>();
+  const int64_t row = first / log_weights.size(1), column = first % log_weights.size(1);
+  const double value = log_weights.select(0, row).select(0, column).item<double>();
+  const bool rounds_off = std::isfinite(value) && acc == at::kFloat;  // e.g. 1e300 in float64
+  TORCH_CHECK_VALUE(false, op, ": log_weights must be finite, or -inf for an absent negative (column 0, the chosen ",
+                    "answer, finite); got ", value, " at [", row, ", ", column, "]",
+                    rounds_off ? " (out of float32's range: the loss is computed in float32)" : "");
 }
 
 inline void check_dpo_inputs(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
@@ -53,7 +83,7 @@ inline void check_dpo_inputs(const at::Tensor& policy_chosen, const at::Tensor& 
     check_floating(op, name, t);
     check_same_layout(op, name, t, "policy_chosen", policy_chosen);
   }
-  check_beta(op, beta);
+  check_beta(op, beta, accumulate_dtype(policy_chosen));
   TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 0.5, op,
                     ": label_smoothing must lie in [0, 0.5); got ", label_smoothing);
 }
@@ -77,7 +107,8 @@ inline void check_epa_inputs(const char* op, const at::Tensor& policy, const at:
     check_floating(op, "log_weights", *log_weights);
     check_same_layout(op, "log_weights", *log_weights, "policy_logps", policy);
   }
-  check_beta(op, beta);
+  check_beta(op, beta, accumulate_dtype(policy));
+  if (log_weights.has_value()) check_log_weight_values(op, *log_weights, mask, accumulate_dtype(policy));
   TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= policy.size(1) - 1, op,
                     ": num_strong must lie in [1, C - 1] = [1, ", policy.size(1) - 1, "]; got ", num_strong);
   TORCH_CHECK_VALUE(std::isfinite(weak_weight) && weak_weight >= 0, op,

@@ -60,10 +60,6 @@ std::tuple<at::Tensor, at::Tensor> epa_loss_cpu(const at::Tensor& policy, const 
         const EpaData<scalar_t> row = data.row(i, in.row.num_candidates);
         TORCH_CHECK_VALUE(row.mask == nullptr || row.mask[0], "epa_loss: mask[:, 0] must be True (the positive is ",
                     "always present); it is False in row ", i);
-        const int64_t bad = in.row.bad_log_weight(row);
-        TORCH_CHECK_VALUE(bad < 0, "epa_loss: log_weights must be finite, or -inf for an absent negative (column 0, ",
-                          "the chosen answer, finite); got ", bad >= 0 ? row.log_weights[bad] : scalar_t(0),
-                          " at [", i, ", ", bad, "]");
         const scalar_t row_lse = in.row.logsumexp(row, scalar_t(beta), log_weak);
         lse_out[i] = row_lse;
         loss_out[i] = row_lse - in.row.score(row, 0, scalar_t(beta), log_weak);

@@ -49,6 +49,10 @@ def check_float(name: str, value: object, *, above: float | None = None, at_leas
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number (float or int); got {_type_name(value)} {value!r}")
+    if torch.compiler.is_compiling():
+        # torch.compile traces a float that changed between calls as a symbol, whose value is known
+        # only when the compiled code runs; there the op's own C++ check refuses a bad value.
+        return value
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite; got {number}")
@@ -67,20 +71,32 @@ def check_positive_float(name: str, value: object) -> float:
 
 
 SMALLEST_NORMAL_FLOAT32 = float(torch.finfo(torch.float32).tiny)
-"""The least softcap the kernels take: they cap in float32, where a smaller one would round to 0."""
+LARGEST_FLOAT32 = float(torch.finfo(torch.float32).max)
 
 
 def check_softcap(value: object) -> float | None:
     """None (no softcapping), or the cap c of ``logits -> c * tanh(logits / c)`` as a float: a
-    finite number >= the smallest normal float32 (TypeError for a tensor, a string or a bool;
-    ValueError for 0, negative, inf or NaN)."""
+    number in float32's normal range [SMALLEST_NORMAL_FLOAT32, LARGEST_FLOAT32], since the kernels
+    cap in float32, where a smaller cap rounds to 0 and a larger one to inf (TypeError for a tensor,
+    a string or a bool; ValueError for 0, negative, inf, NaN or out of that range)."""
     if value is None:
         return None
     number = check_float("softcap", value, above=0.0)
-    if number < SMALLEST_NORMAL_FLOAT32:
-        raise ValueError(f"softcap must be >= {SMALLEST_NORMAL_FLOAT32} (the smallest normal float32, in which the "
-                         f"kernels cap); got {number}")
+    if not torch.compiler.is_compiling() and not SMALLEST_NORMAL_FLOAT32 <= number <= LARGEST_FLOAT32:
+        raise ValueError(f"softcap must be in [{SMALLEST_NORMAL_FLOAT32}, {LARGEST_FLOAT32}] (float32's normal range, "
+                         f"in which the kernels cap); got {number}")
     return number
+
+
+def beta_in_range(op: str, beta: float, dtype: torch.dtype) -> None:
+    """csrc/losses_checks.h's check_beta for the fake kernels: beta must be a normal number of the
+    dtype the loss is computed in (float64 for float64 inputs, float32 for the others), since one
+    that rounds to 0 or inf there gives NaN gradients or losses."""
+    computed_in = torch.float64 if dtype == torch.float64 else torch.float32
+    least, most = float(torch.finfo(computed_in).tiny), float(torch.finfo(computed_in).max)
+    torch._check_value(least <= beta <= most, lambda: f"{op}: beta must be a number in [{least}, {most}] "
+                       f"({str(computed_in).removeprefix('torch.')}'s normal range, in which the loss is computed); "
+                       f"got {beta}")
 
 
 def check_int(name: str, value: object, *, at_least: int | None = None, at_most: int | None = None) -> int:

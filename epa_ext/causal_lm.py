@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,17 @@ REFUSED: dict[str, str] = {
 }
 
 
+# The probe's bounds (``_probe``), relative. The transform after the lm_head, both sides in fp32 from the
+# head's same output: fp32 rounding of a few elementwise ops and a log-softmax (measured: 0 on every
+# architecture of python_tests/test_models.py, in fp32, bf16 and fp16), where a forward that scales
+# its logits by 1.01 differs by 7.5e-4 (its tiny Llama, in each precision). End to end: fp32 rounding
+# only (~1e-6 of the log-probs' size); bf16/fp16 models: the head's logits and the fused path's are
+# each rounded to that dtype, and may round differently (other matmul shapes, split reductions).
+_TRANSFORM_RTOL = 1e-5
+_END_TO_END_RTOL = {torch.float32: 1e-4, torch.float64: 1e-4}
+_END_TO_END_RTOL_HALF = 5e-2
+
+
 def unwrap(model: nn.Module, *, keep_adapters: bool = False) -> nn.Module:
     """The transformers model inside DDP / accelerate wrappers and (unless keep_adapters) the PEFT
     wrapper. keep_adapters keeps the PEFT model, which saves the adapters and can disable them."""
@@ -99,10 +110,15 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     if name in REFUSED:
         raise ValueError(f"{name} {REFUSED[name]}, which epa_ext's fused log-probs do not compute: use a trainer "
                          "that forms the model's own logits (e.g. trl.DPOTrainer)")
-    transform = LogitTransform(
-        hidden_scale=float(_HIDDEN_SCALE[name](causal_lm)) if name in _HIDDEN_SCALE else 1.0,
-        logit_scale=float(_LOGIT_SCALE[name](causal_lm)) if name in _LOGIT_SCALE else 1.0,
-        softcap=_SOFTCAP[name](causal_lm) if name in _SOFTCAP else None)
+    try:
+        transform = LogitTransform(
+            hidden_scale=float(_HIDDEN_SCALE[name](causal_lm)) if name in _HIDDEN_SCALE else 1.0,
+            logit_scale=float(_LOGIT_SCALE[name](causal_lm)) if name in _LOGIT_SCALE else 1.0,
+            softcap=_SOFTCAP[name](causal_lm) if name in _SOFTCAP else None)
+    except ZeroDivisionError:  # Granite's and MiniCPM3's forwards divide by config.logits_scaling
+        raise ValueError(f"{name} divides its logits by a config value that is 0 (config.logits_scaling = "
+                         f"{getattr(causal_lm.config, 'logits_scaling', '?')}): its forward would give inf or NaN "
+                         "logits; set it to the model's real value") from None
     scale = transform.hidden_scale * transform.logit_scale
     if not (torch.isfinite(torch.tensor(scale)) and scale != 0):
         raise ValueError(f"{name} scales its logits by {scale} (config), which is not a finite non-zero number")
@@ -231,11 +247,12 @@ def check(model: nn.Module) -> LogitTransform:
     if any(getattr(c, "is_prompt_learning", False) for c in peft_configs.values()):
         raise ValueError("prompt-learning PEFT methods (prefix/prompt tuning) prepend virtual tokens that the fused "
                          "path does not account for: use LoRA-style adapters")
-    head = causal_lm.get_output_embeddings()
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), Tensor) or head.weight.dim() != 2:
         raise ValueError(f"{name} has no output embedding (lm_head) with a [V, H] weight: the fused path needs a "
-                         "causal LM whose logits come from hidden @ lm_head.weight.T")
-    if "logits_to_keep" not in inspect.signature(type(causal_lm).forward).parameters:
+                         "transformers causal LM (get_output_embeddings()) whose logits come from hidden @ "
+                         "lm_head.weight.T; pass the transformers model itself, not a module wrapping it")
+    if not _takes_keyword(type(causal_lm).forward, "logits_to_keep"):
         raise ValueError(f"{name}.forward takes no logits_to_keep: the fused path runs the model's forward for the "
                          "hidden states with logits_to_keep so that it never forms all logits")
     transform = logit_transform(causal_lm)
@@ -243,9 +260,26 @@ def check(model: nn.Module) -> LogitTransform:
     return transform
 
 
+def _takes_keyword(function: Callable, keyword: str) -> bool:
+    """Whether function accepts keyword: by name, or through **kwargs (a subclass whose forward
+    passes everything on to its parent's; the probe then checks what it does with it)."""
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 @torch.no_grad()
 def _probe(causal_lm: nn.Module, transform: LogitTransform) -> None:
-    """Scores a short sequence through the model's own forward and through the fused path."""
+    """Scores a short sequence through the model's own forward and through the fused path.
+
+    Two comparisons. The model's forward runs with its lm_head's output widened to fp32 (a forward
+    hook), so whatever the forward does to the logits after the head runs in fp32 on the head's
+    own values, in every precision: its logits must have the log-softmax of the transform applied
+    to those values, to fp32 rounding (_TRANSFORM_RTOL). Both sides come from the same head output,
+    so no rounding of the model's dtype separates them, and a logit transform the table does not
+    know is refused in bf16 and fp16 as in fp32. Then the fused path's log-probs against the
+    model's own, end to end (the hidden states, the head's weight and bias, the folded scales):
+    _END_TO_END_RTOL, for bf16/fp16 as wide as the head and the fused path's matmul rounding their
+    logits to that dtype differently needs."""
     from .linear import linear_token_logps
 
     head = causal_lm.get_output_embeddings()
@@ -253,22 +287,51 @@ def _probe(causal_lm: nn.Module, transform: LogitTransform) -> None:
     steps = 6
     input_ids = (torch.arange(1, steps + 1, device=device) * 7919 % vocab)[None]
     labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    head_outputs: list[Tensor] = []
+
+    def widen(_module, _args, output):
+        head_outputs.append(output)
+        return output.float() if isinstance(output, Tensor) else output
+
     was_training = causal_lm.training
     causal_lm.eval()
+    handle = head.register_forward_hook(widen)
     try:
         logits = causal_lm(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
-        own = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None])[..., 0]
+    finally:
+        handle.remove()
+    try:
         ours, _ = through_model(causal_lm, transform,
                                 lambda head: linear_token_logps(head.hidden, head.weight, labels, **head.as_kwargs()),
                                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     finally:
         causal_lm.train(was_training)
-    # fp32: rounding only (~1e-6 of the log-probs' size); bf16/fp16 models: their own logits are rounded
-    tolerance = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 5e-2
-    error = float((own - ours).abs().max() / max(float(own.abs().max()), 1.0))
+    (head_output,) = head_outputs  # through_model has refused any other number of head calls
+    if not isinstance(head_output, Tensor) or head_output.shape != logits.shape:
+        _refuse(causal_lm, transform, f"its logits {tuple(logits.shape)} are not its lm_head's output "
+                                      f"({tuple(getattr(head_output, 'shape', ()))}) transformed elementwise")
+    own_all = torch.log_softmax(logits.float(), dim=-1)
+    expected = transform.logit_scale * head_output.float()
+    if transform.softcap is not None:
+        expected = transform.softcap * torch.tanh(expected / transform.softcap)
+    expected_all = torch.log_softmax(expected, dim=-1)
+    scale = max(float(expected_all.abs().max()), float(expected.abs().max()), 1.0)
+    error = float((own_all - expected_all).abs().max()) / scale
+    # a forward that returns its logits in bf16/fp16 (a cast after the transform) rounds them once more
+    tolerance = _TRANSFORM_RTOL if logits.dtype in (torch.float32, torch.float64) else torch.finfo(logits.dtype).eps
     if not error <= tolerance:
-        name = type(causal_lm).__name__
-        raise ValueError(f"{name}: its own logits are not log-softmax-equal to scale * (hidden @ lm_head.weight.T + "
-                         f"bias) with a softcap (the form the fused path computes, {transform}): the log-probs of a "
-                         f"probe sequence differ by {error:.2g} (relative). Its forward transforms the logits in a way "
-                         "epa_ext does not know; use a trainer that forms the model's own logits")
+        _refuse(causal_lm, transform, f"the log-softmax of its lm_head's output through that form differs from its "
+                                      f"own by {error:.2g} (relative to their largest)")
+    own = own_all.gather(-1, labels[..., None])[..., 0]
+    error = float((own - ours).abs().max() / max(float(own.abs().max()), 1.0))
+    if not error <= _END_TO_END_RTOL.get(head.weight.dtype, _END_TO_END_RTOL_HALF):
+        _refuse(causal_lm, transform, f"the log-probs of a probe sequence differ by {error:.2g} (relative)")
+
+
+def _refuse(causal_lm: nn.Module, transform: LogitTransform, difference: str) -> NoReturn:
+    """The probe's ValueError: the model's class, the form the fused path computes, what differs."""
+    name = type(causal_lm).__name__
+    raise ValueError(f"{name}: its own logits are not log-softmax-equal to scale * (hidden @ lm_head.weight.T + "
+                     f"bias) with a softcap (the form the fused path computes, {transform}): {difference}. Its "
+                     "forward transforms the logits in a way epa_ext does not know; use a trainer that forms the "
+                     "model's own logits")

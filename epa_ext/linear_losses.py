@@ -22,6 +22,7 @@ import functools
 import torch
 from torch import Tensor
 
+from ._validation import beta_in_range
 from .linear import _check_linear, refuse_second_order
 from .logps import _accumulate_dtype, _check_softcap
 
@@ -74,6 +75,7 @@ def _linear_dpo_loss_fake(hidden, weight, bias, labels, ref_logps, beta, loss_ty
                           fp32_weight_grad, softcap=None):
     _check_loss_inputs("linear_dpo_loss", hidden, weight, bias, labels, ref_logps, 2, reduction, sft_weight, average,
                        ref_logps_averaged, max_chunk_tokens, softcap)
+    beta_in_range("linear_dpo_loss", beta, hidden.dtype)
     return _fake_outputs(hidden, weight, bias, output_mask)
 
 
@@ -84,6 +86,7 @@ def _linear_epa_loss_fake(hidden, weight, bias, labels, ref_logps, mask, num_can
     op = "linear_epa_loss"
     _check_loss_inputs(op, hidden, weight, bias, labels, ref_logps, num_candidates, reduction, sft_weight, average,
                        ref_logps_averaged, max_chunk_tokens, softcap)
+    beta_in_range(op, beta, hidden.dtype)
     prompts = hidden.shape[0] // num_candidates
     for name, t, kind in (("mask", mask, "a bool"), ("log_weights", log_weights, "a floating-point")):
         if t is None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import check_autograd_support
-from ._validation import SMALLEST_NORMAL_FLOAT32, check_bool, check_int, check_same_device, check_softcap, check_tensor
+from ._validation import LARGEST_FLOAT32, SMALLEST_NORMAL_FLOAT32, check_bool, check_int, check_same_device, check_softcap, check_tensor
 
 IGNORE_INDEX = -100
 """The label of positions that are not scored (prompt, padding), as in PyTorch's cross_entropy and TRL."""
@@ -61,9 +61,9 @@ def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
 def _check_softcap(op: str, softcap: float | None) -> None:
     """csrc/logps_checks.h's check_softcap."""
     torch._check_value(
-        softcap is None or (softcap >= SMALLEST_NORMAL_FLOAT32 and softcap < float("inf")),
-        lambda: f"{op}: softcap must be None or a finite number >= {SMALLEST_NORMAL_FLOAT32} (logits become "
-        f"softcap * tanh(logits / softcap)); got {softcap}",
+        softcap is None or SMALLEST_NORMAL_FLOAT32 <= softcap <= LARGEST_FLOAT32,
+        lambda: f"{op}: softcap must be None or a number in [{SMALLEST_NORMAL_FLOAT32}, {LARGEST_FLOAT32}] "
+        f"(float32's normal range; logits become softcap * tanh(logits / softcap)); got {softcap}",
     )
 
 

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import check_autograd_support, gradients_by_definition
-from ._validation import (check_bool, check_choice, check_float, check_int, check_optional_tensor,
-                          check_positive_float, check_same_device, check_tensor)
+from ._validation import (beta_in_range, check_bool, check_choice, check_float, check_int,
+                          check_optional_tensor, check_positive_float, check_same_device, check_tensor)
 from .logps import _accumulate_dtype
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -119,10 +119,6 @@ def _check_floating(op: str, **tensors: Tensor) -> None:
                           lambda: f"{op}: {name} must be a floating-point tensor; got {t.dtype}")
 
 
-def _check_beta(op: str, beta: float) -> None:
-    torch._check_value(0 < beta < float("inf"), lambda: f"{op}: beta must be finite and > 0; got {beta}")
-
-
 def _upcast(tensors, dtype: torch.dtype) -> list[Tensor | None]:
     return [t if t is None else t.to(dtype) for t in tensors]
 
@@ -138,7 +134,7 @@ def _dpo_loss_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, bet
                     ref_rejected=ref_rejected)
     _check_same_shape("dpo_loss", "policy_chosen", policy_chosen, policy_rejected=policy_rejected,
                       ref_chosen=ref_chosen, ref_rejected=ref_rejected)
-    _check_beta("dpo_loss", beta)
+    beta_in_range("dpo_loss", beta, policy_chosen.dtype)
     torch._check_value(0 <= label_smoothing < 0.5,
                        lambda: f"dpo_loss: label_smoothing must lie in [0, 0.5); got {label_smoothing}")
     out = policy_chosen.new_empty(policy_chosen.shape, dtype=_accumulate_dtype(policy_chosen))
@@ -249,7 +245,7 @@ def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | 
         torch._check_type(mask.dtype == torch.bool, lambda: f"{op}: mask must be a bool tensor; got {mask.dtype}")
     if log_weights is not None:
         _check_floating(op, log_weights=log_weights)
-    _check_beta(op, beta)
+    beta_in_range(op, beta, policy_logps.dtype)
     torch._check_value(
         1 <= num_strong <= candidates - 1,
         lambda: f"{op}: num_strong must lie in [1, C - 1] = [1, {candidates - 1}]; got {num_strong}",

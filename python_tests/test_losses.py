@@ -373,7 +373,8 @@ def test_raw_ops_check_their_options():
     policy = random_logps(3, 4)
     for device_ in ("cpu", "meta"):
         p = policy.to(device_)
-        with pytest.raises(ValueError, match="dpo_loss: beta must be finite and > 0; got inf"):
+        with pytest.raises(ValueError, match=r"dpo_loss: beta must be a number in \[1.17\d*e-38, 3.40\d*e\+38\] "
+                           r"\(float32's normal range, in which the loss is computed\); got inf"):
             torch.ops.epa_ext.dpo_loss(p[:, 0], p[:, 1], p[:, 2], p[:, 3], float("inf"), "sigmoid", 0.0)
         with pytest.raises(ValueError, match="epa_loss: weak_weight must be finite and >= 0; got inf"):
             torch.ops.epa_ext.epa_loss(p, p, None, 0.1, 1, float("inf"))

@@ -157,22 +157,34 @@ def test_router_loss_is_transformers_own(model_type):
     assert torch.autograd.grad(loss, [router])[0].abs().sum() > 0
 
 
-def test_a_transform_the_table_does_not_know_is_refused():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("scale", [3.0, 1.03, 1.01])
+def test_a_transform_the_table_does_not_know_is_refused(scale, dtype):
     """A model whose forward changes its logits in a way no table entry says (here: a subclass of
-    Llama that scales them) fails the probe, naming the class, before any step."""
+    Llama that scales them) fails the probe, naming the class, before any step; in bf16 and fp16
+    as in fp32 (the probe's bound was once 5e-2 there, which a scale of 1.03 passed, to train with
+    log-probs 0.56 nats off)."""
     from transformers import LlamaForCausalLM
 
     class ScaledLlama(LlamaForCausalLM):
         def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
             output = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
                                      **kwargs)
-            output.logits = output.logits * 3.0
+            output.logits = output.logits * scale
             return output
 
-    model = ScaledLlama(build("llama").config)
+    model = ScaledLlama(build("llama").config).to(dtype)
     with pytest.raises(ValueError, match=r"ScaledLlama: its own logits are not log-softmax-equal to scale \* "
                                          r"\(hidden @ lm_head.weight.T \+ bias\) with a softcap"):
         causal_lm.check(model)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_every_architecture_passes_the_probe_in_half_precision(model_type):
+    """The probe's bounds leave bf16 and fp16 models their rounding: every architecture here, its
+    transform set far from the default, is accepted in both (and in fp32 by the tests above)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        assert causal_lm.check(build(model_type).to(dtype)) == causal_lm.logit_transform(build(model_type))
 
 
 def test_refused_and_unfit_models_name_what_they_do():
@@ -198,3 +210,35 @@ def test_supported_models_table_is_this_test():
     text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     listed = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `")}
     assert listed == set(ARCHITECTURES)
+
+
+def test_unfit_models_get_one_clear_error_not_a_crash():
+    """Issue 37, round 3: a scale of 0 that Granite divides by, a module that merely wraps a decoder
+    and a head, each a ValueError naming what to do (they were ZeroDivisionError and AttributeError);
+    and a pass-through subclass whose forward takes **kwargs is accepted (it was refused as taking
+    no logits_to_keep), its log-probs the model's own."""
+    from torch import nn
+
+    with pytest.raises(ValueError, match=r"GraniteForCausalLM divides its logits by a config value that is 0 "
+                                         r"\(config.logits_scaling = 0"):
+        causal_lm.check(build("granite", logits_scaling=0.0))
+
+    class Wrapper(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.decoder, self.head = model.model, model.lm_head
+
+        def forward(self, input_ids):
+            return self.head(self.decoder(input_ids).last_hidden_state)
+
+    with pytest.raises(ValueError, match="Wrapper has no output embedding .* pass the transformers model itself"):
+        causal_lm.check(Wrapper(build("llama")))
+
+    from transformers import LlamaForCausalLM
+
+    class PassThrough(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = PassThrough(build("llama").config)
+    assert causal_lm.check(model) == causal_lm.LogitTransform()

@@ -276,3 +276,127 @@ def test_non_finite_reference_log_probs_in_every_fused_path(kind, bad):
                     assert_close_to_truth(value, expected, dtype=torch.float64, what=f"{name}: {part}, {what}")
             if reduction == "none":
                 assert torch.isfinite(truth[0][[0, 2]]).all(), what
+
+
+# --- round 3: wide logits, scalar options under torch.compile, values at the edge of float32 ------
+
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+
+
+def subnormal_count(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < SMALLEST_NORMAL)).sum())
+
+
+@pytest.mark.parametrize("softcap", [None, 300.0])
+@pytest.mark.parametrize("vocab", [1000, 1003])  # the vectorized loop, and with a scalar tail
+def test_wide_logits_give_no_subnormal_gradient_and_the_same_result(softcap, vocab):
+    """Logits of std 40 span ~300 nats: most softmax terms lie below FLT_MIN. The kernels take them
+    as 0 (subnormal numbers slow every later operation on them, the gradient matmuls included), and
+    the result is float64's to fp32 tolerance, as with logits of any other width."""
+    logits = torch.randn(64, vocab, dtype=torch.float64) * 40
+    labels = torch.randint(0, vocab, (64,))
+    for scale in (1.0, 1e-3):  # an incoming gradient below 1 pushes more terms toward FLT_MIN
+        out, grad = grad_of(lambda x: epa_ext.token_logps(x, labels, softcap=softcap) * scale, logits.float())
+        truth, truth_grad = grad_of(lambda x: eager.token_logps(x, labels, softcap=softcap) * scale, logits)
+        _, plain_grad = grad_of(lambda x: eager.token_logps(x, labels, softcap=softcap) * scale, logits.float())
+        assert subnormal_count(plain_grad) > 0  # the input does produce subnormal softmax terms
+        assert subnormal_count(grad) == 0
+        # exp(z - lse) of logits of size M carries a relative error of about eps32 * M in any fp32 code
+        widest = float(logits.abs().max())
+        assert_close_to_truth(out, truth, dtype=torch.float32, what="logps", inputs_scale=widest)
+        assert_close_to_truth(grad, truth_grad, dtype=torch.float32, what="d(logits)",
+                              extra_rtol=torch.finfo(torch.float32).eps * widest)
+
+
+def test_wide_logits_through_the_fused_linear_loss_match_float64():
+    """The three-matmul path feeds each chunk's logit gradient, its terms below FLT_MIN taken as 0,
+    to the gradient matmuls: the loss and both gradients still match eager float64."""
+    torch.manual_seed(1)
+    hidden = torch.randn(4, 24, 32, dtype=torch.float64)
+    weight = torch.randn(700, 32, dtype=torch.float64) * 40 / 32**0.5  # logits of std ~40
+    labels = torch.randint(0, 700, (4, 24))
+    ref = torch.randn(4, dtype=torch.float64) * 50 - 2000
+
+    def run(h, w, loss_fn):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = loss_fn(h, w)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    ours = run(hidden.float(), weight.float(), lambda h, w: epa_ext.fused_linear_dpo_loss(h, w, labels, ref.float())[0])
+    truth = run(hidden, weight, lambda h, w: eager.fused_dpo_loss(h @ w.T, labels, ref)[0])
+    widest = float((hidden @ weight.T).abs().max())  # fp32 softmax terms are off by about eps32 * widest
+    for name, a, t in zip(("loss", "d(hidden)", "d(weight)"), ours, truth):
+        assert_close_to_truth(a, t, dtype=torch.float32, what=name, inputs_scale=widest,
+                              extra_rtol=torch.finfo(torch.float32).eps * widest)
+
+
+def test_scalar_options_compile_in_fullgraph_with_changing_values():
+    """A float option (softcap, beta, weak_weight) that changes between calls becomes symbolic
+    under torch.compile; every value compiles in one graph and gives eager's result, and a bad one
+    is still refused (by the op's check, when the value is known)."""
+    logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    policy, ref = torch.randn(3, 4), torch.randn(3, 4)
+    calls = {
+        "token_logps": lambda x: epa_ext.token_logps(logits, labels, softcap=x),
+        "dpo_loss": lambda x: epa_ext.dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=x),
+        "epa_loss": lambda x: epa_ext.epa_loss(policy, ref, beta=x, num_strong=1, weak_weight=x),
+    }
+    for name, call in calls.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+        for value in (30.0, 50.0, 70.0, 0.25):
+            torch.testing.assert_close(compiled(value), call(value), msg=f"{name}({value})")
+        with pytest.raises(Exception, match=r"must be .*; got inf"):
+            compiled(float("inf"))
+
+
+def test_a_beta_that_vanishes_in_float32_is_refused():
+    """1e-46 is 0 in float32, where the losses of float32 inputs are computed (NaN gradients to
+    log_weights); float64 inputs compute in float64, where it is a normal number."""
+    pattern = r"beta must be a number in \[1.17\d*e-38, 3.40\d*e\+38\] \(float32's normal range"
+    policy, ref = torch.randn(3, 4), torch.randn(3, 4)
+    hidden, weight = torch.randn(6, 5, 8), torch.randn(13, 8)
+    labels, seq_ref = torch.randint(0, 13, (6, 5)), torch.randn(6)
+    for beta in (1e-46, 1e39):
+        for device_ in ("cpu", "meta"):
+            p, r = policy.to(device_), ref.to(device_)
+            with pytest.raises(ValueError, match="epa_loss: " + pattern):
+                torch.ops.epa_ext.epa_loss(p, r, None, beta, 1, 1.0)
+            with pytest.raises(ValueError, match="dpo_loss: " + pattern):
+                torch.ops.epa_ext.dpo_loss(p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta, "sigmoid", 0.0)
+        with pytest.raises(ValueError, match=pattern):
+            epa_ext.epa_loss(policy, ref, beta=beta, num_strong=1, log_weights=torch.zeros(3, 4))
+        with pytest.raises(ValueError, match="linear_epa_loss: " + pattern):
+            epa_ext.fused_linear_epa_loss(hidden, weight, labels, seq_ref, num_candidates=3, beta=beta)
+        with pytest.raises(ValueError, match="linear_dpo_loss: " + pattern):
+            epa_ext.fused_linear_dpo_loss(hidden, weight, labels, seq_ref, beta=beta)
+    loss = epa_ext.epa_loss(policy.double(), ref.double(), beta=1e-46, num_strong=1)
+    assert torch.isfinite(loss)
+
+
+def test_bad_log_weights_are_reported_at_the_callers_position_and_value():
+    """The chunked three-matmul path runs the loss kernel on spans of prompts: a bad log-weight is
+    still named by its row in the caller's [B, C] tensor; a float64 value that float32 cannot
+    hold is named as given (1e300), not as the inf it would become."""
+    torch.manual_seed(2)
+    prompts, candidates, length = 4, 3, 6
+    hidden = torch.randn(candidates * prompts, length, 16)
+    weight = torch.randn(50, 16)
+    labels = torch.randint(0, 50, (candidates * prompts, length))
+    ref = torch.randn(candidates * prompts)
+    log_weights = torch.zeros(prompts, candidates)
+    log_weights[2, 2] = float("nan")
+    for budget in (None, candidates * length):  # one chunk; one prompt group per chunk
+        with pytest.raises(ValueError, match=r"got nan at \[2, 2\]"):
+            epa_ext.fused_linear_epa_loss(hidden, weight, labels, ref, num_candidates=candidates,
+                                          log_weights=log_weights, max_chunk_tokens=budget)
+    wide = torch.zeros(prompts, candidates, dtype=torch.float64)
+    wide[2, 2] = 1e300
+    pattern = r"got 1e\+300 at \[2, 2\] \(out of float32's range"
+    with pytest.raises(ValueError, match=pattern):
+        epa_ext.epa_loss(torch.randn(prompts, candidates), torch.randn(prompts, candidates), num_strong=1,
+                         log_weights=wide)
+    with pytest.raises(ValueError, match=pattern):
+        epa_ext.fused_linear_epa_loss(hidden, weight, labels, ref, num_candidates=candidates, log_weights=wide,
+                                      max_chunk_tokens=candidates * length)

@@ -234,7 +234,10 @@ BAD_SOFTCAPS = [  # (softcap, error type, pattern)
     (-30.0, ValueError, r"softcap must be > 0.0; got -30.0"),
     (float("inf"), ValueError, "softcap must be finite; got inf"),
     (float("nan"), ValueError, "softcap must be finite; got nan"),
-    (1e-40, ValueError, r"softcap must be >= 1.17\d*e-38 \(the smallest normal float32"),
+    (1e-40, ValueError, r"softcap must be in \[1.17\d*e-38, 3.40\d*e\+38\] \(float32's normal range"),
+    # above float32's largest number the kernels' cap is inf and every log-prob NaN
+    (1e39, ValueError, r"softcap must be in \[1.17\d*e-38, 3.40\d*e\+38\] .*; got 1e\+39"),
+    (1e300, ValueError, r"softcap must be in \[1.17\d*e-38, 3.40\d*e\+38\] .*; got 1e\+300"),
     (torch.tensor(30.0), TypeError, r"softcap must be a real number \(float or int\); got Tensor"),
     ("30", TypeError, r"softcap must be a real number \(float or int\); got str '30'"),
     (True, TypeError, "softcap must be a real number .*; got bool"),
@@ -256,8 +259,9 @@ def test_raw_ops_refuse_bad_softcap(device_):
     hidden, weight, bias, hidden_labels, ref = (t if t is None else t.to(device_) for t in small_batch("cpu"))
     logps, lse = torch.ops.epa_ext.token_logps(logits, labels, IGNORE_INDEX)
     # C++ prints 0 and 1.17549e-38 where Python prints 0.0 and 1.1754943508222875e-38
-    pattern = r"softcap must be None or a finite number >= 1.17\d*e-38 .*; got -?(0|1|inf|nan)"
-    for bad in (0.0, -1.0, float("inf"), float("nan")):
+    pattern = (r"softcap must be None or a number in \[1.17\d*e-38, 3.40\d*e\+38\] \(float32's normal range; .*\); "
+               r"got -?(0|1|inf|nan|1e\+39)")
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 1e39):
         calls = [
             lambda: torch.ops.epa_ext.token_logps(logits, labels, IGNORE_INDEX, False, bad),
             lambda: torch.ops.epa_ext.token_logps_backward(torch.ones_like(logps), logits, labels, lse, logps,

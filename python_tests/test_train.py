@@ -159,6 +159,65 @@ def test_precomputed_reference_equals_reference_model(tmp_path):
     assert train_losses(precomputed) == pytest.approx(train_losses(with_model), rel=RTOL, abs=ATOL)
 
 
+@pytest.mark.parametrize("table,flags", [("reference_logps", ["--ref", "precompute"]),
+                                         ("weak_log_weights", ["--weak-correction", "importance"])])
+def test_a_cached_table_is_not_reused_for_another_max_length(table, flags, tmp_path, capsys):
+    """Issue 37: --max-length cuts the weak answers borrowed under another prompt, also where it
+    leaves every example's own tokens alone (the fixture's longest example has 96 tokens, a prompt
+    and another example's answer up to 104). A second run in the same directory with another
+    --max-length (--overwrite-output-dir keeps the cached tables) computes its table again, says
+    why in one line, and trains as a run in a fresh directory does."""
+    args = ["--max-steps", "3", "--batch-size", "4", "--num-weak", "4", "--eval-fraction", "0", *flags]
+    out = tmp_path / "run"
+    train_in_process(out, *args, "--max-length", "96")
+    (first_table,) = out.glob(f"{table}-train-*.pt")
+    capsys.readouterr()
+    second = train_in_process(out, *args, "--max-length", "120", "--overwrite-output-dir")
+    said = [line for line in capsys.readouterr().err.splitlines() if "not reusing the cached table" in line]
+    fresh = train_in_process(tmp_path / "fresh", *args, "--max-length", "120")
+    assert not [line for line in capsys.readouterr().err.splitlines() if "not reusing" in line]
+    assert train_losses(second) == train_losses(fresh)
+    (fresh_table,) = (tmp_path / "fresh").glob(f"{table}-train-*.pt")
+    assert not torch.equal(torch.load(first_table), torch.load(fresh_table))  # the borrowed answers were cut
+    (line,) = [line for line in said if "(train)" in line]
+    assert line.endswith(f"not reusing the cached table: {first_table.name} was computed for other inputs: "
+                         f"--max-length 96 -> 120, scored token ids (changed); computing it for this run"), line
+
+
+def test_a_cached_tables_fingerprint_covers_what_determines_it(tmp_path):
+    """Issue 37: besides --max-length (above), the precision, packing and seed change a cached
+    table's fingerprint, and so do a model directory's weights rewritten with the same size and
+    modification time (small files are hashed by content)."""
+    import os
+
+    from epa_ext.train.config import parse_config
+    from epa_ext.train.modeling import build_tiny_model
+    from epa_ext.train.reference import Reference, fingerprint, model_inputs
+    from epa_ext.train.runtime import Runtime
+    from epa_ext.train.trainer import prepare_data
+
+    runtime = Runtime(0, 1, torch.device("cpu"))
+
+    def key(*flags: str) -> str:
+        cfg = parse_config(["--dataset", str(PREFS), "--output-dir", str(tmp_path / "out"), *TINY, "--num-weak", "4",
+                            "--eval-fraction", "0", *flags])
+        data = prepare_data(cfg, runtime, None)
+        return fingerprint(Reference(cfg, runtime, None, None, None).table_inputs(data.train, data.layout, "values"))
+
+    keys = [key(), *(key(*flags) for flags in (["--precision", "bf16"], ["--padding-free"], ["--seed", "1"]))]
+    assert len(set(keys)) == len(keys), keys
+
+    model_dir = tmp_path / "model"
+    build_tiny_model(300, 32, 1, 104, seed=0).save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    cfg = parse_config(["--dataset", str(PREFS), "--output-dir", str(tmp_path / "out"), "--model", str(model_dir)])
+    before, written = model_inputs(cfg), weights.stat()
+    build_tiny_model(300, 32, 1, 104, seed=1).save_pretrained(model_dir)
+    os.utime(weights, ns=(written.st_atime_ns, written.st_mtime_ns))  # as a copy keeping times (cp -p) leaves it
+    assert weights.stat().st_size == written.st_size
+    assert model_inputs(cfg)["model files"] != before["model files"]
+
+
 def test_lora_trains_adapters_and_final_loads(tmp_path):
     """The adapters change, the base weights do not, and pi_ref is the policy with its adapters
     disabled: the logged eval rewards are beta * (policy - initial model) log-probs."""

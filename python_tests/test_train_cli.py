@@ -287,6 +287,34 @@ def test_resume_refuses_another_number_of_processes(tmp_path, monkeypatch):
         run_dir.prepare(cfg, Runtime(0, 1, torch.device("cpu")), record)
 
 
+def test_resume_refuses_a_bookkeeping_option_that_changes_what_training_reads(tmp_path):
+    """Issue 37: --eval-dataset is bookkeeping, but added on --resume to a run that held out the
+    default 5 % of --dataset it moves --eval-fraction's default to 0: the held-out examples would
+    join training and every epoch's order change. Refused in one line naming the resolved value,
+    and nothing in the directory changes; a bookkeeping change (more steps) is still accepted, and
+    options that resolve to the same values compare equal however they were written."""
+    out, eval_file = tmp_path / "out", tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(PREFS.read_text().splitlines(keepends=True)[:4]))
+    args = ["--max-steps", "2", "--save-steps", "1", "--batch-size", "2"]
+    train_in_process(out, *args)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    result = subprocess.run(epa_train_command(out, *args, "--max-steps", "3", "--resume", "--eval-dataset",
+                                              str(eval_file)), capture_output=True, text=True)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ("was trained with other options: --eval-fraction (0.05 -> 0.0: its default is 0.05, or 0 with "
+            "--eval-dataset)") in result.stderr, result.stderr
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    resumed = train_in_process(out, *args, "--max-steps", "3", "--resume")
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3]
+
+    def options(*flags: str) -> dict:
+        return parse_config(["--dataset", str(PREFS), "--output-dir", str(out), *flags]).training_options()
+
+    assert options("--eval-fraction", "0") == options("--eval-dataset", str(eval_file))
+    assert options("--lora-r", "4") == options("--lora-r", "4", "--lora-alpha", "8")
+    assert options("--lora-r", "4") != options("--lora-r", "4", "--lora-alpha", "4")
+
+
 def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
     from epa_ext.train.checkpoint import RUN_FILE, checkpoints, write_checkpoint
 

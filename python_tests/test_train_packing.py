@@ -56,7 +56,33 @@ def test_pack_puts_every_sequence_whole_in_a_bounded_row_with_positions_restarti
     assert torch.equal(gathered[attention_mask.bool()], hidden.reshape(-1, 3)[real])
 
     one_row = pack(input_ids, attention_mask, max_row_tokens=None, pad_id=0)
-    assert one_row.input_ids.shape == (1, sum(lengths))
+    # a full row, and the batch padded beyond its longest sequence: one more position, for T - 1
+    assert one_row.input_ids.shape == (1, sum(lengths) + 1)
+    assert one_row.position_ids.max() == 10
+
+
+def test_free_tails_keep_the_padded_batchs_largest_position_id():
+    """RoPE types that read the batch's largest position id (dynamic NTK, longrope) see the padded
+    batch's, T - 1, in packed rows: no free tail is numbered beyond it (first fit leaves the third
+    row [1] a tail of 31 in rows of 32, which used to run to position 30), and a batch padded
+    beyond its longest sequence whose rows are all full gets a one-token tail holding it."""
+    from epa_ext.train.packing import pack
+
+    input_ids, attention_mask = right_padded([16, 16, 16, 16, 1])
+    packed = pack(input_ids, attention_mask, max_row_tokens=32, pad_id=0)
+    assert packed.input_ids.shape == (3, 32)
+    assert packed.position_ids.max() == 15
+    tail = packed.position_ids[2, 1:]
+    assert tail[-1] == 15 and tail.min() == 0  # a pseudo-sequence restarting at 0 ends at T - 1
+    flat = packed.position_ids.reshape(-1)
+    for r, n in enumerate([16, 16, 16, 16, 1]):
+        assert torch.equal(flat[packed.index[r, :n]], torch.arange(n))
+
+    input_ids, attention_mask = right_padded([4, 4], width=8)  # padded to a multiple of 8, say
+    packed = pack(input_ids, attention_mask, max_row_tokens=4, pad_id=0)
+    assert packed.input_ids.shape == (2, 5) and packed.position_ids[:, -1].tolist() == [7, 7]
+    input_ids, attention_mask = right_padded([4, 4])  # the longest sequence holds T - 1: no extra column
+    assert pack(input_ids, attention_mask, max_row_tokens=4, pad_id=0).input_ids.shape == (2, 4)
 
 
 def test_rows_are_filled_evenly_where_first_fit_leaves_one_fuller():
@@ -187,12 +213,115 @@ def test_packed_length_options_are_checked(flags, message, tmp_path):
         train_in_process(tmp_path / "out", "--max-steps", "1", *flags)
 
 
+# --- RoPE scaling --------------------------------------------------------------------------------
+
+ROPE_TYPES = ["default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional"]  # transformers 5.25's
+
+
+def rope_model(rope_type: str, original: int):
+    """A tiny model with this RoPE type, scaled by 4 from an original context of `original`
+    positions, in eval mode. Dynamic NTK and longrope pick their frequencies from the batch's
+    largest position id (beyond `original`: scaled, long); the others from each position alone.
+    Weights drawn with std 0.3, not 0.02: logits that far from 0 that the log-probs follow the
+    hidden states (at 0.02, the old packing's other frequencies moved them by 1e-5 only)."""
+    from test_models import build
+
+    scaling = {"default": None, "linear": dict(factor=4.0), "dynamic": dict(factor=4.0),
+               "yarn": dict(factor=4.0, original_max_position_embeddings=original),
+               "longrope": dict(short_factor=[1.0] * 4, long_factor=[4.0] * 4,
+                                original_max_position_embeddings=original),
+               "llama3": dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=original),
+               "proportional": dict(factor=4.0, partial_rotary_factor=0.5)}[rope_type]
+    fields = dict(max_position_embeddings=original if rope_type == "dynamic" else 4 * original, initializer_range=0.3)
+    if scaling is not None:
+        fields["rope_scaling"] = dict(rope_type=rope_type, **scaling)
+    if rope_type == "longrope":
+        return build("phi3", original_max_position_embeddings=original, **fields).eval()
+    return build("llama", **fields).eval()
+
+
+@pytest.mark.parametrize("rope_type", ROPE_TYPES)
+def test_packed_rows_score_as_padded_ones_under_every_rope_type(rope_type):
+    """Four sequences of the original context's 16 tokens (the padded batch keeps the unscaled
+    frequencies) and one of a single token, packed into rows of 32: the third row's free tail is 31
+    tokens long, and was numbered up to 30, which moved every packed sequence to dynamic NTK's
+    scaled and longrope's long frequencies. Now the per-sequence log-probs are the padded batch's,
+    before and after it (dynamic NTK keeps the frequencies of the longest batch it has seen), and
+    the probe accepts the model."""
+    from test_models import VOCAB
+
+    from epa_ext import IGNORE_INDEX, causal_lm, linear_sequence_logps
+    from epa_ext.train.packing import check_packed_attention, pack, through_packed_model
+
+    original = 16
+    model = rope_model(rope_type, original)
+    transform = causal_lm.check(model)
+    lengths = torch.tensor([original] * 4 + [1])
+    input_ids = torch.randint(3, VOCAB, (len(lengths), original), generator=torch.Generator().manual_seed(0))
+    attention_mask = (torch.arange(original) < lengths[:, None]).long()
+    labels = input_ids.roll(-1, 1).masked_fill(torch.arange(original) >= lengths[:, None] - 1, IGNORE_INDEX)
+    packed_batch = pack(input_ids, attention_mask, max_row_tokens=2 * original, pad_id=0)
+    assert packed_batch.input_ids.shape == (3, 2 * original)
+
+    def score(head):
+        return linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs())
+
+    def padded_logps():
+        return causal_lm.through_model(model, transform, score, input_ids=input_ids, attention_mask=attention_mask)[0]
+
+    with torch.no_grad():
+        padded = padded_logps()
+        packed = through_packed_model(model, transform, packed_batch, score)
+        assert_paths_agree(packed, padded, what=f"{rope_type} RoPE: packed against padded sequence log-probs")
+        assert torch.equal(padded_logps(), padded)
+    check_packed_attention(model, transform, max_length=original, max_row_tokens=2 * original)
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_the_probe_refuses_tails_numbered_past_the_padded_batch(rope_type, monkeypatch):
+    """check_packed_attention probes rows laid out as the run's (sequences of --max-length, rows of
+    --max-packed-length, a free tail nearly a row long): with tails numbered on to the row's end
+    (the packing before this fix), a model whose RoPE reads the largest position id is refused
+    (hidden states 2.3e-3 and 3.1e-3 apart); the probe of four sequences of at most 5 tokens in rows
+    of 8 missed it."""
+    import epa_ext.train.packing as packing
+    from epa_ext import causal_lm
+
+    model = rope_model(rope_type, original=96)
+    transform = causal_lm.check(model)
+    packing.check_packed_attention(model, transform, max_length=96, max_row_tokens=192)
+    monkeypatch.setattr(packing, "tail_positions", lambda length, padded_width, device: torch.arange(length))
+    with pytest.raises(ValueError, match=r"'sdpa' does not keep packed sequences apart \(the hidden states of packed "
+                                         r"rows differ from the padded batch's by"):
+        packing.check_packed_attention(model, transform, max_length=96, max_row_tokens=192)
+
+
+def test_the_probe_leaves_dynamic_ntk_as_it_found_it():
+    """Dynamic NTK keeps the frequencies of the longest batch it has seen until one fits its
+    original context (16 here): the probe's sequences reach the run's --max-length (32), and a
+    padded batch of 20 tokens after it gets the frequencies of a model that never saw the probe,
+    as in a run without --padding-free."""
+    from epa_ext import causal_lm
+    from epa_ext.train.packing import check_packed_attention
+
+    probed, fresh = rope_model("dynamic", 16), rope_model("dynamic", 16)
+    check_packed_attention(probed, causal_lm.check(probed), max_length=32, max_row_tokens=64)
+    input_ids = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(probed(input_ids=input_ids, use_cache=False).logits,
+                           fresh(input_ids=input_ids, use_cache=False).logits)
+
+
 def tiny_llama():
     from epa_ext import causal_lm
     from epa_ext.train.modeling import build_tiny_model
 
     model = build_tiny_model(300, 32, 1, 64, seed=0)
     return model, causal_lm.check(model)
+
+
+PROBE_LAYOUT = dict(max_length=32, max_row_tokens=64)  # the tiny Llama's 64 positions
 
 
 def test_attention_that_does_not_keep_packed_sequences_apart_is_refused(monkeypatch):
@@ -205,20 +334,20 @@ def test_attention_that_does_not_keep_packed_sequences_apart_is_refused(monkeypa
     from epa_ext.train.packing import check_packed_attention
 
     model, transform = tiny_llama()
-    check_packed_attention(model, transform)  # sdpa
+    check_packed_attention(model, transform, **PROBE_LAYOUT)  # sdpa
     model.set_attn_implementation("eager")
-    check_packed_attention(model, transform)
+    check_packed_attention(model, transform, **PROBE_LAYOUT)
     AttentionInterface.register("my_sdpa", sdpa_attention_forward)
     model.set_attn_implementation("my_sdpa")
     with pytest.raises(ValueError, match="LlamaForCausalLM uses attn_implementation='my_sdpa', which does not keep "
                                          "packed sequences apart"):
-        check_packed_attention(model, transform)
+        check_packed_attention(model, transform, **PROBE_LAYOUT)
 
     model.set_attn_implementation("sdpa")
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(ValueError, match=r"'sdpa' does not keep packed sequences apart \(the hidden states of packed "
                                          r"rows differ from the padded batch's by"):
-        check_packed_attention(model, transform)
+        check_packed_attention(model, transform, **PROBE_LAYOUT)
     assert model.training  # left as it was
 
 
@@ -227,7 +356,7 @@ def test_a_router_loss_is_refused_with_packed_rows():
 
     model, transform = tiny_llama()
     with pytest.raises(ValueError, match="padding-free batches cannot give an MoE model's router load-balancing loss"):
-        check_packed_attention(model, transform, router_logits=True)
+        check_packed_attention(model, transform, **PROBE_LAYOUT, router_logits=True)
 
 
 # --- length-grouped batches ----------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """epa-train survives being killed, interrupted (Ctrl-C, SIGTERM), corrupt input and non-finite
-losses."""
+losses, and a checkpoint runs no code when resumed from."""
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import math
 import os
 import random
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -87,7 +90,7 @@ def test_nonfinite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(checkpoint)  # intact
-    torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    torch.load(checkpoint / "trainer_state.pt", weights_only=True)
 
 
 def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
@@ -113,7 +116,7 @@ def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
         for key, value in weights_before.items():
             torch.testing.assert_close(weights_after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
         if after.name != "final":
-            state = [torch.load(d / "trainer_state.pt", weights_only=False)["optimizer"] for d in (before, after)]
+            state = [torch.load(d / "trainer_state.pt", weights_only=True)["optimizer"] for d in (before, after)]
             assert state[0]["state"].keys() == state[1]["state"].keys() and state[0]["state"]
             for index, moments in state[0]["state"].items():
                 for name, value in moments.items():
@@ -213,3 +216,140 @@ def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path):
     (stale / "model.safetensors").write_text("half written")
     train_in_process(out, "--max-steps", "1", "--eval-fraction", "0")
     assert not stale.exists()
+
+
+# --- a checkpoint is data, never code --------------------------------------------------------------
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+NOT_PLAIN_DATA = "is not a trainer state of plain data"
+
+
+class RunsOnUnpickling:
+    """A pickled object whose unpickling runs a shell command: what a hostile trainer_state.pt holds."""
+
+    def __init__(self, shell_command: str):
+        self.shell_command = shell_command
+
+    def __reduce__(self):
+        return os.system, (self.shell_command,)
+
+
+def files_of(directory: Path) -> dict[str, tuple[int, int]]:
+    """Each path under directory with its size and modification time: what a refused run leaves as it was."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def test_a_trainer_state_that_would_run_code_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    """The issue's case: a payload added to the newest checkpoint's trainer_state.pt. --resume stops
+    before any step with one line naming the file (no traceback, exit status 1); the payload's
+    marker file does not appear and the output directory is as it was. Removing that checkpoint,
+    as the line says, resumes from the one before it, bitwise."""
+    args = ["--max-steps", "3", "--save-steps", "1", "--batch-size", "2", "--eval-fraction", "0"]
+    out, marker = tmp_path / "out", tmp_path / "PWNED"
+    uninterrupted = train_in_process(out, *args)
+    state_file = out / "checkpoint-3" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "note": RunsOnUnpickling(f"touch {shlex.quote(str(marker))}")}, state_file)
+    before = files_of(out)
+
+    result = subprocess.run(command(out, *args, "--resume"), capture_output=True, text=True)
+    assert not marker.exists()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith(f"epa-train: --resume: {state_file} {NOT_PLAIN_DATA} (it asks to "
+                                                f"import {os.system.__module__}.system"), line
+    assert line.endswith("or remove checkpoint-3 to --resume from the checkpoint before it"), line
+    assert files_of(out) == before
+
+    shutil.rmtree(out / "checkpoint-3")
+    assert train_losses(train_in_process(out, *args, "--resume")) == train_losses(uninterrupted)
+    assert not marker.exists()
+
+
+def test_the_rng_states_come_back_exactly_from_a_checkpoint(tmp_path):
+    """Python's state (its 625 ints, and the float random.gauss keeps for its next call) and torch's
+    are plain data that the restricted unpickler reads back exactly: the draws after restoring them
+    are the draws after saving them."""
+    from epa_ext.train import checkpoint
+
+    class Saves:
+        def save_pretrained(self, directory, **_):
+            Path(directory, "model.safetensors").write_text("weights")
+
+    random.seed(1)
+    random.gauss(0, 1)  # leaves the second value of its pair in the state
+    state = {"optimizer": {}, "scheduler": {}, "rng": checkpoint.rng_state()}
+    path = checkpoint.write_checkpoint(tmp_path, 1, Saves(), Saves(), state, run={})
+    expected = [random.gauss(0, 1), random.random()], torch.rand(4)
+    random.seed(2)
+    torch.manual_seed(2)
+    checkpoint.restore_rng(checkpoint.load_trainer_state(path)["rng"])
+    assert [random.gauss(0, 1), random.random()] == expected[0] and torch.equal(torch.rand(4), expected[1])
+
+
+def write_damaged(state_file: Path, damage: str) -> None:
+    from safetensors.torch import save_file
+
+    state = torch.load(state_file, weights_only=True)
+    if damage == "truncated":
+        state_file.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
+    elif damage == "json":
+        state_file.write_text(json.dumps({"step": state["step"]}))
+    elif damage == "safetensors":
+        save_file({"step": torch.tensor(state["step"])}, state_file)
+    elif damage == "another torch file":
+        torch.save({"weights": torch.ones(2)}, state_file)
+    elif damage == "numpy objects":  # as a trainer that saved NumPy's generator would have written it
+        import numpy
+
+        torch.save({**state, "rng": {**state["rng"], "numpy": numpy.random.get_state()}}, state_file)
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("truncated", "it is damaged, truncated or not a file torch.save wrote"),
+    ("json", "it is damaged, truncated or not a file torch.save wrote"),
+    ("safetensors", "it is damaged, truncated or not a file torch.save wrote"),
+    ("another torch file", "it is not epa-train's: no optimizer, scheduler, rng in it"),
+    ("numpy objects", "it asks to import numpy."),
+])
+def test_a_damaged_or_foreign_trainer_state_is_refused_before_anything_changes(damage, reason, tmp_path):
+    from epa_ext.train.config import ConfigError
+
+    args = ["--max-steps", "1", "--batch-size", "2", "--eval-fraction", "0"]
+    out = tmp_path / "out"
+    train_in_process(out, *args)
+    state_file = out / "checkpoint-1" / "trainer_state.pt"
+    write_damaged(state_file, damage)
+    before = files_of(out)
+    with pytest.raises(ConfigError, match=f"^--resume: {re.escape(f'{state_file} {NOT_PLAIN_DATA} ({reason}')}"):
+        train_in_process(out, *args, "--resume")
+    assert files_of(out) == before
+
+
+def torch_load_calls_without_weights_only(path: Path) -> tuple[int, list[str]]:
+    """(how many torch.load calls path makes, those that do not pass weights_only=True); importing
+    load from torch counts as one that does not (its calls could not be told from json.load)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    torch_names = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for alias in node.names if alias.name == "torch"}
+    calls, unsafe = 0, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization") and any(
+                alias.name == "load" for alias in node.names):
+            unsafe.append(f"{path}:{node.lineno}: from {node.module} import load")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+              and ast.unparse(node.func.value) in {*torch_names, *(f"{name}.serialization" for name in torch_names)}):
+            calls += 1
+            if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                       for k in node.keywords):
+                unsafe.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    return calls, unsafe
+
+
+def test_every_torch_load_of_the_package_reads_plain_data_only():
+    """Every torch.load in epa_ext/ and bench/ passes weights_only=True explicitly: torch's
+    restricted unpickler, which runs nothing from the file it reads."""
+    sources = sorted([*(REPOSITORY / "epa_ext").rglob("*.py"), *(REPOSITORY / "bench").rglob("*.py")])
+    found = [torch_load_calls_without_weights_only(path) for path in sources]
+    assert sum(calls for calls, _ in found) >= 3  # the trainer state, the reference and weak-correction caches
+    assert [call for _, unsafe in found for call in unsafe] == []

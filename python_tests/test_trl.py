@@ -116,7 +116,7 @@ def train(trainer_cls, args, rows, tokenizer, *, lora: bool = False, eval_rows=N
     else:
         from test_models import build
 
-        model = build(model_type, vocab_size=len(tokenizer), max_position_embeddings=128, **config_fields)
+        model = build(model_type, **{"vocab_size": len(tokenizer), "max_position_embeddings": 128, **config_fields})
     if ref_model is None:
         ref_model = not lora and not args.precompute_ref_log_probs
     trainer = trainer_cls(
@@ -515,6 +515,34 @@ def test_padding_free_trains_as_padded_batches(options, max_packed_length, lora,
     assert packed[1].padding_free and packed[1].args.padding_free
     assert packed_rows and all(p.input_ids.shape[1] <= (max_packed_length or 128) for p in packed_rows)
     assert any(p.input_ids.shape[0] > 1 for p in packed_rows) or not max_packed_length
+    assert_same_training(packed, padded)
+
+
+def test_padding_free_keeps_the_rope_scaling_of_padded_batches(tokenizer, tmp_path, monkeypatch):
+    """A Llama with dynamic-NTK RoPE from an original context of 38 positions, which the padded
+    batches stay within (chosen sequences of 36 tokens, rejected ones of 8). Packed into rows of
+    72, first fit puts the chosen ones two to a row and the four rejected ones into a third row,
+    whose free tail of 40 tokens is longer than the padded batch: numbered on to the row's end, as
+    before, it moved every packed sequence to the scaled frequencies (step 1's grad_norm off, mean
+    losses 0.1762 and 0.1722). The logged numbers and final weights are the padded run's."""
+    import epa_ext.integrations.trl as integration
+
+    packed_rows = []  # (attention mask, packed rows) of every packed batch
+    pack = integration.pack
+    monkeypatch.setattr(integration, "pack", lambda *a, **k: packed_rows.append((a[1], pack(*a, **k)))
+                        or packed_rows[-1][1])
+    rows = [{"prompt": f"Q{i}: say", "chosen": " yes good" * 14 + " yes", "rejected": " no"} for i in range(10, 26)]
+    model = dict(max_position_embeddings=38, rope_scaling=dict(rope_type="dynamic", factor=4.0), initializer_range=0.3)
+    padded = train(EPATrainer, config(EPAConfig, tmp_path / "padded"), rows, tokenizer, **model)
+    packed = train(EPATrainer, config(EPAConfig, tmp_path / "packed", padding_free=True, max_packed_length=72), rows,
+                   tokenizer, **model)
+
+    def longest_tail(attention_mask, packed_batch) -> int:
+        rows, width = packed_batch.input_ids.shape
+        fills = torch.bincount(packed_batch.index[attention_mask.bool()] // width, minlength=rows)
+        return width - int(fills.min())
+
+    assert any(longest_tail(mask, p) > mask.shape[1] for mask, p in packed_rows)
     assert_same_training(packed, padded)
 
 

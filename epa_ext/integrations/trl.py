@@ -432,7 +432,8 @@ class EPATrainer(DPOTrainer):
             for name, scorer in (("model", self.model), ("ref_model", self.ref_model)):
                 if scorer is not None:
                     try:
-                        check_packed_attention(scorer, causal_lm.logit_transform(scorer),
+                        check_packed_attention(scorer, causal_lm.logit_transform(scorer), max_length=args.max_length,
+                                               max_row_tokens=getattr(args, "max_packed_length", None),
                                                router_logits=self.aux_loss_enabled and name == "model")
                     except ValueError as error:
                         raise ValueError(f"padding_free=True: {name}: {error}") from None

@@ -1,7 +1,11 @@
 """Checkpoints that are never seen half-written: each is written to a temporary directory and
 renamed into place only when complete (a rename is atomic on one file system). Each records the
 run that wrote it (run.json: the training options and the number of processes), so that rotation
-deletes only the current run's checkpoints and --resume can refuse another run's."""
+deletes only the current run's checkpoints and --resume can refuse another run's.
+
+A checkpoint is data, never code: the model is safetensors, and trainer_state.pt holds only
+tensors, dicts, lists, tuples, numbers, strings and None, which --resume reads with torch's
+restricted unpickler (weights_only=True); a state file that asks for anything else is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +23,15 @@ import torch
 from torch import nn
 
 from ..causal_lm import unwrap
+from .config import ConfigError
 from .runtime import Runtime, barrier, full_weights, optimizer_state
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
 TMP_PREFIX = ".tmp-checkpoint-"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# what every trainer state holds besides the position and the options (Training.save)
+_STATE_PARTS = ("optimizer", "scheduler", "rng")
 
 
 def checkpoints(output_dir: str | Path, run: dict | None = None) -> list[tuple[int, Path]]:
@@ -53,6 +61,8 @@ def read_run(checkpoint_dir: Path) -> dict | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The random number generators' states as plain data: Python's a tuple of ints (and None or a
+    float), torch's and each CUDA device's a uint8 tensor; restore_rng sets them exactly."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -121,8 +131,42 @@ def remove_partial_checkpoints(output_dir: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
-    return torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
+def load_trainer_state(checkpoint_dir: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state of a checkpoint, read by torch's restricted unpickler, which builds
+    tensors, containers, numbers and strings and imports or calls nothing else: a file that asks
+    for more (a pickled object, code) is refused, never run. mmap: the tensors are mapped, not
+    read (a cheap check of the file before anything changes).
+
+    Raises ConfigError: the file is not a trainer state of plain data (a payload, a damaged or
+    foreign file, one holding NumPy objects); the message names it and says how to go on."""
+    path = checkpoint_dir / STATE_FILE
+    try:
+        with warnings.catch_warnings():
+            # a pickle protocol newer than torch.save's: read or refused all the same, no warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # noqa: BLE001 (what fails differs with the damage; the user gets one line)
+        raise ConfigError(_unreadable(checkpoint_dir, path, _refusal_reason(error))) from None
+    missing = [part for part in _STATE_PARTS if not isinstance(state, dict) or part not in state]
+    if missing:
+        raise ConfigError(_unreadable(checkpoint_dir, path, f"it is not epa-train's: no {', '.join(missing)} in it"))
+    return state
+
+
+def _refusal_reason(error: Exception) -> str:
+    """Why the restricted unpickler refused a file, in a few words."""
+    if isinstance(error, OSError):
+        return f"it cannot be read: {error.strerror or error}"
+    wanted = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if wanted:
+        return f"it asks to import {wanted.group(1)}, which plain data never does"
+    return "it is damaged, truncated or not a file torch.save wrote"
+
+
+def _unreadable(checkpoint_dir: Path, path: Path, reason: str) -> str:
+    return (f"--resume: {path} is not a trainer state of plain data ({reason}), so it was not loaded (nothing "
+            f"in it ran). Start a fresh run (without --resume: another --output-dir, or --overwrite-output-dir), or "
+            f"remove {checkpoint_dir.name} to --resume from the checkpoint before it")
 
 
 def _fsync_tree(root: Path) -> None:

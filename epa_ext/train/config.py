@@ -27,6 +27,10 @@ from . import hub
 
 # --max-packed-length's default in units of --max-length (bench/bench_real_data.py --mode rows)
 PACKED_ROW_LENGTHS = 2
+# Training options whose default other options set (TrainConfig.training_options resolves them),
+# with the rule a message about a change of their value states.
+DERIVED_DEFAULTS = {"eval_fraction": "its default is 0.05, or 0 with --eval-dataset",
+                    "lora_alpha": "its default is 2 x --lora-r"}
 
 
 class ConfigError(ValueError):
@@ -157,13 +161,21 @@ class TrainConfig:
         """Most tokens in a packed row (--padding-free): --max-packed-length, or its default."""
         return self.max_packed_length or PACKED_ROW_LENGTHS * self.max_length
 
+    @property
+    def adapter_alpha(self) -> float | None:
+        """LoRA's alpha: --lora-alpha, or its default 2 x --lora-r (None without LoRA)."""
+        return (self.lora_alpha or 2.0 * self.lora_r) if self.lora_r else None
+
     def training_options(self) -> dict[str, Any]:
-        """The options that change what is trained (all but the bookkeeping ones), with local
-        paths made absolute: two runs with equal training_options train the same thing."""
+        """The options that change what is trained (all but the bookkeeping ones) as training
+        reads them: a default derived from other options resolved (DERIVED_DEFAULTS: a bookkeeping
+        option such as --eval-dataset may move it) and local paths made absolute. Two runs with
+        equal training_options train the same thing, however their options were written."""
+        resolved = {"eval_fraction": self.held_out_fraction, "lora_alpha": self.adapter_alpha}
         options = {}
         for f in dataclasses.fields(self):
             if not f.metadata["bookkeeping"]:
-                value = getattr(self, f.name)
+                value = resolved[f.name] if f.name in resolved else getattr(self, f.name)
                 if f.name in ("model", "dataset") and Path(value).expanduser().exists():
                     value = str(Path(value).expanduser().resolve())
                 options[f.name] = value

@@ -146,7 +146,7 @@ def wrap_lora(model: nn.Module, cfg: TrainConfig, resume_dir: Path | None) -> nn
 
     if resume_dir is not None:
         return PeftModel.from_pretrained(model, resume_dir, is_trainable=True)
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=0.0,
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.adapter_alpha, lora_dropout=0.0,
                         target_modules="all-linear")
     return get_peft_model(model, config)
 

@@ -21,16 +21,24 @@ Which attention implementations keep packed sequences apart (read in transformer
   nothing across sequences, so the row needs no bound).
 - any other (paged, hub kernels, custom functions): refused.
 
+Position ids: the RoPE types that read the largest position id in the batch (dynamic NTK, Phi-3's
+longrope, PhiMoE's) see the padded batch's, T - 1: a row's free tail is numbered below T and holds
+T - 1 (``tail_positions``), so packed rows give the padded batch's frequencies; the other RoPE
+types (default, linear, yarn, llama3, proportional) depend on each position alone.
+
 Without a cache only: a model called with ``use_cache`` (Llama's config default) creates one, and
 ``create_causal_mask`` then ignores the restarts; ``causal_lm.through_model`` calls the model with
 ``use_cache=False``. ``check_packed_attention`` refuses the implementations above and verifies the
-rest on the model itself (packed and padded hidden states of a few short sequences must agree), so
-a model whose attention ignores the restarts is refused instead of silently attending across
-sequences.
+rest on the model itself (packed and padded hidden states of a probe laid out like the run's
+batches must agree), so a model whose attention ignores the restarts, or that reads more of the
+rows' layout than the position ids above (a RoPE type not read here), is refused instead of
+silently attending across sequences or computing other frequencies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
@@ -38,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..causal_lm import HeadInputs, LogitTransform, backbone_and_head, through_model, unwrap
+from .config import PACKED_ROW_LENGTHS
 
 T = TypeVar("T")
 
@@ -46,9 +55,14 @@ ONE_ROW_ONLY = ("flash_attention_2", "flash_attention_3")
 PACKED_ATTENTION = ROWS_OF_ANY_NUMBER + ONE_ROW_ONLY
 # The probe's bound on |packed - padded| / max|padded|: the same computation laid out differently
 # differs by rounding (measured 0 to 1e-7 in fp32), attention leaking into the previous sequence
-# by O(1) (measured 0.9 to 2.2 on a random tiny Llama); half precisions round at ~4e-3.
+# by O(1) (measured 0.9 to 2.2 on a random tiny Llama), free tails numbered past the padded batch's
+# largest position id by 2.3e-3 (dynamic NTK) and 3.1e-3 (longrope) on tiny models with sequences of
+# 96 tokens; half precisions round at ~4e-3.
 _PROBE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}
 _PROBE_RTOL_HALF = 5e-2
+# The probe's longest sequence where the run does not bound them (TRL's max_length=None): TRL's default
+# max_length.
+_UNBOUNDED_PROBE_LENGTH = 1024
 _ROUTER_LOSS_REFUSED = ("padding-free batches cannot give an MoE model's router load-balancing loss (it would count "
                         "the packed rows' free tails, which the padded batch's attention mask leaves out); train it "
                         "with padding, or without output_router_logits")
@@ -60,12 +74,15 @@ class Packed:
 
     ``index[r, t]`` is the position in the flattened [P * S] rows of token t of sequence r (for
     t < its length; padding positions point at 0: their labels are ignored, and the fused losses
-    give them zero gradient). A row's positions after its last sequence hold pad_id, with position
-    ids restarting at 0 (a pseudo-sequence of their own, attended by nothing real).
+    give them zero gradient). A row's positions after its last sequence (its free tail) hold
+    pad_id, attended by nothing real, with the position ids of ``tail_positions``: no position id
+    exceeds the padded batch's largest, T - 1, and some position holds it (a batch padded beyond
+    its longest sequence whose rows are all full gets one more column for it), so RoPE types that
+    read the largest position id see the padded batch's.
     """
 
     input_ids: Tensor  # [P, S] int64
-    position_ids: Tensor  # [P, S] int64: 0, 1, ... restarting at every sequence
+    position_ids: Tensor  # [P, S] int64: 0, 1, ... restarting at every sequence, all < T
     index: Tensor  # [R, T] int64 into the flattened [P * S] packed positions
 
     def to(self, device: torch.device) -> Packed:
@@ -143,6 +160,9 @@ def pack(input_ids: Tensor, attention_mask: Tensor, max_row_tokens: int | None, 
     rows = pack_lengths(lengths_list, max_row_tokens)
     fills = [sum(lengths_list[i] for i in row) for row in rows] or [0]
     num_rows, width = len(fills), max(max(fills), 1)
+    padded_width = max(mask.shape[1], 1)
+    if max(lengths_list, default=0) < padded_width and min(fills) == width:
+        width += 1  # no row has a free tail to hold position padded_width - 1: give each a one-token tail
     starts = [0] * len(lengths_list)  # where each sequence starts in the flattened rows
     for p, row in enumerate(rows):
         offset = p * width
@@ -156,9 +176,24 @@ def pack(input_ids: Tensor, attention_mask: Tensor, max_row_tokens: int | None, 
     packed_ids[real] = input_ids[mask]
     position_ids = torch.zeros(num_rows * width, dtype=torch.long, device=device)
     position_ids[real] = positions.expand_as(mask)[mask]
-    for p, fill in enumerate(fills):  # a row's free tail: a pseudo-sequence restarting at 0
-        position_ids[p * width + fill:(p + 1) * width] = torch.arange(width - fill, device=device)
+    for p, fill in enumerate(fills):
+        position_ids[p * width + fill:(p + 1) * width] = tail_positions(width - fill, padded_width, device)
     return Packed(packed_ids.view(num_rows, width), position_ids.view(num_rows, width), index)
+
+
+def tail_positions(length: int, padded_width: int, device: torch.device) -> Tensor:
+    """The position ids of a packed row's free tail of `length` tokens: counting up, restarting at 0
+    after padded_width - 1, and ending at padded_width - 1, the largest position id of the padded
+    batch ([R, padded_width] numbered 0 .. padded_width - 1).
+
+    Some RoPE types pick their frequencies from the largest position id in the batch (dynamic NTK
+    scales them by it; Phi-3's longrope and PhiMoE switch to their long factors above
+    original_max_position_embeddings), so a packed batch gives the padded batch's log-probs only
+    with the same largest position id: tails that counted on to the row's end moved every sequence
+    to other frequencies. A tail longer than padded_width is several pseudo-sequences, each
+    restarting at 0; the first one may continue the row's last sequence's numbering, which only the
+    tail's own (unscored) tokens see: attention is causal and the tail comes last."""
+    return (torch.arange(length, device=device) - length) % padded_width
 
 
 def unpack(hidden: Tensor, packed: Packed) -> Tensor:
@@ -181,21 +216,53 @@ def through_packed_model(model: nn.Module, transform: LogitTransform, packed: Pa
     return result
 
 
+def text_config(model: nn.Module):
+    """The model's (text) config."""
+    config = unwrap(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def attn_implementation(model: nn.Module) -> str:
     """The attention implementation the model's (text) config names."""
-    causal_lm = unwrap(model)
-    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
-    return str(getattr(config, "_attn_implementation", None) or getattr(causal_lm.config, "_attn_implementation", ""))
+    return str(getattr(text_config(model), "_attn_implementation", None)
+               or getattr(unwrap(model).config, "_attn_implementation", ""))
+
+
+@contextmanager
+def rope_state_kept(model: nn.Module) -> Iterator[None]:
+    """Puts back, on exit, what the model's rotary embeddings remember of the batches they saw:
+    dynamic NTK keeps the frequencies of the longest batch (``max_seq_len_cached``, a new
+    ``inv_freq``) until one fits the original context, so a probe as long as the run's longest
+    sequence would give the first training batches other frequencies than a run without it."""
+    kept = [(module, {name: value for name, value in vars(module).items() if not isinstance(value, dict)},
+             dict(module._buffers)) for module in unwrap(model).modules() if hasattr(module, "max_seq_len_cached")]
+    try:
+        yield
+    finally:
+        for module, attributes, buffers in kept:
+            module.__dict__.update(attributes)
+            module._buffers.clear()
+            module._buffers.update(buffers)
 
 
 @torch.no_grad()
-def check_packed_attention(model: nn.Module, transform: LogitTransform, *, router_logits: bool = False) -> None:
+def check_packed_attention(model: nn.Module, transform: LogitTransform, *, max_length: int | None,
+                           max_row_tokens: int | None, router_logits: bool = False) -> None:
     """Raises ValueError (one line) unless packed rows of this model give the padded batch's
     hidden states: its attention implementation must be one of PACKED_ATTENTION, it must not be
-    asked for a router loss (``through_packed_model``), and a probe (four short sequences, packed
-    two to a row, or one row for flash attention) through ``through_packed_model`` must agree with
-    ``causal_lm.through_model`` of the padded batch. The model is run in eval mode (no dropout) and left as
-    it was."""
+    asked for a router loss (``through_packed_model``), and a probe through ``through_packed_model``
+    must agree with ``causal_lm.through_model`` of the padded batch. The model is run in eval mode
+    (no dropout) and left as it was.
+
+    The probe is laid out as the run's batches are (max_length: the longest sequence the run packs,
+    None where it sets no bound: _UNBOUNDED_PROBE_LENGTH, at most the model's
+    max_position_embeddings; max_row_tokens: its bound on a packed row, None for the trainers'
+    default, PACKED_ROW_LENGTHS x the longest sequence): four sequences of the longest
+    length that half a row holds (at most max_length) and one of a single token, packed two to a
+    row (with flash attention, all in one row), so the third row's free tail is nearly a row long
+    and the sequences reach the positions the run's do. A packing or a model that lets the tails'
+    positions or lengths change what real tokens see (RoPE types that read the batch's largest
+    position id) is refused here instead of training on other log-probs than the padded batch's."""
     implementation = attn_implementation(model)
     name = type(unwrap(model)).__name__
     if implementation not in PACKED_ATTENTION:
@@ -205,19 +272,25 @@ def check_packed_attention(model: nn.Module, transform: LogitTransform, *, route
     if router_logits:
         raise ValueError(_ROUTER_LOSS_REFUSED)
     weight = backbone_and_head(model)[1].weight
-    lengths = [5, 3, 4, 2]
+    if max_length is None:
+        positions = getattr(text_config(model), "max_position_embeddings", None) or _UNBOUNDED_PROBE_LENGTH
+        max_length = min(_UNBOUNDED_PROBE_LENGTH, positions)
+    longest = max(1, min(max_length, (max_row_tokens or PACKED_ROW_LENGTHS * max_length) // 2))
+    lengths = [longest] * 4 + [1]  # first fit: [longest, longest] twice and [1], which the even fill keeps
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, weight.shape[0], (len(lengths), max(lengths)), generator=generator).to(weight.device)
-    attention_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long().to(weight.device)
+    input_ids = torch.randint(0, weight.shape[0], (len(lengths), longest), generator=generator).to(weight.device)
+    attention_mask = (torch.arange(longest) < torch.tensor(lengths)[:, None]).long().to(weight.device)
     def hidden_of(head: HeadInputs) -> Tensor:
         return head.hidden
 
     was_training = model.training
     model.eval()
     try:
-        padded, _ = through_model(model, transform, hidden_of, input_ids=input_ids, attention_mask=attention_mask)
-        packed = through_packed_model(model, transform, pack(input_ids, attention_mask, row_bound(implementation, 8),
-                                                             pad_id=0), hidden_of)
+        with rope_state_kept(model):
+            padded, _ = through_model(model, transform, hidden_of, input_ids=input_ids, attention_mask=attention_mask)
+            packed = through_packed_model(model, transform, pack(input_ids, attention_mask,
+                                                                 row_bound(implementation, 2 * longest), pad_id=0),
+                                          hidden_of)
     finally:
         model.train(was_training)
     real = attention_mask.bool()

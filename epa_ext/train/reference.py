@@ -3,7 +3,12 @@
 disabled) or looked up in a table computed once before training (--ref precompute), cached in
 output_dir under a fingerprint of everything the log-probs depend on; and, with --weak-correction
 importance, the weak negatives' log importance weights (weak_correction.py), computed from the
-same reference once before training and cached the same way."""
+same reference once before training and cached the same way.
+
+A cached table's file name carries the fingerprint of its inputs (``table_inputs``: the model and
+its files, the token rows of the batches, every length, packing and precision option, the weak
+negatives' seed, S and q), and a JSON file next to it records those inputs, so that a run whose
+inputs differ computes the table again and says which of them changed (``stale_reason``)."""
 
 from __future__ import annotations
 
@@ -13,14 +18,16 @@ import json
 import os
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..linear import linear_sequence_logps
-from . import weak_correction
-from .batching import Batch, Layout, Split, make_batch
+from . import hub, weak_correction
+from .batching import Batch, Layout, Split, fit_borrowed_answer, make_batch
 from .config import TrainConfig
 from ..causal_lm import LogitTransform, unwrap
 from .modeling import through_batch
@@ -48,17 +55,20 @@ class Reference:
         for name, split in splits.items():
             if split.weak_sources is None:
                 continue
-            key = fingerprint(cfg, split, layout, extra=[cfg.weak_correction_prompts, cfg.seed,
-                                                          proposal.name if proposal else "estimated"])
-            path = output_dir / f"weak_log_weights-{name}-{key}.pt"
+            # what weak_correction.plan draws and cuts its rows from, besides the split's rows
+            inputs = self.table_inputs(split, layout, "weak-negative log importance weights",
+                                       {"--weak-correction-prompts": cfg.weak_correction_prompts, "--seed": cfg.seed,
+                                        "q": proposal.name if proposal else "estimated", "BOS": has_bos})
+            path = output_dir / f"weak_log_weights-{name}-{fingerprint(inputs)}.pt"
             if self.runtime.is_main and not path.is_file():
+                _say_why_computed_again(path, inputs, f"weak-negative importance weights ({name})")
                 started = time.perf_counter()
                 weak_plan = weak_correction.plan(split, layout, cfg.weak_correction_prompts, cfg.seed, has_bos,
                                                  known=proposal is not None)
                 logps = weak_correction.score_rows(weak_plan.rows, self._score_rows, layout.pad_id,
                                                    cfg.batch_size * layout.num_candidates, self.runtime.device)
                 table = weak_correction.log_weight_table(split, layout, logps, weak_plan, proposal)
-                _save_atomically(table, path)
+                _save_atomically(table, path, inputs)
                 stats = weak_correction.summary(table, layout)
                 q = f"known q ({proposal.name})" if proposal else f"q estimated from S = {cfg.weak_correction_prompts}"
                 left_out = f", {stats['left_out']} left out (q = 0)" if stats["left_out"] else ""
@@ -66,7 +76,7 @@ class Reference:
                       f"reference scorings in {time.perf_counter() - started:.1f} s; log-weight mean "
                       f"{stats['mean']:.3f}, std {stats['std']:.3f}{left_out}; cached in {path}", file=sys.stderr)
             barrier(self.runtime)
-            tables[name] = torch.load(path, map_location="cpu")
+            tables[name] = torch.load(path, map_location="cpu", weights_only=True)
         self.weak_tables = tables
 
     def log_weights(self, split_name: str, batch: Batch) -> Tensor | None:
@@ -80,17 +90,47 @@ class Reference:
         the cache) and drops the reference model: from here on no reference model is in memory."""
         tables = {}
         for name, split in splits.items():
-            path = output_dir / f"reference_logps-{name}-{fingerprint(self.cfg, split, layout)}.pt"
+            inputs = self.table_inputs(split, layout, "summed reference log-probs")
+            path = output_dir / f"reference_logps-{name}-{fingerprint(inputs)}.pt"
             if self.runtime.is_main and not path.is_file():
-                _save_atomically(self._score_all(split, layout), path)
+                _say_why_computed_again(path, inputs, f"--ref precompute ({name})")
+                _save_atomically(self._score_all(split, layout), path, inputs)
             barrier(self.runtime)
-            tables[name] = torch.load(path, map_location="cpu")
+            tables[name] = torch.load(path, map_location="cpu", weights_only=True)
         self.tables, self.model = tables, None
 
     def logps(self, split_name: str, batch: Batch) -> Tensor:
         if self.tables is not None:
             return self.tables[split_name][batch.example_ids].T.reshape(-1).to(self.runtime.device)
         return self._score(batch)
+
+    def table_inputs(self, split: Split, layout: Layout, values: str,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a cached table of split's values depends on, by name (flag names where an
+        option is the input): the reference model (``model_inputs``), how it scores (precision,
+        device, packing), the lengths and candidates, and a digest of the token rows of the
+        split's batches: the examples' own and their borrowed weak answers as --max-length cuts
+        them (the data file, tokenizer and truncation enter through these token ids). extra: what
+        else the table depends on."""
+        cfg = self.cfg
+        digest = hashlib.sha256()
+        for i, example in enumerate(split.examples):
+            # borrowed answers are cut to fit this example's prompt: --max-length changes them even
+            # where it leaves every example's own tokens alone
+            borrowed = ([fit_borrowed_answer(split.examples[j].answer_ids[k], example, i, layout.max_length)
+                         for j, k in split.weak_sources[i][:layout.num_weak]] if split.weak_sources else [])
+            digest.update(json.dumps([example.prompt_ids, example.answer_ids, borrowed]).encode())
+        return {"values": values, **self.model_inputs, "--precision": cfg.precision,
+                "device": self.runtime.device.type, "--padding-free": layout.padding_free,
+                "packed row tokens": layout.max_row_tokens if layout.padding_free else None,
+                "--max-length": layout.max_length, "--max-prompt-length": cfg.max_prompt_length,
+                "--num-strong": layout.num_strong, "--num-weak": layout.num_weak, **(extra or {}),
+                "scored token ids": digest.hexdigest()}
+
+    @cached_property
+    def model_inputs(self) -> dict[str, Any]:
+        """The reference model's part of ``table_inputs`` (computed once per run)."""
+        return model_inputs(self.cfg)
 
     def _score(self, batch: Batch) -> Tensor:
         return self._score_rows(batch.input_ids, batch.attention_mask, batch.labels, batch.packed)
@@ -129,27 +169,82 @@ class Reference:
             self.policy.train(was_training)
 
 
-def fingerprint(cfg: TrainConfig, split: Split, layout: Layout, extra: list | None = None) -> str:
-    """What cached reference log-probs depend on: the reference model, the tokenized data (hence
-    the data file, tokenizer and truncation) and the candidate layout (and extra: what else a
-    cached table depends on)."""
-    digest = hashlib.sha256()
-    model_id = {"model": cfg.model, "lora": bool(cfg.lora_r)}
+# Inputs whose values are digests: a message says that they changed, not the two digests.
+DIGESTS = ("model files", "scored token ids")
+# Model files up to this size are hashed by content; larger ones (weight shards of GBs) by name,
+# size and modification time, which every rewrite changes: reading them at every start would cost
+# a pass over the whole model (tens of seconds for a 7B model on a fast disk).
+HASHED_FILE_BYTES = 64 << 20
+# What from_pretrained reads of a model directory: its config and weights.
+MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def model_inputs(cfg: TrainConfig) -> dict[str, Any]:
+    """What identifies the reference model: --model tiny's seed and sizes; a local directory's
+    config and weight files (``HASHED_FILE_BYTES`` says how); a hub id's revision in the local
+    cache (the snapshot from_pretrained loaded: a commit pins config and weights). With LoRA the
+    reference is the model with its adapters disabled (the same model, kept apart)."""
+    inputs: dict[str, Any] = {"--model": cfg.model, "LoRA": bool(cfg.lora_r)}
     if cfg.model == "tiny":
-        model_id.update(seed=cfg.seed, hidden=cfg.tiny_hidden_size, layers=cfg.tiny_layers)
-    elif Path(cfg.model, "config.json").is_file():
-        model_id["config"] = Path(cfg.model, "config.json").read_text()
-        model_id["weights"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                     for p in Path(cfg.model).glob("*.safetensors"))
-    # "summed": the table holds summed log-probs (caches of length-averaged IPO tables are not reused)
-    digest.update(json.dumps([model_id, layout.num_strong, layout.num_weak, "summed", split.weak_sources,
-                              *(extra or [])], default=str).encode())
-    for example in split.examples:
-        digest.update(json.dumps([example.prompt_ids, example.answer_ids]).encode())
-    return digest.hexdigest()[:16]
+        inputs.update({"--seed": cfg.seed, "--tiny-hidden-size": cfg.tiny_hidden_size,
+                       "--tiny-layers": cfg.tiny_layers, "--tiny-vocab-size": cfg.tiny_vocab_size})
+    elif hub.looks_local(cfg.model):
+        directory = Path(cfg.model).expanduser().resolve()
+        inputs["--model"] = str(directory)
+        files = sorted({path for pattern in MODEL_FILES for path in directory.glob(pattern) if path.is_file()})
+        digest = hashlib.sha256()
+        for path in files:
+            size = path.stat().st_size
+            digest.update(json.dumps([path.name, size]).encode())
+            digest.update(path.read_bytes() if size <= HASHED_FILE_BYTES else str(path.stat().st_mtime_ns).encode())
+        inputs["model files"] = digest.hexdigest()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(cfg.model, "config.json")  # .../snapshots/<commit>/config.json
+        inputs["model revision"] = Path(config).parent.name if isinstance(config, str) else None
+    return inputs
 
 
-def _save_atomically(table: Tensor, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """The file-name key of a cached table of these inputs (``Reference.table_inputs``)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stale_reason(path: Path, inputs: dict[str, Any]) -> str | None:
+    """Why the newest other cached table of path's kind and split (same name up to the
+    fingerprint) does not serve inputs: the inputs it was computed for that differ, or None when
+    there is no such table."""
+    prefix = path.name[:path.name.rindex("-") + 1]
+    others = sorted((p for p in path.parent.glob(f"{prefix}*.pt") if p != path), key=lambda p: p.stat().st_mtime_ns)
+    if not others:
+        return None
+    stale = others[-1]
+    try:
+        recorded = json.loads(stale.with_suffix(".json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{stale.name} records no inputs (an earlier epa-train wrote it)"
+    current = json.loads(json.dumps(inputs))  # as the record reads back (tuples as lists)
+    changed = [f"{name} (changed)" if name in DIGESTS else f"{name} {recorded.get(name)!r} -> {value!r}"
+               for name, value in current.items() if recorded.get(name) != value]
+    changed += [f"{name} (no longer an input)" for name in recorded if name not in current]
+    return f"{stale.name} was computed for other inputs: {', '.join(changed)}"
+
+
+def _say_why_computed_again(path: Path, inputs: dict[str, Any], what: str) -> None:
+    """One stderr line when a cached table of the kind of path is there but not for inputs."""
+    reason = stale_reason(path, inputs)
+    if reason:
+        print(f"epa-train: {what}: not reusing the cached table: {reason}; computing it for this run",
+              file=sys.stderr)
+
+
+def _save_atomically(table: Tensor, path: Path, inputs: dict[str, Any]) -> None:
+    """The table, and next to it the inputs it was computed for (read by ``stale_reason``)."""
+    record = path.with_suffix(".json")
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(inputs, indent=1) + "\n")
+    os.replace(tmp, record)
+    tmp = path.with_suffix(".pt.tmp")
     torch.save(table, tmp)
     os.replace(tmp, path)

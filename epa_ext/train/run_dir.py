@@ -5,7 +5,8 @@
   final/) is refused unless --overwrite-output-dir, which deletes those outputs first (cached
   reference log-probs stay: their file names carry a fingerprint of what they depend on);
 - --resume continues from the newest complete checkpoint, and is refused when that checkpoint
-  (or, without one, the run config.json records) was trained with other options, naming them;
+  (or, without one, the run config.json records) was trained with other options, naming them, or
+  when its trainer state is not plain data (checkpoint.load_trainer_state);
 - temporary checkpoint directories left by a run killed while writing one are deleted at start.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig
+from .config import DERIVED_DEFAULTS, ConfigError, TrainConfig
 from .runtime import Runtime, barrier
 
 CONFIG_FILE = "config.json"
@@ -30,7 +31,8 @@ def prepare(cfg: TrainConfig, runtime: Runtime, run: dict) -> Path | None:
     (rank 0), records cfg in config.json. Returns the checkpoint to resume from, or None.
 
     Raises ConfigError: output_dir holds another run (without --overwrite-output-dir), or the
-    checkpoint --resume would continue was trained with other options.
+    checkpoint --resume would continue was trained with other options or has a trainer state that
+    is not plain data.
     """
     output_dir = Path(cfg.output_dir)
     resume_dir = None
@@ -44,6 +46,7 @@ def prepare(cfg: TrainConfig, runtime: Runtime, run: dict) -> Path | None:
                 raise ConfigError(f"--resume: {resume_dir} was trained with other options: {'; '.join(differing)}. "
                                   f"Resume with the options it was trained with, or start a new run in another "
                                   f"--output-dir")
+            ckpt.load_trainer_state(resume_dir, mmap=True)  # refuses a state file that is not plain data
         else:
             _refuse_another_run(output_dir, run, allow_same=True)
     elif not cfg.overwrite_output_dir:
@@ -64,7 +67,8 @@ def differences(recorded: dict, current: dict) -> list[str]:
     "--flag (recorded -> current)"."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     old, new = recorded["training_options"], current["training_options"]
-    differing = [f"--{name.replace('_', '-')} ({old.get(name, defaults.get(name))!r} -> {value!r})"
+    differing = [f"--{name.replace('_', '-')} ({old.get(name, defaults.get(name))!r} -> {value!r}"
+                 + (f": {DERIVED_DEFAULTS[name]})" if name in DERIVED_DEFAULTS else ")")
                  for name, value in new.items() if old.get(name, defaults.get(name)) != value]
     if recorded.get("world_size") is not None and recorded["world_size"] != current["world_size"]:
         differing.append(f"processes ({recorded['world_size']} -> {current['world_size']})")

@@ -136,7 +136,8 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Pat
         enable_gradient_checkpointing(policy)
     if cfg.padding_free:
         try:
-            check_packed_attention(policy, transform, router_logits=router_aux_coef(policy) > 0)
+            check_packed_attention(policy, transform, max_length=data.layout.max_length,
+                                   max_row_tokens=data.layout.max_row_tokens, router_logits=router_aux_coef(policy) > 0)
         except ValueError as error:
             raise ConfigError(f"--padding-free: {error}") from None
         data.layout = replace(data.layout, max_row_tokens=row_bound(attn_implementation(policy),
@@ -168,7 +169,8 @@ def restore(resume_dir: Path, cfg: TrainConfig, loss_module: PreferenceLoss, opt
     policy), and where it was. The learning rate of the next step is the one the schedule over
     total_steps gives (a run resumed to train longer); rank 0 says which options changed.
 
-    Raises ConfigError: the checkpoint is past total_steps."""
+    Raises ConfigError: the checkpoint is past total_steps, or its trainer state is not plain data
+    (read by torch's restricted unpickler: nothing in it runs)."""
     state = ckpt.load_trainer_state(resume_dir)
     position = Position(**{k: state.get(k, 0) for k in asdict(Position())})
     if position.step > total_steps:
