@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.epa_ext-installed
 SOURCES := CMakeLists.txt pyproject.toml $(wildcard cmake/*) $(wildcard csrc/*) $(shell find epa_ext -name '*.py')
 
-.PHONY: demo test build dev bench clean
+.PHONY: demo test build dev bench clean gpu-wheels
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/epa-demo
@@ -50,6 +50,15 @@ dev: $(DEPS_STAMP)
 		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython_EXECUTABLE=$(abspath $(PY)) $(DEV_CMAKE_ARGS)
 	$(VENV)/bin/cmake --build build/dev
 	ln -sf ../build/dev/$$(cd build/dev && ls _C*.so) epa_ext/
+
+# Wheels of trl 1.16, liger-kernel, datasets and what else the GPU machine's image lacks, for its
+# Python 3.12, without torch (bench/gpu_wheels.py says how): that machine has no package registry,
+# so bench/gpu_check.sh installs them offline from this git-ignored folder, carried there with the
+# working tree. Downloads only: it needs the venv's Python and pip, not the dependencies or the build.
+GPU_WHEELS ?= gpu-wheels
+
+gpu-wheels: $(PY)
+	$(PY) bench/gpu_wheels.py $(GPU_WHEELS)
 
 clean:
 	rm -rf build $(BUILD_STAMP) epa_ext/_C*.so

@@ -5,9 +5,13 @@
 #   bench/gpu_check.sh OUT_DIR          (on a machine with an NVIDIA GPU and its own torch)
 #
 # Budget: GPU_CHECK_BUDGET_S (default 420) seconds in all; each step's limit is cut to what is left, so
-# the summary is always written. Builds for sm_90 only (override TORCH_CUDA_ARCH_LIST). Every step runs
-# even if an earlier one failed; the summary says what passed. OUT_DIR ends with two files (device
-# machines return few): gpu_check.json (summary and every benchmark report) and gpu_check_logs.tar.gz.
+# the summary is always written. GPU_CHECK_STEPS (names, space-separated; default all) runs only those
+# steps, e.g. GPU_CHECK_STEPS="build trl_wheels bench_trl" for TRL's side by side alone. Builds for
+# sm_90 only (override TORCH_CUDA_ARCH_LIST). Every step runs even if an earlier one failed; the
+# summary says what passed. OUT_DIR ends with two files (device machines return few): gpu_check.json
+# (summary and every benchmark report) and gpu_check_logs.tar.gz.
+# TRL's side by side needs trl's wheels, which the machine cannot download: `make gpu-wheels` here puts
+# them into gpu-wheels/ (GPU_WHEELS), carried with the working tree; they are installed offline below.
 set -uo pipefail
 OUT=$(mkdir -p "${1:?usage: bench/gpu_check.sh OUT_DIR}" && cd "$1" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +25,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs from OUT (so the source tree is
   local name=$1 limit=$2; shift 2
   local t0; t0=$(date +%s)
   (( limit > DEADLINE - t0 )) && limit=$(( DEADLINE - t0 ))
+  if [[ -n ${GPU_CHECK_STEPS:-} && " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+    echo "== $name: not in GPU_CHECK_STEPS" >&2; STATUS[$name]=skipped; SECONDS_TAKEN[$name]=0; return
+  fi
   if (( limit < 10 )); then echo "== $name: skipped, out of time" >&2; STATUS[$name]=skipped; SECONDS_TAKEN[$name]=0; return; fi
   echo "== $name (limit $limit s)" >&2
   (cd "$OUT" && timeout "$limit" "$@") > "$OUT/$name.log" 2>&1
@@ -51,14 +58,27 @@ step train_smoke 60 "$PY" -m epa_ext.train --dataset "$REPO/python_tests/data/pr
 # 150 s: besides the timing process, each path's memory is measured in a fresh process of its own
 step bench_train_step 150 "$PY" "$REPO/bench/bench_train_step.py" --device cuda --dtype bf16 --hidden 2048 \
   --layers 8 --vocab 128256 --seq-len 1024 --reps 10 --out "$OUT"
-# TRL side by side (bench_trl.py): the GPU machine has no package registry, so trl (and liger-kernel)
-# must already be installed there, e.g. from wheels carried in the working tree; without trl: skipped.
-if (cd "$OUT" && "$PY" -c "import trl, epa_ext.integrations.trl") > /dev/null 2>&1; then
-  step bench_trl 150 "$PY" "$REPO/bench/bench_trl.py" --device cuda --dtype bf16 --hidden 2048 --layers 8 \
-    --vocab 128256 --prompt-len 512 --answer-len 512 --batch 4 --warmup 2 --reps 5 --out "$OUT"
+# TRL side by side (bench_trl.py): DPOTrainer (its fused head) against EPATrainer in turns, bf16, the model
+# of bench_train_step. The machine has no package registry: trl, datasets and liger-kernel come from the
+# carried wheels, installed offline with --no-deps into a folder of their own (the machine's torch and
+# packages stay as they are), which only the TRL steps see.
+WHEELS=${GPU_WHEELS:-$REPO/gpu-wheels}
+TRL_SITE=$(mktemp -d)
+TRL_PYTHONPATH=$TRL_SITE${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G "$WHEELS/trl-*.whl" > /dev/null; then
+  TRL_WHEELS="found in $WHEELS"
+  step trl_wheels 60 "$PY" -m pip install --no-index --find-links "$WHEELS" --no-deps --no-compile \
+    --target "$TRL_SITE" "$WHEELS"/*.whl
 else
-  echo "== bench_trl: skipped, trl (>=1.16,<1.17) is not importable on this machine (no registry here: install" \
-    "trl's wheels from the working tree first)" >&2
+  TRL_WHEELS="missing: no trl wheel in $WHEELS (run make gpu-wheels where pip reaches PyPI and carry gpu-wheels/)"
+  echo "== trl_wheels: $TRL_WHEELS" >&2
+fi
+if (cd "$OUT" && PYTHONPATH=$TRL_PYTHONPATH "$PY" -c "import trl, epa_ext.integrations.trl") > /dev/null 2>&1; then
+  step bench_trl 150 env PYTHONPATH="$TRL_PYTHONPATH" "$PY" "$REPO/bench/bench_trl.py" --device cuda --dtype bf16 \
+    --hidden 2048 --layers 8 --vocab 128256 --prompt-len 512 --answer-len 512 --batch 4 --warmup 2 --reps 5 \
+    --providers trl epa_ext --out "$OUT"
+else
+  echo "== bench_trl: skipped, trl (>=1.16,<1.17) is not importable on this machine (wheels $TRL_WHEELS)" >&2
   STATUS[bench_trl]=skipped; SECONDS_TAKEN[bench_trl]=0
 fi
 if command -v compute-sanitizer > /dev/null; then
@@ -66,7 +86,7 @@ if command -v compute-sanitizer > /dev/null; then
 fi
 
 STATUS_JSON=$(for k in "${!STATUS[@]}"; do echo "$k ${STATUS[$k]} ${SECONDS_TAKEN[$k]}"; done)
-"$PY" - "$OUT" "$START" <<PYEOF
+"$PY" - "$OUT" "$START" "$TRL_WHEELS" <<PYEOF
 import json, sys, time, glob, pathlib, subprocess, xml.etree.ElementTree as ET
 import torch
 out, start = pathlib.Path(sys.argv[1]), int(sys.argv[2])
@@ -88,10 +108,10 @@ report = {
     "card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     "torch": torch.__version__, "cuda": torch.version.cuda, "nvcc": nvcc,
     "python": sys.version.split()[0], "seconds_total": int(time.time()) - start,
-    "steps": steps, "tests": tests, "benchmarks": benchmarks,
+    "steps": steps, "tests": tests, "trl_wheels": sys.argv[3], "benchmarks": benchmarks,
 }
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-print(json.dumps({k: report[k] for k in ("card", "torch", "seconds_total", "steps", "tests")}, indent=1))
+print(json.dumps({k: report[k] for k in ("card", "torch", "seconds_total", "steps", "tests", "trl_wheels")}, indent=1))
 PYEOF
 # Everything but the summary goes into one archive; the tail of each failed step's log is printed.
 for name in "${!STATUS[@]}"; do

@@ -37,28 +37,28 @@ constexpr int64_t kBlock = 2048;
 template <typename scalar_t>
 constexpr bool kIsFloatVectorPath = !std::is_same_v<scalar_t, double>;
 
-// Softmax terms below the least normal float (FLT_MIN = e^-87.34) are taken as exactly 0. They
-// add nothing a float sum can hold, but as subnormal numbers they cost tens of times a normal
-// operation on many x86 cores (a microcode assist per operation), in these loops and in the
-// gradient matmuls that read them: a row of wide logits (spanning more than ~87 nats) would make
-// the step 4-12x slower. The floor is a little above ln(FLT_MIN), so that exp_u20's error keeps
-// every term it lets through normal. (Flush-to-zero mode would do it for free, but would also
-// flush z / cap for a cap far above the logits, so the softcap's tanh would read 0.)
-constexpr float kLeastNormalExponent = -87.f;
+// The gradient's softmax terms -g * exp(z - lse) below the least normal float (FLT_MIN = e^-87.34)
+// are written as exactly 0. They add nothing a float sum can hold, but as subnormal numbers they
+// cost tens of times a normal operation on many x86 cores (a microcode assist per operation), here
+// and in the gradient matmuls that read them: a row of wide logits (spanning more than ~87 nats)
+// made the fused-linear step 4-12x slower. exp_u20 already returns 0 below ln(FLT_MIN) (the
+// forward's sums need nothing more); a term is zeroed before it is multiplied by g, so that the
+// product is never formed as a subnormal either. (Flush-to-zero mode would do it for free, but
+// would also flush z / cap for a cap far above the logits, where the softcap's tanh would read 0.)
+constexpr float kLeastNormalExponent = -87.f;  // a little above ln(FLT_MIN): exp_u20's error
 
-// exp(a) where a >= floor, else exactly 0, without forming a subnormal number on the way (a that
-// is NaN gives 0: the callers' rows have finite maxima and logsumexps).
-inline FloatVec exp_or_zero(const FloatVec& a, const FloatVec& floor) {
-  return FloatVec::blendv(FloatVec(0.f), at::vec::maximum(a, floor).exp_u20(), a >= floor);
-}
-
-inline float exp_or_zero(float a, float floor) { return a >= floor ? std::exp(a) : 0.f; }
-
-// The floor on a of the gradient terms g * exp(a): |g| e^a stays normal above it (g = 0: +inf,
-// every term 0).
+// The least exponent a of a gradient term g * exp(a) that stays normal (g = 0: +inf, all zero).
 inline float gradient_floor(float g) {
   return kLeastNormalExponent + std::max(0.f, -std::log(std::abs(g)));
 }
+
+// exp(a) where a >= floor, else exactly 0 (a that is NaN gives 0: the callers' rows have finite
+// logsumexps).
+inline FloatVec exp_or_zero(const FloatVec& a, const FloatVec& floor) {
+  return FloatVec::blendv(FloatVec(0.f), a.exp_u20(), a >= floor);
+}
+
+inline float exp_or_zero(float a, float floor) { return a >= floor ? std::exp(a) : 0.f; }
 
 // v, with subnormal lanes as 0 (a softcap's slope can take a normal term below FLT_MIN).
 inline FloatVec flush_subnormal(const FloatVec& v) {
@@ -136,13 +136,13 @@ float tanh_of(const VecCap& vc, float z) {
 // c[i] - c_max = cap (t[i] - t_max) (the maximum's term is 1). With capped_out (which may be x
 // itself), c[i] = cap t[i] is also stored there.
 float block_sum_exp_capped(const float* x, int64_t n, const VecCap& vc, float t_max, float* capped_out) {
-  const FloatVec vt_max(t_max), floor(kLeastNormalExponent);
+  const FloatVec vt_max(t_max);
   FloatVec acc0(0.f), acc1(0.f);
   int64_t i = 0;
   auto term = [&](int64_t at) {
     const FloatVec t = vc.tanh(FloatVec::loadu(x + at));
     if (capped_out != nullptr) (vc.cap * t).store(capped_out + at);
-    return exp_or_zero(vc.cap * (t - vt_max), floor);
+    return (vc.cap * (t - vt_max)).exp_u20();
   };
   for (; i + 2 * FloatVec::size() <= n; i += 2 * FloatVec::size()) {
     acc0 += term(i);
@@ -154,7 +154,7 @@ float block_sum_exp_capped(const float* x, int64_t n, const VecCap& vc, float t_
   for (; i < n; ++i) {
     const float t = tanh_of(vc, x[i]);
     if (capped_out != nullptr) capped_out[i] = vc.cap_value * t;
-    s += exp_or_zero(vc.cap_value * (t - t_max), kLeastNormalExponent);
+    s += std::exp(vc.cap_value * (t - t_max));
   }
   return s;
 }
@@ -189,19 +189,19 @@ float block_max(const float* x, int64_t n) {
 
 // sum_i exp(x[i] - m) for a finite m; two accumulators hide the latency of exp.
 float block_sum_exp(const float* x, int64_t n, float m) {
-  const FloatVec vm(m), floor(kLeastNormalExponent);
+  const FloatVec vm(m);
   FloatVec acc0(0.f), acc1(0.f);
   int64_t i = 0;
   for (; i + 2 * FloatVec::size() <= n; i += 2 * FloatVec::size()) {
-    acc0 += exp_or_zero(FloatVec::loadu(x + i) - vm, floor);
-    acc1 += exp_or_zero(FloatVec::loadu(x + i + FloatVec::size()) - vm, floor);
+    acc0 += (FloatVec::loadu(x + i) - vm).exp_u20();
+    acc1 += (FloatVec::loadu(x + i + FloatVec::size()) - vm).exp_u20();
   }
   for (; i + FloatVec::size() <= n; i += FloatVec::size()) {
-    acc0 += exp_or_zero(FloatVec::loadu(x + i) - vm, floor);
+    acc0 += (FloatVec::loadu(x + i) - vm).exp_u20();
   }
   float s = at::vec::vec_reduce_all<float>([](FloatVec& a, FloatVec& b) { return a + b; },
                                            acc0 + acc1);
-  for (; i < n; ++i) s += exp_or_zero(x[i] - m, kLeastNormalExponent);
+  for (; i < n; ++i) s += std::exp(x[i] - m);
   return s;
 }
 

@@ -1,9 +1,17 @@
-"""Plain-torch definitions of every epa_ext op: the ground truth of the tests and the eager
-baseline of the benchmarks.
+"""Plain-torch definitions of every epa_ext op: the ground truth of the tests, the eager
+baseline of the benchmarks, and the ops' differentiable fallback.
 
 Each function computes in the dtype it is given (pass float64 tensors for ground truth; pass
 bf16 for "what plain torch does in bf16") and returns float32 (float64 for float64 input), the
 output dtype of the fused op it defines.
+
+Differentiable fallback: where a gradient must itself be differentiated (a backward under
+``create_graph=True``: double backward, Hessian-vector products), the kernels' gradients would be
+constants to autograd, so the ops take the gradient of these definitions instead:
+``dpo_loss`` and ``epa_loss``'s backward (epa_ext/losses.py) and the double backward of
+``token_logps`` with a softcap (epa_ext/logps.py). The fused-linear ops refuse second order and
+point here. Hence this module imports only the leaf epa_ext._kernel_contract (and torch): the op
+modules import it, never the other way round.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .logps import IGNORE_INDEX, _accumulate_dtype
+from ._kernel_contract import IGNORE_INDEX, accumulate_dtype
 
 
 def softcapped(logits: Tensor, softcap: float | None) -> Tensor:
@@ -26,7 +34,7 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
     keep = labels != ignore_index
     safe_labels = labels.masked_fill(~keep, 0)
     logps = torch.log_softmax(logits, dim=-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    return logps.to(_accumulate_dtype(logits)).masked_fill(~keep, 0.0)
+    return logps.to(accumulate_dtype(logits)).masked_fill(~keep, 0.0)
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, average: bool = False,
@@ -82,7 +90,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         raise ValueError(f"unknown loss_type {loss_type!r}")
     if sft_weight:
         losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, averaged)
-    return _reduce(losses.to(_accumulate_dtype(delta)), reduction)
+    return _reduce(losses.to(accumulate_dtype(delta)), reduction)
 
 
 def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_strong: int | None = None,
@@ -104,7 +112,7 @@ def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_str
     losses = torch.logsumexp(scores, dim=1) - scores[:, 0]
     if sft_weight:
         losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, averaged)
-    return _reduce(losses.to(_accumulate_dtype(scores)), reduction)
+    return _reduce(losses.to(accumulate_dtype(scores)), reduction)
 
 
 def _policy_and_reference(logits: Tensor, labels: Tensor, ref_logps: Tensor, ignore_index: int, average: bool,

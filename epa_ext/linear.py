@@ -16,40 +16,9 @@ import torch
 from torch import Tensor
 
 from ._autograd import check_autograd_support
+from ._kernel_contract import (IGNORE_INDEX, accumulate_dtype, check_gradient_and_saved, check_linear_inputs,
+                               softcap_in_range)
 from ._validation import check_bool, check_int, check_optional_tensor, check_softcap, check_tensor
-from .logps import (_SUPPORTED_LOGITS_DTYPES, IGNORE_INDEX, _accumulate_dtype, _check_gradient_and_saved,
-                    _check_softcap)
-
-
-def _check_linear(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
-    """The checks of csrc/linear_common.h, for fake tensors (torch.compile, meta)."""
-    torch._check_value(hidden.dim() >= 2,
-                       lambda: f"{op}: hidden must have shape [N, H] or [R, T, H]; got {list(hidden.shape)}")
-    torch._check_value(weight.dim() == 2,
-                       lambda: f"{op}: weight must have shape [V, H] (the lm_head); got {list(weight.shape)}")
-    torch._check_type(hidden.dtype in _SUPPORTED_LOGITS_DTYPES,
-                      lambda: f"{op}: hidden must be float32, bfloat16, float16 or float64; got {hidden.dtype}")
-    torch._check_type(weight.dtype == hidden.dtype,
-                      lambda: f"{op}: weight and hidden must have the same dtype; got {weight.dtype} and {hidden.dtype}")
-    torch._check_value(weight.shape[1] == hidden.shape[-1],
-                       lambda: f"{op}: weight must have H = {hidden.shape[-1]} columns (the hidden size); "
-                       f"got shape {list(weight.shape)}")
-    torch._check_value(weight.shape[0] != 0, lambda: f"{op}: weight has an empty vocabulary dimension (V = 0)")
-    torch._check_value(weight.device == hidden.device,
-                       lambda: f"{op}: weight must be on the device of hidden ({hidden.device}); got {weight.device}")
-    if bias is not None:
-        torch._check_value(bias.shape == weight.shape[:1],
-                           lambda: f"{op}: bias must have shape [V] = [{weight.shape[0]}]; got {list(bias.shape)}")
-        torch._check_type(bias.dtype == hidden.dtype,
-                          lambda: f"{op}: bias must have the dtype of hidden ({hidden.dtype}); got {bias.dtype}")
-        torch._check_value(bias.device == hidden.device,
-                           lambda: f"{op}: bias must be on the device of hidden ({hidden.device}); got {bias.device}")
-    torch._check_type(labels.dtype == torch.long, lambda: f"{op}: labels must be int64 (torch.long); got {labels.dtype}")
-    torch._check_value(labels.shape == hidden.shape[:-1],
-                       lambda: f"{op}: labels must have the shape of hidden without its last dimension "
-                       f"({list(hidden.shape[:-1])}); got {list(labels.shape)}")
-    torch._check_value(labels.device == hidden.device,
-                       lambda: f"{op}: labels must be on the device of hidden ({hidden.device}); got {labels.device}")
 
 
 def _check_chunk_size(op: str, hidden: Tensor, chunk_size: int) -> None:
@@ -73,20 +42,20 @@ def refuse_second_order(op: str) -> None:
 @torch.library.register_fake("epa_ext::linear_token_logps")
 def _linear_token_logps_fake(hidden, weight, bias, labels, ignore_index, chunk_size, fp32_weight_grad=True,
                              softcap=None):
-    _check_linear("linear_token_logps", hidden, weight, bias, labels)
+    check_linear_inputs("linear_token_logps", hidden, weight, bias, labels)
     _check_chunk_size("linear_token_logps", hidden, chunk_size)
-    _check_softcap("linear_token_logps", softcap)
-    out = hidden.new_empty(hidden.shape[:1], dtype=_accumulate_dtype(hidden))
+    softcap_in_range("linear_token_logps", softcap)
+    out = hidden.new_empty(hidden.shape[:1], dtype=accumulate_dtype(hidden))
     return out, torch.empty_like(out)
 
 
 @torch.library.register_fake("epa_ext::linear_token_logps_backward")
 def _linear_token_logps_backward_fake(grad_logps, hidden, weight, bias, labels, lse, logps, ignore_index, chunk_size,
                                       output_mask, fp32_weight_grad, softcap=None):
-    _check_linear("linear_token_logps_backward", hidden, weight, bias, labels)
+    check_linear_inputs("linear_token_logps_backward", hidden, weight, bias, labels)
     _check_chunk_size("linear_token_logps_backward", hidden, chunk_size)
-    _check_softcap("linear_token_logps_backward", softcap)
-    _check_gradient_and_saved("linear_token_logps_backward", grad_logps, hidden, labels, lse, logps)
+    softcap_in_range("linear_token_logps_backward", softcap)
+    check_gradient_and_saved("linear_token_logps_backward", grad_logps, hidden, labels, lse, logps)
     need_hidden, need_weight, need_bias = output_mask
     return (
         torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None,

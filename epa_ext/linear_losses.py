@@ -22,17 +22,17 @@ import functools
 import torch
 from torch import Tensor
 
+from ._kernel_contract import accumulate_dtype, check_linear_inputs, softcap_in_range
 from ._validation import beta_in_range
-from .linear import _check_linear, refuse_second_order
-from .logps import _accumulate_dtype, _check_softcap
+from .linear import refuse_second_order
 
 
 def _check_loss_inputs(op: str, hidden, weight, bias, labels, ref_logps, candidates: int, reduction: str,
                        sft_weight: float, average: bool, ref_logps_averaged: bool, max_chunk_tokens: int,
                        softcap: float | None) -> None:
     """The checks of csrc/linear_losses.cpp, for fake tensors (torch.compile, meta)."""
-    _check_linear(op, hidden, weight, bias, labels)
-    _check_softcap(op, softcap)
+    check_linear_inputs(op, hidden, weight, bias, labels)
+    softcap_in_range(op, softcap)
     torch._check_value(hidden.dim() == 3, lambda: f"{op}: hidden must have shape [C*B, T, H]; got {list(hidden.shape)}")
     rows = hidden.shape[0]
     torch._check_value(candidates >= 2 and rows % candidates == 0,
@@ -59,7 +59,7 @@ def _check_loss_inputs(op: str, hidden, weight, bias, labels, ref_logps, candida
 
 def _fake_outputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, output_mask) -> tuple[Tensor, ...]:
     need_hidden, need_weight, need_bias = output_mask
-    acc = _accumulate_dtype(hidden)
+    acc = accumulate_dtype(hidden)
     return (
         hidden.new_empty((), dtype=acc),
         hidden.new_empty(hidden.shape[:1], dtype=acc),

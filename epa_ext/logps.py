@@ -18,19 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import check_autograd_support
-from ._validation import LARGEST_FLOAT32, SMALLEST_NORMAL_FLOAT32, check_bool, check_int, check_same_device, check_softcap, check_tensor
-
-IGNORE_INDEX = -100
-"""The label of positions that are not scored (prompt, padding), as in PyTorch's cross_entropy and TRL."""
-
-_SUPPORTED_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _accumulate_dtype(t: Tensor) -> torch.dtype:
-    """The dtype the kernels accumulate in and return sums and log-probs in (csrc/accumulate.h):
-    float64 for float64 input, else float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from . import eager
+from ._autograd import check_autograd_support, gradients_by_definition
+from ._kernel_contract import (IGNORE_INDEX, SUPPORTED_DTYPES, accumulate_dtype, check_gradient_and_saved,
+                               softcap_in_range)
+from ._validation import check_bool, check_int, check_same_device, check_softcap, check_tensor
 
 
 def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
@@ -40,7 +32,7 @@ def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
         lambda: f"{op}: logits must have shape [N, V] or [B, T, V]; got shape {list(logits.shape)}",
     )
     torch._check_type(
-        logits.dtype in _SUPPORTED_LOGITS_DTYPES,
+        logits.dtype in SUPPORTED_DTYPES,
         lambda: f"{op}: logits must be float32, bfloat16, float16 or float64; got {logits.dtype}",
     )
     torch._check_value(logits.shape[-1] != 0, lambda: f"{op}: logits has an empty vocabulary dimension (V = 0)")
@@ -55,15 +47,6 @@ def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
         labels.device == logits.device,
         lambda: f"{op}: labels and logits must be on the same device; got labels on "
         f"{labels.device} and logits on {logits.device}",
-    )
-
-
-def _check_softcap(op: str, softcap: float | None) -> None:
-    """csrc/logps_checks.h's check_softcap."""
-    torch._check_value(
-        softcap is None or SMALLEST_NORMAL_FLOAT32 <= softcap <= LARGEST_FLOAT32,
-        lambda: f"{op}: softcap must be None or a number in [{SMALLEST_NORMAL_FLOAT32}, {LARGEST_FLOAT32}] "
-        f"(float32's normal range; logits become softcap * tanh(logits / softcap)); got {softcap}",
     )
 
 
@@ -88,32 +71,11 @@ def _check_rows_writable(op: str, logits: Tensor) -> None:
     )
 
 
-def _check_gradient_and_saved(op: str, grad_logps: Tensor, source: Tensor, labels: Tensor, lse: Tensor,
-                              logps: Tensor) -> None:
-    """csrc/logps_checks.h's check_gradient_and_saved: the incoming gradient and the forward's
-    outputs of a backward op whose forward read ``source`` (the logits, or the hidden states)."""
-    torch._check_type(grad_logps.is_floating_point(),
-                      lambda: f"{op}: grad_logps must be a floating-point tensor; got {grad_logps.dtype}")
-    torch._check_value(
-        grad_logps.shape == labels.shape and grad_logps.device == source.device,
-        lambda: f"{op}: grad_logps must have the shape and device of labels ({list(labels.shape)} on "
-        f"{source.device}); got {list(grad_logps.shape)} on {grad_logps.device}",
-    )
-    acc = _accumulate_dtype(source)
-    for name, t in (("lse", lse), ("logps", logps)):
-        torch._check_type(t.dtype == acc, lambda: f"{op}: {name} must be the forward's {acc} output; got {t.dtype}")
-        torch._check_value(
-            t.shape == labels.shape and t.device == source.device,
-            lambda: f"{op}: {name} must be the forward's output of shape {list(labels.shape)} on {source.device}; "
-            f"got {list(t.shape)} on {t.device}",
-        )
-
-
 def _check_backward_inputs(op: str, grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
                            logps: Tensor) -> None:
     """csrc/logps_checks.h's check_backward_inputs."""
     _check_logits_and_labels(op, logits, labels)
-    _check_gradient_and_saved(op, grad_logps, logits, labels, lse, logps)
+    check_gradient_and_saved(op, grad_logps, logits, labels, lse, logps)
 
 
 @torch.library.register_fake("epa_ext::token_logps")
@@ -121,10 +83,10 @@ def _token_logps_fake(
     logits: Tensor, labels: Tensor, ignore_index: int, inplace_backward: bool = False, softcap: float | None = None
 ) -> tuple[Tensor, Tensor]:
     _check_logits_and_labels("token_logps", logits, labels)
-    _check_softcap("token_logps", softcap)
+    softcap_in_range("token_logps", softcap)
     if inplace_backward:
         _check_rows_writable("token_logps", logits)
-    dtype = _accumulate_dtype(logits)
+    dtype = accumulate_dtype(logits)
     return labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype)
 
 
@@ -134,7 +96,7 @@ def _token_logps_backward_fake(
     softcap: float | None = None,
 ) -> Tensor:
     _check_backward_inputs("token_logps_backward", grad_logps, logits, labels, lse, logps)
-    _check_softcap("token_logps_backward", softcap)
+    softcap_in_range("token_logps_backward", softcap)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -145,7 +107,7 @@ def _token_logps_backward_inplace_fake(
 ) -> None:
     _check_backward_inputs("token_logps_backward_", grad_logps, logits, labels, lse, logps)
     _check_rows_writable("token_logps_backward_", logits)
-    _check_softcap("token_logps_backward_", softcap)
+    softcap_in_range("token_logps_backward_", softcap)
 
 
 # --- autograd of token_logps ---------------------------------------------------------------------
@@ -214,11 +176,8 @@ def _token_logps_backward_setup_context(ctx, inputs, output) -> None:
 def _capped_double_backward(ctx, grad_grad_logits: Tensor):
     """d/d(grad_logps, logits) of <U, G(grad_logps, logits)> through the definition of G: the
     gradient of sum(grad_logps * eager.token_logps(logits)) with respect to logits."""
-    from . import eager
-    from ._autograd import gradients_by_definition
-
     grad_logps, logits, labels = ctx.saved_tensors
-    acc = _accumulate_dtype(logits)
+    acc = accumulate_dtype(logits)
     kept = (labels != ctx.ignore_index).unsqueeze(-1)
 
     def gradient(g: Tensor, z: Tensor) -> Tensor:
@@ -238,7 +197,7 @@ def _token_logps_double_backward(ctx, grad_grad_logits: Tensor):
     if ctx.softcap is not None:
         return _capped_double_backward(ctx, grad_grad_logits)
     grad_logps, logits, labels = ctx.saved_tensors
-    acc = _accumulate_dtype(logits)
+    acc = accumulate_dtype(logits)
     kept = labels != ctx.ignore_index
     # Ignored rows are never read by the kernels and may hold anything: keep them out of softmax.
     probs = torch.softmax(torch.where(kept.unsqueeze(-1), logits, 0).to(acc), dim=-1)

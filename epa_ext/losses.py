@@ -25,10 +25,11 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from . import eager
 from ._autograd import check_autograd_support, gradients_by_definition
+from ._kernel_contract import accumulate_dtype
 from ._validation import (beta_in_range, check_bool, check_choice, check_float, check_int,
                           check_optional_tensor, check_positive_float, check_same_device, check_tensor)
-from .logps import _accumulate_dtype
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 REDUCTIONS = ("mean", "sum", "none")
@@ -85,7 +86,7 @@ def sft_nll(policy_chosen: Tensor, chosen_token_counts: Tensor, averaged: bool) 
 
     policy_chosen: [B] summed log-probs, or length-averaged ones when ``averaged`` (then they are
     multiplied back by their counts)."""
-    chosen = policy_chosen.to(_accumulate_dtype(policy_chosen))
+    chosen = policy_chosen.to(accumulate_dtype(policy_chosen))
     counts = chosen_token_counts.to(chosen.dtype)
     sums = chosen * counts if averaged else chosen
     return -sums.sum() / counts.sum().clamp_min(1)
@@ -137,7 +138,7 @@ def _dpo_loss_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, bet
     beta_in_range("dpo_loss", beta, policy_chosen.dtype)
     torch._check_value(0 <= label_smoothing < 0.5,
                        lambda: f"dpo_loss: label_smoothing must lie in [0, 0.5); got {label_smoothing}")
-    out = policy_chosen.new_empty(policy_chosen.shape, dtype=_accumulate_dtype(policy_chosen))
+    out = policy_chosen.new_empty(policy_chosen.shape, dtype=accumulate_dtype(policy_chosen))
     return out, torch.empty_like(out)
 
 
@@ -153,9 +154,7 @@ def _dpo_backward(ctx, grad_losses: Tensor, _grad_slopes: Tensor | None):
     *logps, slopes = ctx.saved_tensors
     needs = ctx.needs_input_grad[:4]
     if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
-        from . import eager
-
-        acc = _accumulate_dtype(logps[0])
+        acc = accumulate_dtype(logps[0])
         grads = gradients_by_definition(
             lambda *t: eager.dpo_loss(*_upcast(t, acc), **ctx.options, reduction="none"), logps, needs, grad_losses)
         return (*grads, None, None, None)
@@ -257,7 +256,7 @@ def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | 
 @torch.library.register_fake("epa_ext::epa_loss")
 def _epa_loss_fake(policy_logps, ref_logps, mask, beta, num_strong, weak_weight, log_weights=None):
     _check_epa("epa_loss", policy_logps, ref_logps, mask, beta, num_strong, weak_weight, log_weights)
-    out = policy_logps.new_empty(policy_logps.shape[:1], dtype=_accumulate_dtype(policy_logps))
+    out = policy_logps.new_empty(policy_logps.shape[:1], dtype=accumulate_dtype(policy_logps))
     return out, torch.empty_like(out)
 
 
@@ -273,7 +272,7 @@ def _epa_loss_backward_fake(grad_losses, policy_logps, ref_logps, mask, lse, bet
             lambda: f"{op}: {name} must have shape [B] = [{policy_logps.shape[0]}] on {policy_logps.device}; got "
             f"{list(t.shape)} on {t.device}",
         )
-    return policy_logps.new_empty(policy_logps.shape, dtype=_accumulate_dtype(policy_logps))
+    return policy_logps.new_empty(policy_logps.shape, dtype=accumulate_dtype(policy_logps))
 
 
 def _epa_setup_context(ctx, inputs, output) -> None:
@@ -290,9 +289,7 @@ def _epa_backward(ctx, grad_losses: Tensor, _grad_lse: Tensor | None):
     needs = (*ctx.needs_input_grad[:2], len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6])
     beta, num_strong, weak_weight = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
-        from . import eager
-
-        acc = _accumulate_dtype(policy_logps)
+        acc = accumulate_dtype(policy_logps)
         grad_policy, grad_ref, grad_log_weights = gradients_by_definition(
             lambda p, r, w: eager.epa_loss(*_upcast((p, r), acc), beta=beta, num_strong=num_strong,
                                            weak_weight=weak_weight, mask=mask, reduction="none",

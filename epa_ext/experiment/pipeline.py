@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ..train.config import TrainConfig
+from ..train.trainer import run as train
 from .config import METRICS, ExperimentConfig, Method
 from .metrics import EvalSet, evaluate_policy
 from .task import KnownRewardTask, answer_logps, base_nll_per_token, train_reference, write_preferences
@@ -162,9 +164,6 @@ def train_and_evaluate(setting: Setting, seed: int, task: KnownRewardTask, refer
                        device: torch.device) -> dict:
     """One setting on one seed: epa_ext.train, then the held-out metrics of the final policy (and
     of every eval_every checkpoint: ``curve``). Cached in the run's eval.json."""
-    from ..train.config import TrainConfig
-    from ..train.trainer import run as train
-
     cfg, method = setting.cfg, setting.method
     directory, key = run_dir(setting, seed), run_key(setting, seed, device)
     cached = _read_cached(directory / "eval.json", key)

@@ -36,6 +36,8 @@ from torch import Tensor
 
 import epa_ext
 
+from ..train.modeling import build_tiny_model
+from ..train.weak_correction import KnownProposal
 from .config import ReferenceSpec, TaskSpec
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "=")
@@ -154,8 +156,6 @@ class KnownRewardTask:
         """The exact q of weak answers (``base_marginal_logps``) for epa-train's --weak-correction
         importance, on answer token ids as epa-train tokenizes them (the letters, then ``</s>``);
         an answer that is not L letters and ``</s>`` has q = 0."""
-        from ..train.weak_correction import KnownProposal
-
         length = self.spec.answer_length
 
         @functools.cache
@@ -230,8 +230,6 @@ def train_reference(task: KnownRewardTask, spec: ReferenceSpec, seed: int, devic
     """A tiny Llama-architecture model trained by SFT (mean answer-token NLL, AdamW, cosine decay) on
     fresh prompts with answers from the base distribution, so that it approximates π_base."""
     from tqdm.auto import tqdm
-
-    from ..train.modeling import build_tiny_model
 
     length = task.spec.prompt_length + task.spec.answer_length + 3
     model = build_tiny_model(task.vocab_size, spec.hidden_size, spec.layers, length, seed).to(device)
