@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch is the CUDA 13.0 build so that the CUDA sources compile even where no GPU is present.
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 pytest hypothesis \
+DEPS := numpy "cmake>=3.26" ninja "scikit-build-core>=0.10" pybind11 pytest pytest-xdist hypothesis \
 	transformers tokenizers safetensors datasets peft tqdm matplotlib pyyaml tensorboard \
 	"trl>=1.16,<1.17" liger-kernel
 DEPS_STAMP := $(VENV)/.deps-installed
@@ -18,8 +18,13 @@ SOURCES := CMakeLists.txt pyproject.toml $(wildcard cmake/*) $(wildcard csrc/*) 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/epa-demo
 
+# Two pytest workers, each taking whole test files (--dist loadfile: a file's module fixtures are
+# computed once): most of the suite's time is real epa-train / epa-demo processes, which leave a
+# core idle while they start and load; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(BUILD_STAMP)
-	$(VENV)/bin/pytest -q python_tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile python_tests
 
 build: $(BUILD_STAMP)
 

@@ -55,6 +55,16 @@ def train_in_process(out: Path, *extra: str, dataset: Path = PREFS) -> list[dict
     return run(parse_config(["--dataset", str(dataset), "--output-dir", str(out), *TINY, *extra]))
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now: for a process group's rendezvous, so that two test
+    processes (pytest-xdist workers) never both take torch's default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun() -> str:
     return shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 

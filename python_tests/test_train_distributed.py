@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import (epa_train_command, final_weights, initial_tiny_model, read_metrics, torchrun, train_in_process,
-                      train_losses)
+from conftest import (epa_train_command, final_weights, free_port, initial_tiny_model, read_metrics, torchrun,
+                      train_in_process, train_losses)
 from numerics import TOLERANCES, WEIGHT_CHANGE_RTOL, assert_paths_agree
 
 from epa_ext import IGNORE_INDEX
@@ -320,11 +320,3 @@ def test_a_finished_sharded_run_leaves_no_garbage_for_the_interpreters_exit(tmp_
         assert not [o for o in gc.get_objects() if isinstance(o, FSDPModule)]
     finally:
         gc.enable()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

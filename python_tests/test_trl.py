@@ -299,7 +299,8 @@ def test_data_parallel_trains_as_trl_on_one_process(tokenizer, tmp_path):
     log_path, weights_path = tmp_path / "log.json", tmp_path / "weights.pt"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), log_path=str(log_path),
                                         weights_path=str(weights_path)))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     their_log, their_trainer = train(DPOTrainer, config(DPOConfig, tmp_path), standard_rows(), tokenizer)
@@ -669,3 +670,31 @@ def test_import_needs_a_supported_trl(monkeypatch):
     monkeypatch.delitem(sys.modules, "epa_ext.integrations.trl")
     with pytest.raises(ImportError, match=re.escape("supports TRL >=1.16,<1.17") + ".*found trl 1.17.0"):
         importlib.import_module("epa_ext.integrations.trl")
+
+
+def test_weak_source_rejected_borrows_rejected_answers_only(tokenizer, tmp_path):
+    """EPAConfig(weak_source="rejected") reaches the trainer's collator: every weak negative is the
+    first rejected answer of another row of the batch (row j of weak_negative_sources(..,
+    "rejected")), where the default borrows chosen answers too; an unknown source is refused."""
+    rows = pick_rows()
+    collated = {}
+    for source in ("any", "rejected"):
+        args = config(EPAConfig, tmp_path / source, loss_type="epa", num_weak=3, weak_source=source)
+        model = build_tiny_model(len(tokenizer), 32, 2, 128, seed=0)
+        trainer = EPATrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        examples = [trainer.train_dataset[i] for i in range(8)]
+        inputs = trainer.data_collator(examples)
+        batch, candidates = inputs["candidate_mask"].shape
+        rows_of = split_rows(inputs)
+        weak = []
+        for b, sources in enumerate(weak_negative_sources(batch, 3, args.seed, source)):
+            for c, (j, k) in enumerate(sources, start=candidates - 3):
+                prompt, answer = rows_of[c * batch + b]
+                assert prompt == examples[b]["prompt_ids"] and j != b
+                assert answer == (examples[j]["rejected_ids"][0] if k == 1 else examples[j]["chosen_ids"])
+                weak.append(k)
+        collated[source] = weak
+    assert set(collated["rejected"]) == {1} and set(collated["any"]) == {0, 1}
+    with pytest.raises(ValueError, match="weak_source must be one of"):
+        config(EPAConfig, tmp_path, loss_type="epa", num_weak=1, weak_source="chosen")

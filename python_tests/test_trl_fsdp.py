@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from numerics import ADAM_SLACK, assert_trl_parity
 
 pytest.importorskip("trl")
@@ -83,8 +84,8 @@ def run(tmp_path: Path, which: str, *, fsdp: bool, planted_bug: bool = False) ->
     env = {**os.environ, "BATCH": "2" if fsdp else "4", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     if planted_bug:
         env["PLANTED_BUG"] = "1"
-    launcher = ([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config)] if fsdp
-                else [sys.executable])
+    launcher = ([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+                 "--main_process_port", str(free_port())] if fsdp else [sys.executable])
     result = subprocess.run([*launcher, str(script), which, str(tmp_path / "model"), str(out)], env=env,
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
