@@ -366,3 +366,151 @@ def test_convergence_sweep_curves(tmp_path):
     assert not list(tmp_path.glob("runs/*/checkpoint-*"))  # evaluated, then removed
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "| step | ε̂ ↓ |" in (tmp_path / "table.md").read_text()
+
+
+# --- the ipm data model and where weak negatives come from --------------------------------------------
+
+
+def _letter_counts(task: KnownRewardTask, texts: list[str], num_prompts: int) -> torch.Tensor:
+    """[num_prompts, A] letter counts of answers written as text, the rows prompt-major."""
+    index = {letter: i for i, letter in enumerate(task.letters)}
+    per_prompt = len(texts) // num_prompts
+    counts = torch.zeros(num_prompts, task.spec.alphabet_size, dtype=torch.float64)
+    for row, text in enumerate(texts):
+        for letter in text.split():
+            counts[row // per_prompt, index[letter]] += 1
+    return counts
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = counts.sum(dim=1, keepdim=True) * probs
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _chi_square_bound(df: int) -> float:
+    """The chi-square distribution's 1 - 1e-4 quantile (Wilson-Hilferty): a correct sampler
+    exceeds it once in 10,000 seeds."""
+    return df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_ipm_answers_follow_the_tilted_law(tmp_path):
+    """--data-model ipm: per prompt, the chosen answers' letters follow base·exp(r*/τ)/Z normalised
+    per letter (its closed form), the rejected answers' letters the base distribution: a chi-square
+    test of the letter counts (3 prompts x 4000 rows x 6 letters, seeded) against each law. The
+    bound has power: the chosen answers of pool data (a softmax choice among 4 base samples, pool
+    data from a perfect reference) and the same sampler with another τ fail it."""
+    task, tau, num_prompts, per_prompt = KnownRewardTask(), 0.7, 3, 4000
+    generator = torch.Generator().manual_seed(0)
+    prompts = task.sample_prompts(num_prompts, generator)
+    repeated = prompts.repeat_interleave(per_prompt, dim=0)
+    summary = write_preferences(tmp_path / "ipm.jsonl", task, None, repeated, 4, tau, generator, data_model="ipm")
+    rows = [json.loads(line) for line in (tmp_path / "ipm.jsonl").read_text().splitlines()]
+    assert len(rows) == num_prompts * per_prompt and all(len(r["rejected"]) == 3 for r in rows)
+    # epa-train data; a base sample can repeat the chosen answer (then its row is dropped, as with pool data)
+    examples, _ = parse_rows(rows, source="ipm.jsonl", skip_bad_rows=True)
+    assert len(examples) > 0.99 * len(rows)
+    assert summary["candidates"] == 4 and 0 < summary["chosen_is_best"] < 1
+    first = rows[0]
+    letters = torch.tensor([[task.letters.index(c) for c in first["chosen"].split()]])
+    assert first["true_rewards"]["chosen"] == pytest.approx(float(task.reward(prompts[:1], letters)))
+
+    bound = _chi_square_bound(num_prompts * (task.spec.alphabet_size - 1))
+    chosen = _letter_counts(task, [r["chosen"] for r in rows], num_prompts)
+    assert _chi_square(chosen, task.tilted_letter_probs(prompts, tau)) < bound
+    for k in range(3):
+        rejected = _letter_counts(task, [r["rejected"][k] for r in rows], num_prompts)
+        assert _chi_square(rejected, task.base_letter_probs(prompts)) < bound
+    # The bound fails the wrong laws: another tilt, and pool data's chosen answers.
+    assert _chi_square(chosen, task.tilted_letter_probs(prompts, 1.0)) > 10 * bound
+    assert _chi_square(chosen, task.base_letter_probs(prompts)) > 10 * bound
+    candidates = task.sample_base_answers(repeated.repeat_interleave(4, dim=0), generator).view(-1, 4, 6)
+    rewards = task.reward(repeated.repeat_interleave(4, dim=0), candidates.flatten(0, 1)).view(-1, 4)
+    pick = torch.multinomial(torch.softmax(rewards / tau, dim=1), 1, generator=generator).squeeze(1)
+    pool = _letter_counts(task, [task.text(a) for a in candidates[torch.arange(len(pick)), pick]], num_prompts)
+    assert _chi_square(pool, task.tilted_letter_probs(prompts, tau)) > 10 * bound
+    with pytest.raises(ValueError, match="data_model must be one of"):
+        write_preferences(tmp_path / "x.jsonl", task, None, prompts, 4, tau, generator, data_model="tilted")
+
+
+def test_tilted_law_is_the_enumerated_one():
+    """tilted_letter_probs over a whole answer is π_base·exp(r*/β)/Z enumerated over all answers."""
+    task = KnownRewardTask(TaskSpec(alphabet_size=4, prompt_length=2, answer_length=2))
+    prompts = task.sample_prompts(2, torch.Generator().manual_seed(0))
+    answers = torch.tensor(list(itertools.product(range(4), repeat=2)))
+    for i in range(2):
+        prompt = prompts[i:i + 1].expand(len(answers), -1)
+        base = task.base_letter_probs(prompt).gather(1, answers).prod(dim=1)
+        joint = base * torch.exp(task.reward(prompt, answers) / 0.5)
+        per_letter = task.tilted_letter_probs(prompts[i:i + 1], 0.5)[0]
+        torch.testing.assert_close(per_letter[answers].prod(dim=1), joint / joint.sum())
+
+
+def test_pool_data_and_todays_runs_keep_their_keys():
+    """The defaults (--data-model pool, --weak-source any) leave every cache key as it was, so
+    finished runs are reused; ipm data and the rejected source get keys of their own."""
+    from epa_ext.experiment.pipeline import Setting, _data_key, _key, reference_key, run_key
+
+    cpu = torch.device("cpu")
+    cfg = ExperimentConfig()
+    assert _data_key(cfg, 0, cpu) == _key(reference_key(cfg, cpu), 0, cfg.train_prompts, cfg.candidates,
+                                          cfg.temperature)
+    ipm = dataclasses.replace(cfg, data_model="ipm")
+    assert _data_key(ipm, 0, cpu) != _data_key(cfg, 0, cpu)
+    method = parse_method("epa_k3_m4")
+    todays = _key(_data_key(cfg, 0, cpu), "epa", 3, 4, cfg.steps, cfg.batch_size, cfg.lr, cfg.scheduler, cfg.beta,
+                  cfg.weak_weight, cfg.sft_weight, cfg.eval_prompts, cfg.eval_candidates, cfg.policy_samples,
+                  cfg.eval_every)
+    assert run_key(Setting("s", "s", method, cfg), 0, cpu) == todays
+    rejected = dataclasses.replace(cfg, weak_source="rejected")
+    assert run_key(Setting("s", "s", method, rejected), 0, cpu) != todays
+    m0 = parse_method("epa_k3")  # no weak negatives: the source changes nothing
+    assert run_key(Setting("s", "s", m0, rejected), 0, cpu) == run_key(Setting("s", "s", m0, cfg), 0, cpu)
+
+
+def test_ipm_run_with_weak_negatives_from_rejected_answers(tmp_path):
+    """epa-demo --data-model ipm --weak-source rejected: the data are ipm rows and epa-train
+    trains with the source asked for (and the exact q of --weak-correction exact)."""
+    main(["--output-dir", str(tmp_path), "--methods", "epa_k3_m2", "--data-model", "ipm", "--weak-source",
+          "rejected", "--weak-correction", "exact", *TINY])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["data_model"] == "ipm"
+    (run,) = results["runs"]["epa_k3_m2"]
+    trained = run["train_config"]
+    assert (trained["weak_source"], trained["weak_correction"], trained["num_weak"]) == ("rejected", "importance", 2)
+    assert math.isfinite(run["slope1_error"])
+    (data,) = tmp_path.glob("data/seed0-*/preferences.jsonl")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(rows) == 96 and all(len(r["rejected"]) == 3 for r in rows)
+
+
+def test_ipm_sweep_has_the_settings_its_plan_fixes():
+    """--sweep ipm lists what docs/known_reward/sweeps/README.md ("ipm sweep") fixed before any run:
+    ipm data, weak negatives from rejected answers, 512 prompts, batch 4, 1250 steps, lr 3e-4, 3
+    seeds; DPO, then EPA K = 1 and 3 at M = 0 and at M in {1, 4, 16, 64, 256} under each variant
+    (EPA K = 1 M = 0, DPO's loss, once as DPO). Its table has K, M and the correction. Nothing is
+    trained."""
+    from epa_ext.experiment.sweep import SWEEPS, sweep_defaults, sweep_markdown
+
+    cfg = sweep_defaults("ipm")
+    cfg.validate()
+    assert (cfg.data_model, cfg.weak_source, cfg.train_prompts, cfg.batch_size, cfg.steps, cfg.lr, cfg.seeds) == \
+        ("ipm", "rejected", 512, 4, 1250, 3e-4, [0, 1, 2])
+    settings = SWEEPS["ipm"].settings(cfg)
+    variants = ("none", "exact", "estimated")
+    expected = ["dpo"] + [name for k in (1, 3) for m in (0, 1, 4, 16, 64, 256) if (k, m) != (1, 0)
+                          for name in ([f"epa_k{k}_m0"] if m == 0 else [f"epa_k{k}_m{m}_{v}" for v in variants])]
+    assert [s.name for s in settings] == expected and len(settings) == 32
+    for setting in settings:
+        variant = setting.name.rsplit("_", 1)[1] if setting.method.num_weak else "none"
+        assert setting.cfg.weak_correction == variant and setting.cfg.data_model == "ipm"
+    assert settings[-1].label == "EPA K=3 M=256, estimated q"
+
+    results = {"sweep": "ipm", "config": dataclasses.asdict(cfg), "seconds": 1.0, "device": "cpu",
+               "settings": {s.name: {"label": s.label, "method": dataclasses.asdict(s.method),
+                                     "weak_correction": s.cfg.weak_correction} for s in settings[:3]},
+               "summary": {s.name: {metric: [0.5, 0.1] for metric in ("reward", "reward_well_formed", "malformed",
+                                                                        "kl", "accuracy", "rho", "slope1_error",
+                                                                        "slope")} for s in settings[:3]}}
+    table = sweep_markdown(results)
+    assert "| setting | K | M | correction |" in table
+    assert "| DPO | – | – | – |" in table and "| EPA K=1 M=1, exact q | 1 | 1 | exact q |" in table

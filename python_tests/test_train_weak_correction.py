@@ -5,6 +5,7 @@ processes_trains_as_one in test_train_distributed.py."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -102,6 +103,49 @@ def test_table_is_the_definition():
             assert table[i, 2 + m].item() == pytest.approx(expected)
 
 
+def test_weak_sources_draw_what_they_claim():
+    """--weak-source rejected: every weak negative, in the batches and in the correction's plan, is
+    another example's rejected answer, borrowed from the same examples as with any; any borrows
+    chosen and rejected answers. (The correction's q^ scores whichever answer is borrowed under its
+    own prompt and S - 1 others, so it needs nothing else from the source.)"""
+    tokenized = examples(40)
+    chosen = {tuple(e.answer_ids[0]) for e in tokenized}
+    rejected = {tuple(e.answer_ids[1]) for e in tokenized}
+    layout = Layout(num_strong=1, num_weak=3, pad_id=0, max_length=8)
+    borrowed = {}
+    for source in ("any", "rejected"):
+        split = make_split(tokenized, num_weak=3, seed=5, weak_source=source)
+        batch = collate(split.examples, list(range(40)), num_strong=1, num_weak=3, weak_sources=split.weak_sources,
+                        all_examples=split.examples, pad_id=0, max_length=8)
+        answers = []
+        for i, example in enumerate(tokenized):
+            for m, (j, _) in enumerate(split.weak_sources[i]):
+                row = (2 + m) * 40 + i
+                answer = tuple(batch.input_ids[row][batch.attention_mask[row].bool()].tolist()[len(example.prompt_ids):])
+                assert answer in (tuple(tokenized[j].answer_ids[0]), tuple(tokenized[j].answer_ids[1])) and j != i
+                answers.append(answer)
+        planned = plan(split, layout, prompts_per_answer=3, seed=5, has_bos=True, known=False).answers
+        assert [tuple(a) for per_example in planned for a in per_example] == answers
+        borrowed[source] = (answers, [[j for j, _ in pairs] for pairs in split.weak_sources])
+    assert set(borrowed["rejected"][0]) <= rejected
+    assert set(borrowed["any"][0]) & chosen and set(borrowed["any"][0]) & rejected
+    assert borrowed["rejected"][1] == borrowed["any"][1]  # the same examples, only the answer differs
+    with pytest.raises(ValueError, match="weak_source must be one of"):
+        make_split(tokenized, num_weak=3, seed=5, weak_source="chosen")
+
+
+def test_training_with_weak_negatives_from_rejected_answers(tmp_path):
+    """--weak-source rejected reaches the batches (other losses than any's), is recorded in the
+    run's config, and works with the correction."""
+    args = ["--max-steps", "3", "--batch-size", "3", "--num-weak", "2"]
+    any_source = train_losses(train_in_process(tmp_path / "any", *args))
+    rejected = train_losses(train_in_process(tmp_path / "rejected", *args, "--weak-source", "rejected"))
+    assert rejected != any_source and all(map(math.isfinite, rejected))
+    assert json.loads((tmp_path / "rejected" / "config.json").read_text())["weak_source"] == "rejected"
+    corrected = train_in_process(tmp_path / "corrected", *args, "--weak-source", "rejected", *CORRECTED[2:])
+    assert all(math.isfinite(r["weak/log_weight"]) for r in corrected if "loss" in r)
+
+
 def pad(row):
     return pad_rows([row], 0)
 
@@ -114,6 +158,9 @@ BAD = [  # (flags, message)
     (["--num-weak", "1", "--weak-correction-prompts", "4"],
      "--weak-correction-prompts applies to --weak-correction importance only"),
     (["--weak-correction", "exact"], "--weak-correction: invalid value 'exact'; allowed: none, importance"),
+    (["--weak-source", "rejected"], "--weak-source says where weak negatives come from: it needs --num-weak > 0"),
+    (["--loss", "dpo", "--weak-source", "rejected"], "--weak-source applies to --loss epa only"),
+    (["--num-weak", "1", "--weak-source", "chosen"], "--weak-source: invalid value 'chosen'; allowed: any, rejected"),
 ]
 
 

@@ -698,3 +698,5 @@ def test_weak_source_rejected_borrows_rejected_answers_only(tokenizer, tmp_path)
     assert set(collated["rejected"]) == {1} and set(collated["any"]) == {0, 1}
     with pytest.raises(ValueError, match="weak_source must be one of"):
         config(EPAConfig, tmp_path, loss_type="epa", num_weak=1, weak_source="chosen")
+    with pytest.raises(TypeError, match="weak_source must be a str"):
+        config(EPAConfig, tmp_path, loss_type="epa", num_weak=1, weak_source=1)

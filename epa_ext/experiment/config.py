@@ -97,6 +97,17 @@ class WeakCorrectionGrid:
     variants: list[str] = option(["none", "exact", "estimated"], "weak-correction variants (see --weak-correction)")
 
 
+@dataclass(frozen=True)
+class IpmGrid:
+    """``--sweep ipm`` (issue 36; its plan: docs/known_reward/sweeps/README.md, "ipm sweep"): on
+    --data-model ipm data, DPO, then EPA with each K strong negatives at M = 0 and at each M > 0
+    weak ones under each weak-correction variant (EPA K = 1 M = 0 is DPO's loss: left out)."""
+
+    strong_values: list[int] = option([1, 3], "strong negatives K")
+    num_weak: list[int] = option([0, 1, 4, 16, 64, 256], "weak negatives M")
+    variants: list[str] = option(["none", "exact", "estimated"], "weak-correction variants (see --weak-correction)")
+
+
 WEAK_CORRECTIONS = ("none", "exact", "estimated")
 
 
@@ -152,9 +163,17 @@ class ExperimentConfig:
                 "--weak-correction importance, q estimated per answer); exact (the same with the task's exact q, "
                 "the base distribution marginalised over all prompts)")
     weak_correction_prompts: int = option(8, "S of the estimated correction (epa-train's --weak-correction-prompts)")
+    weak_source: Literal["any", "rejected"] = option(
+        "any", "where weak negatives are borrowed from (epa-train's --weak-source): any: another example's chosen or "
+               "first rejected answer; rejected: its first rejected answer only (on --data-model ipm a base sample, "
+               "whose law is exactly the q of --weak-correction exact)")
     sft_weight: float = option(0.0, "weight of the SFT term: the chosen answers' NLL per token added to the loss "
                                     "(DPO + SFT is TRL's RPO)")
     # --- data
+    data_model: Literal["pool", "ipm"] = option(
+        "pool", "how preference rows are drawn: pool: the chosen answer by softmax(r*/τ) among --candidates reference "
+                "samples, the others rejected; ipm: the chosen answer exactly from base·exp(r*/τ)/Z over all answers "
+                "(the energy-based model), --candidates - 1 rejected ones from the base independently of it")
     temperature: float = option(1.0, "τ of the preference draw: the chosen answer ∝ exp(r*/τ)")
     train_prompts: int = option(2000, "preference rows per seed")
     candidates: int = option(4, "reference answers per training prompt (the chosen one and its strong negatives)")
@@ -171,6 +190,7 @@ class ExperimentConfig:
     negatives: NegativesGrid = option(NegativesGrid(), "--sweep negatives")
     practical: PracticalGrid = option(PracticalGrid(), "--sweep practical")
     weak_correction_grid: WeakCorrectionGrid = option(WeakCorrectionGrid(), "--sweep weak-correction")
+    ipm_grid: IpmGrid = option(IpmGrid(), "--sweep ipm")
     # --- how it runs (results do not depend on these)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
     workers: int | None = option(None, "training processes at once (default: one per core on CPU, at most 8; "
@@ -199,12 +219,19 @@ class ExperimentConfig:
             raise ValueError("--weak-weight and --practical-weak-weights must be > 0")
         if self.sft_weight < 0 or self.practical.sft_weight < 0:
             raise ValueError("--sft-weight and --practical-sft-weight must be >= 0")
+        if self.data_model not in ("pool", "ipm") or self.weak_source not in ("any", "rejected"):
+            raise ValueError(f"--data-model must be pool or ipm and --weak-source any or rejected; got "
+                             f"{self.data_model!r}, {self.weak_source!r}")
         if self.weak_correction_prompts < 2:
             raise ValueError(f"--weak-correction-prompts must be >= 2; got {self.weak_correction_prompts}")
         bad = [v for v in self.weak_correction_grid.variants if v not in WEAK_CORRECTIONS]
         if bad or any(m < 0 for m in self.weak_correction_grid.num_weak) or self.weak_correction_grid.num_strong < 1:
             raise ValueError(f"--weak-correction-grid-variants must be among {WEAK_CORRECTIONS} (got {bad}), "
                              "--weak-correction-grid-num-weak >= 0 and --weak-correction-grid-num-strong >= 1")
+        bad = [v for v in self.ipm_grid.variants if v not in WEAK_CORRECTIONS]
+        if bad or any(m < 0 for m in self.ipm_grid.num_weak) or any(k < 1 for k in self.ipm_grid.strong_values):
+            raise ValueError(f"--ipm-grid-variants must be among {WEAK_CORRECTIONS} (got {bad}), "
+                             "--ipm-grid-num-weak >= 0 and --ipm-grid-strong-values >= 1")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0; got {self.eval_every}")
         for name in ("workers", "threads"):

@@ -91,7 +91,10 @@ def reference_dir(cfg: ExperimentConfig, device: torch.device) -> Path:
 
 
 def _data_key(cfg: ExperimentConfig, seed: int, device: torch.device) -> str:
-    return _key(reference_key(cfg, device), seed, cfg.train_prompts, cfg.candidates, cfg.temperature)
+    parts = [reference_key(cfg, device), seed, cfg.train_prompts, cfg.candidates, cfg.temperature]
+    if cfg.data_model != "pool":  # (pool data keep their keys)
+        parts.append(cfg.data_model)
+    return _key(*parts)
 
 
 def data_path(cfg: ExperimentConfig, seed: int, device: torch.device) -> Path:
@@ -110,6 +113,8 @@ def run_key(setting: Setting, seed: int, device: torch.device) -> str:
              cfg.eval_prompts, cfg.eval_candidates, cfg.policy_samples, cfg.eval_every]
     if method.num_weak and cfg.weak_correction != "none":  # (runs without it keep their keys)
         parts += [cfg.weak_correction, cfg.weak_correction_prompts if cfg.weak_correction == "estimated" else None]
+    if method.num_weak and cfg.weak_source != "any":  # (the same: runs with today's source keep their keys)
+        parts.append(cfg.weak_source)
     return _key(*parts)
 
 
@@ -145,7 +150,7 @@ def prepare_data(cfg: ExperimentConfig, seed: int, task: KnownRewardTask, refere
         generator = torch.Generator().manual_seed(seed)
         prompts = task.sample_prompts(cfg.train_prompts, generator)
         summary = {"key": key, **write_preferences(path, task, reference, prompts, cfg.candidates, cfg.temperature,
-                                                   generator)}
+                                                   generator, data_model=cfg.data_model)}
         write_json(path.with_suffix(".json"), summary)
     return summary
 
@@ -180,6 +185,8 @@ def train_and_evaluate(setting: Setting, seed: int, task: KnownRewardTask, refer
     if corrected:
         extra["weak_correction"] = "importance"
         extra["weak_correction_prompts"] = cfg.weak_correction_prompts
+    if method.num_weak:
+        extra["weak_source"] = cfg.weak_source
     train_cfg = TrainConfig(
         model=str(reference_dir(cfg, device)), dataset=str(data_path(cfg, seed, device)), output_dir=str(directory),
         loss=method.loss, beta=cfg.beta, num_strong=method.num_strong, num_weak=method.num_weak,

@@ -14,6 +14,9 @@
   corrected with the task's exact q and with epa-train's estimate of it; next to the uncorrected
   runs, the slope that the bias formula r_θ = r* + log μ − log(K μ + M q) + C predicts on the
   held-out candidates. Does the correction make ε̂ fall with M?
+- ``ipm`` (issue 36): the same variants on data from the energy-based model itself (--data-model
+  ipm, weak negatives from rejected answers), with K = 1 and 3 and M up to 256, and DPO. Do many
+  importance-weighted weak negatives make ε̂ fall there, as derived?
 
 Each sweep's defaults (below) differ from the default run's where the sweep needs it; a flag given
 on the command line wins. The grid itself is set by the --negatives-* and --practical-* flags.
@@ -87,16 +90,27 @@ def practical_settings(cfg: ExperimentConfig) -> list[Setting]:
 CORRECTION_LABELS = {"none": "uncorrected", "exact": "exact q", "estimated": "estimated q"}
 
 
+def corrected_settings(method, variants: list[str], cfg: ExperimentConfig) -> list[Setting]:
+    """method under each weak-correction variant (once, uncorrected, without weak negatives)."""
+    m = method.num_weak
+    return [Setting(method.name if not m else f"{method.name}_{variant}",
+                    method.label if not m else f"{method.label}, {CORRECTION_LABELS[variant]}",
+                    method, dataclasses.replace(cfg, weak_correction=variant))
+            for variant in (variants if m else ["none"])]
+
+
 def weak_correction_settings(cfg: ExperimentConfig) -> list[Setting]:
     grid = cfg.weak_correction_grid
-    settings = []
-    for m in grid.num_weak:
-        method = parse_method(f"epa_k{grid.num_strong}_m{m}")
-        for variant in grid.variants if m else ["none"]:
-            name = method.name if not m else f"{method.name}_{variant}"
-            label = method.label if not m else f"{method.label}, {CORRECTION_LABELS[variant]}"
-            settings.append(Setting(name, label, method, dataclasses.replace(cfg, weak_correction=variant)))
-    return settings
+    return [setting for m in grid.num_weak
+            for setting in corrected_settings(parse_method(f"epa_k{grid.num_strong}_m{m}"), grid.variants, cfg)]
+
+
+def ipm_settings(cfg: ExperimentConfig) -> list[Setting]:
+    grid = cfg.ipm_grid
+    dpo = parse_method("dpo")
+    return [Setting(dpo.name, dpo.label, dpo, cfg)] + [
+        setting for k in grid.strong_values for m in grid.num_weak if (k, m) != (1, 0)  # EPA K=1 M=0 is DPO
+        for setting in corrected_settings(parse_method(f"epa_k{k}_m{m}"), grid.variants, cfg)]
 
 
 def weak_correction_summary(cfg: ExperimentConfig) -> dict:
@@ -143,6 +157,10 @@ SWEEPS = {
                        practical_settings),
     "weak-correction": Sweep("weak-correction", {"steps": SWEEP_STEPS, "train_prompts": SWEEP_TRAIN_PROMPTS,
                                                  **_ONE_AT_A_TIME}, weak_correction_settings),
+    # The plan's settings (docs/known_reward/sweeps/README.md, "ipm sweep"), fixed before any run:
+    # few prompts per prompt letter set, and a batch of 4 so that the M = 256 runs fit the budget.
+    "ipm": Sweep("ipm", {"data_model": "ipm", "weak_source": "rejected", "steps": 1250, "batch_size": 4,
+                         "train_prompts": 512, "lr": 3e-4, "workers": 2, "threads": 1}, ipm_settings),
 }
 
 
@@ -178,6 +196,12 @@ def _method_of(setting: dict):
     return setting["method"]
 
 
+def _epa_value(setting: dict, key: str):
+    """An EPA setting's K or M (key num_strong or num_weak); "–" for DPO."""
+    method = _method_of(setting)
+    return method[key] if method["loss"] == "epa" else "–"
+
+
 def sweep_markdown(results: dict) -> str:
     """The sweep's tables in Markdown (what docs/known_reward/README.md shows)."""
     seeds = len(results["config"]["seeds"])
@@ -199,6 +223,11 @@ def sweep_markdown(results: dict) -> str:
                    ("correction", lambda s: CORRECTION_LABELS[s["weak_correction"]] if _method_of(s)["num_weak"]
                     else "–"),
                    ("predicted slope", predicted_slope))
+        lines.append(markdown_table(results, leading=leading))
+    elif results["sweep"] == "ipm":
+        leading = (("K", lambda s: _epa_value(s, "num_strong")), ("M", lambda s: _epa_value(s, "num_weak")),
+                   ("correction", lambda s: CORRECTION_LABELS[s["weak_correction"]] if _method_of(s)["num_weak"]
+                    else "–"))
         lines.append(markdown_table(results, leading=leading))
     elif results["sweep"] == "practical":
         leading = (("α", lambda s: f"{s['weak_weight']:g}" if _method_of(s)["num_weak"] else "–"),

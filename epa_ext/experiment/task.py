@@ -103,12 +103,24 @@ class KnownRewardTask:
         sets = torch.combinations(torch.arange(self.spec.alphabet_size), self.spec.prompt_length)
         return self.base_letter_probs(sets).log()
 
+    def tilted_letter_probs(self, prompts: Tensor, beta: float) -> Tensor:
+        """[n, A] float64: one answer letter's law under π_base·exp(r*/β) / Z, normalised per
+        letter (exact: the base distribution and r* factor over answer positions, so the tilted law
+        of a whole answer is the product of these). beta = inf gives the base distribution."""
+        base = self.base_letter_probs(prompts)
+        tilted = base * torch.exp(self.letter_rewards(prompts) / beta) if math.isfinite(beta) else base
+        return tilted / tilted.sum(dim=1, keepdim=True)
+
+    def sample_tilted_answers(self, prompts: Tensor, beta: float, generator: torch.Generator) -> Tensor:
+        """[n, L] answers drawn exactly from π_base·exp(r*/β) / Z over all answers, letter by letter."""
+        return torch.multinomial(self.tilted_letter_probs(prompts, beta), self.spec.answer_length, replacement=True,
+                                 generator=generator)
+
     def optimum(self, prompts: Tensor, beta: float) -> tuple[float, float]:
         """(expected true reward, KL(π* ‖ π_base)) of π* ∝ π_base·exp(r*/β), averaged over prompts.
         beta = inf gives the base distribution itself (KL 0)."""
         base, rewards = self.base_letter_probs(prompts), self.letter_rewards(prompts)
-        tilted = base * torch.exp(rewards / beta) if math.isfinite(beta) else base
-        tilted = tilted / tilted.sum(dim=1, keepdim=True)
+        tilted = self.tilted_letter_probs(prompts, beta)
         length = self.spec.answer_length
         reward = length * (tilted * rewards).sum(dim=1)
         kl = length * (tilted * (tilted / base).log()).sum(dim=1)
@@ -257,28 +269,54 @@ def base_nll_per_token(task: KnownRewardTask, prompts: Tensor, answers: Tensor) 
     return float(-probs.gather(1, answers).log().mean())
 
 
-def write_preferences(path: Path, task: KnownRewardTask, reference, prompts: Tensor, num_candidates: int,
-                      temperature: float, generator: torch.Generator) -> dict:
-    """Preference rows for ``epa_ext.train`` from the reference's own samples.
+DATA_MODELS = ("pool", "ipm")
 
-    Each prompt gets num_candidates answers sampled from the reference; the chosen one is drawn
-    from them with probability softmax(r*/temperature) (a Plackett-Luce / Bradley-Terry choice),
-    the others, in random order, are its rejected answers (strong negatives). DPO and EPA with one
-    strong negative therefore see the chosen answer against a uniformly random other candidate;
-    for any two candidates a and b, the chance that a is chosen over b given that the pair is
-    shown is exp(r*_a/τ) / (exp(r*_a/τ) + exp(r*_b/τ)), the Bradley-Terry model DPO assumes.
+
+def write_preferences(path: Path, task: KnownRewardTask, reference, prompts: Tensor, num_candidates: int,
+                      temperature: float, generator: torch.Generator, data_model: str = "pool") -> dict:
+    """Preference rows for ``epa_ext.train``, one per prompt, each with a chosen answer and
+    num_candidates - 1 rejected ones (strong negatives), drawn by one of two data models (what
+    each predicts for weak negatives: docs/known_reward/sweeps/README.md, "ipm sweep").
+
+    ``pool``: each prompt gets num_candidates answers sampled from the reference; the chosen one
+    is drawn from them with probability softmax(r*/temperature) (a Plackett-Luce / Bradley-Terry
+    choice), the others, in random order, are its rejected answers. DPO and EPA with one strong
+    negative therefore see the chosen answer against a uniformly random other candidate; for any
+    two candidates a and b, the chance that a is chosen over b given that the pair is shown is
+    exp(r*_a/τ) / (exp(r*_a/τ) + exp(r*_b/τ)), the Bradley-Terry model DPO assumes.
+
+    ``ipm``: the energy-based model's own assumption. The chosen answer is drawn exactly from
+    π_base·exp(r*/τ) / Z over all answers (``sample_tilted_answers``, letter by letter), and the
+    rejected ones from π_base independently of it. Both come from the base distribution (not the
+    reference, whose tilted law cannot be sampled exactly; the reference is within 0.004 nats per
+    letter of the base), so the rejected answers' marginal over prompts is exactly
+    ``base_marginal_logps``: the exact q of weak negatives borrowed from rejected answers. The
+    reference is not used.
 
     Rows: {"prompt", "chosen", "rejected": [...], "true_rewards": {"chosen", "rejected": [...]}}.
     Returns a summary: how often the chosen answer is the best candidate, the spread of r*.
     """
+    if data_model not in DATA_MODELS:
+        raise ValueError(f"data_model must be one of {DATA_MODELS}; got {data_model!r}")
     n = prompts.shape[0]
-    answers = sample_answers(reference, task, prompts, num_candidates, generator).view(n, num_candidates, -1)
+    if data_model == "pool":
+        answers = sample_answers(reference, task, prompts, num_candidates, generator).view(n, num_candidates, -1)
+    else:
+        chosen_answers = task.sample_tilted_answers(prompts, temperature, generator)
+        rejected = task.sample_base_answers(prompts.repeat_interleave(num_candidates - 1, 0), generator)
+        answers = torch.cat([chosen_answers[:, None], rejected.view(n, num_candidates - 1, -1)], dim=1)
     rewards = task.reward(prompts.repeat_interleave(num_candidates, 0), answers.flatten(0, 1)).view(n, num_candidates)
-    chosen = torch.multinomial(torch.softmax(rewards / temperature, dim=1), 1, generator=generator).squeeze(1)
+    if data_model == "pool":
+        chosen = torch.multinomial(torch.softmax(rewards / temperature, dim=1), 1, generator=generator).squeeze(1)
+    else:
+        chosen = torch.zeros(n, dtype=torch.long)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as handle:
         for i in range(n):
-            others = [k for k in torch.randperm(num_candidates, generator=generator).tolist() if k != chosen[i]]
+            if data_model == "pool":
+                others = [k for k in torch.randperm(num_candidates, generator=generator).tolist() if k != chosen[i]]
+            else:  # independent draws: their order carries nothing
+                others = list(range(1, num_candidates))
             row = {"prompt": task.text(prompts[i]) + " =", "chosen": task.text(answers[i, chosen[i]]),
                    "rejected": [task.text(answers[i, k]) for k in others],
                    "true_rewards": {"chosen": float(rewards[i, chosen[i]]),

@@ -84,7 +84,7 @@ from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss  # noqa: E402
 from ..linear import linear_sequence_logps  # noqa: E402
 from ..logps import IGNORE_INDEX, completion_labels  # noqa: E402
 from ..losses import DPO_LOSS_TYPES, preference_metrics  # noqa: E402
-from ..train.batching import weak_negative_sources  # noqa: E402
+from ..train.batching import WEAK_SOURCES, weak_negative_sources  # noqa: E402
 from ..train.config import PACKED_ROW_LENGTHS  # noqa: E402
 from ..train.packing import (attn_implementation, check_packed_attention, pack, row_bound,  # noqa: E402
                              through_packed_model)
@@ -175,6 +175,11 @@ def check_config(args: DPOConfig) -> None:
     if prompts < 2:
         raise ValueError(f"weak_correction_prompts must be >= 2 (the answer's own prompt and at least one other); "
                          f"got {prompts}")
+    weak_source = getattr(args, "weak_source", "any")
+    if not isinstance(weak_source, str):
+        raise TypeError(f"weak_source must be a str; got {type(weak_source).__name__}")
+    if weak_source not in WEAK_SOURCES:
+        raise ValueError(f"weak_source must be one of {WEAK_SOURCES}; got {weak_source!r}")
     _check_weak_batch(num_weak, args.per_device_train_batch_size, "per_device_train_batch_size")
     max_packed_length = getattr(args, "max_packed_length", None)
     if max_packed_length is not None:
@@ -230,6 +235,9 @@ class EPAConfig(DPOConfig):
             (docs/losses.md; epa-train's --weak-correction importance, within a batch).
         weak_correction_prompts (`int`, defaults to `8`): S of that estimate (S - 1 extra
             reference scorings per weak negative and step).
+        weak_source (`str`, defaults to `"any"`): which answer of another row a weak negative
+            borrows: `"any"` its chosen or first rejected answer, `"rejected"` its first rejected
+            answer only (epa-train's --weak-source).
         token_metrics (`bool`, defaults to `False`): also log TRL's entropy and
             mean_token_accuracy, which need the full softmax: one more no-grad pass of the lm_head
             over the answer tokens per step.
@@ -253,6 +261,9 @@ class EPAConfig(DPOConfig):
     )
     weak_correction_prompts: int = field(
         default=8, metadata={"help": "EPA: prompts S of the per-answer estimate of q (S - 1 from the batch)."})
+    weak_source: str = field(
+        default="any", metadata={"help": "EPA: weak negatives borrow another row's chosen or first rejected answer "
+                                         "('any') or only its first rejected one ('rejected')."})
     token_metrics: bool = field(
         default=False,
         metadata={"help": "Log entropy and mean_token_accuracy (one more no-grad lm_head pass per step)."},
@@ -282,8 +293,8 @@ class EPADataCollator(DataCollatorForPreference):
     prompt b followed by candidate c: c = 0 the chosen answer, 1..K the rejected answers (absent
     ones are the bare prompt, False in ``candidate_mask``), K+1..K+M weak negatives: the chosen
     (k = 0) or first rejected (k = 1; the chosen one if the row has none) answer of row j != b of
-    this batch, for ``(j, k) = weak_negative_sources(B, M, seed)[b]``. Each sequence is truncated
-    and padded as TRL's DataCollatorForPreference does. Returns input_ids, attention_mask,
+    this batch, for ``(j, k) = weak_negative_sources(B, M, seed, weak_source)[b]``. Each sequence
+    is truncated and padded as TRL's DataCollatorForPreference does. Returns input_ids, attention_mask,
     completion_mask [C*B, T], candidate_mask [B, C] and, when the rows carry precomputed reference
     log-probs, ref_chosen_logps [B] and ref_rejected_logps [B, K] (0 for absent answers).
 
@@ -298,6 +309,7 @@ class EPADataCollator(DataCollatorForPreference):
     num_weak: int = 0
     seed: int = 0
     weak_correction_prompts: int = 0
+    weak_source: str = "any"
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch, num_strong = len(examples), self.num_strong
@@ -305,7 +317,7 @@ class EPADataCollator(DataCollatorForPreference):
         rejected = [example["rejected_ids"][:num_strong] for example in examples]
         candidates = [[example["chosen_ids"], *answers, *[None] * (num_strong - len(answers))]
                       for example, answers in zip(examples, rejected)]
-        weak_sources = weak_negative_sources(batch, self.num_weak, self.seed) if self.num_weak else []
+        weak_sources = weak_negative_sources(batch, self.num_weak, self.seed, self.weak_source) if self.num_weak else []
         for b, sources in enumerate(weak_sources):
             candidates[b] += [rejected[j][0] if k == 1 and rejected[j] else examples[j]["chosen_ids"]
                               for j, k in sources]
@@ -554,7 +566,8 @@ class EPATrainer(DPOTrainer):
         self.data_collator = EPADataCollator(
             pad_token_id=base.pad_token_id, max_length=base.max_length, truncation_mode=base.truncation_mode,
             pad_to_multiple_of=base.pad_to_multiple_of, num_strong=self._num_strong, num_weak=self._num_weak,
-            seed=self.args.seed, weak_correction_prompts=self._weak_correction_prompts)
+            seed=self.args.seed, weak_correction_prompts=self._weak_correction_prompts,
+            weak_source=getattr(self.args, "weak_source", "any"))
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's precomputation through ``compute_ref_log_probs`` below, cached apart from TRL's own

@@ -161,24 +161,35 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 # --- weak negatives and batches ------------------------------------------------------------------
 
 
-def weak_negative_sources(num_examples: int, num_weak: int, seed: int) -> list[list[tuple[int, int]]]:
+WEAK_SOURCES = ("any", "rejected")
+
+
+def weak_negative_sources(num_examples: int, num_weak: int, seed: int,
+                          source: str = "any") -> list[list[tuple[int, int]]]:
     """For each example i, num_weak pairs (j, k): answer k of example j != i (k = 0 its chosen
     answer, k = 1 its first rejected one; every example has those two), to be scored under the
     prompt of example i as a weak negative.
 
-    Example i's pairs depend only on (seed, i, num_examples, num_weak), not on batch order, so
-    reference log-probs computed for them can be cached. The j are distinct when num_weak <=
-    num_examples - 1, and drawn with repetition otherwise.
+    source "any": k is drawn, chosen or first rejected with equal chance. source "rejected": k = 1
+    always, so a weak negative is always some example's rejected answer (with data whose rejected
+    answers are reference samples drawn independently of the choice, the weak answers' law is
+    then exactly the reference's mixture over prompts). The j are the same for either source.
+
+    Example i's pairs depend only on (seed, i, num_examples, num_weak, source), not on batch
+    order, so reference log-probs computed for them can be cached. The j are distinct when
+    num_weak <= num_examples - 1, and drawn with repetition otherwise.
 
     Returns:
         [num_examples][num_weak] pairs (j, k).
 
     Raises:
         DataError: num_examples == 1 and num_weak > 0 (no other example to borrow from).
-        ValueError: num_examples or num_weak < 0.
+        ValueError: num_examples or num_weak < 0, or an unknown source.
     """
     if num_examples < 0 or num_weak < 0:
         raise ValueError(f"num_examples and num_weak must be >= 0; got {num_examples} and {num_weak}")
+    if source not in WEAK_SOURCES:
+        raise ValueError(f"weak_source must be one of {WEAK_SOURCES}; got {source!r}")
     if num_examples == 1 and num_weak > 0:
         raise DataError(f"weak negatives need at least 2 examples to borrow answers from; got 1 (num_weak={num_weak})")
     sources = []
@@ -187,7 +198,7 @@ def weak_negative_sources(num_examples: int, num_weak: int, seed: int) -> list[l
         others = num_examples - 1
         picks = rng.sample(range(others), num_weak) if num_weak <= others else rng.choices(range(others), k=num_weak)
         # Index among the other examples -> example index, skipping i itself.
-        sources.append([(j + (j >= i), rng.randrange(2)) for j in picks])
+        sources.append([(j + (j >= i), rng.randrange(2) if source == "any" else 1) for j in picks])
     return sources
 
 
@@ -315,10 +326,11 @@ class Split:
     weak_sources: list[list[tuple[int, int]]] | None
 
 
-def make_split(examples: list[TokenizedExample], num_weak: int, seed: int) -> Split:
-    """A Split whose weak negatives are borrowed within examples only (none for one example)."""
+def make_split(examples: list[TokenizedExample], num_weak: int, seed: int, weak_source: str = "any") -> Split:
+    """A Split whose weak negatives are borrowed within examples only (none for one example), from
+    weak_source (``weak_negative_sources``)."""
     weak = num_weak if len(examples) > 1 else 0
-    return Split(examples, weak_negative_sources(len(examples), weak, seed) if weak else None)
+    return Split(examples, weak_negative_sources(len(examples), weak, seed, weak_source) if weak else None)
 
 
 def hold_out(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list[TokenizedExample],

@@ -78,6 +78,10 @@ class TrainConfig:
     weak_correction_prompts: int = _opt(8, "S of --weak-correction importance: each weak answer's q is estimated "
                                            "from its own prompt and S - 1 others drawn by the seed (S + 1 extra "
                                            "reference scorings per weak negative)")
+    weak_source: Literal["any", "rejected"] = _opt(
+        "any", "which answer of another example a weak negative borrows: any: its chosen or its first rejected "
+               "answer (drawn by the seed); rejected: its first rejected answer only (the reference's samples where "
+               "the rejected answers are drawn from it independently of the choice; docs/losses.md)")
     sft_weight: float = _opt(0.0, "lambda >= 0: adds lambda * the chosen answers' negative log-likelihood, averaged "
                                   "over all their completion tokens in the batch, to the loss (DPO + SFT = RPO; "
                                   "TRL's rpo_alpha)")
@@ -237,6 +241,7 @@ class TrainConfig:
         else:
             for name, meant in (("num_weak", "weak negatives"), ("weak_weight", "weak negatives"),
                                 ("weak_correction", "weak negatives"), ("weak_correction_prompts", "weak negatives"),
+                                ("weak_source", "weak negatives"),
                                 ("num_strong", "several rejected answers")):
                 value = getattr(self, name)
                 if value != defaults[name].default and not (name == "num_strong" and value == 1):
@@ -247,6 +252,8 @@ class TrainConfig:
                                   f"{self.dpo_loss_type}")
         if self.loss == "epa" and self.weak_correction != "none" and not self.num_weak:
             raise ConfigError("--weak-correction corrects weak negatives: it needs --num-weak > 0")
+        if self.loss == "epa" and self.weak_source != defaults["weak_source"].default and not self.num_weak:
+            raise ConfigError("--weak-source says where weak negatives come from: it needs --num-weak > 0")
         if self.weak_correction == "none" and self.weak_correction_prompts != defaults["weak_correction_prompts"].default:
             raise ConfigError("--weak-correction-prompts applies to --weak-correction importance only")
         if self.model != "tiny":

@@ -235,8 +235,8 @@ def prepare_data(cfg: TrainConfig, runtime: Runtime, resume_dir: Path | None) ->
                         f"(--batch-size x processes); lower --batch-size or add data")
     layout = Layout(num_strong, num_weak, tokenizer.pad_token_id, cfg.max_length, padding_free=cfg.padding_free,
                     max_row_tokens=cfg.packed_row_tokens if cfg.padding_free else None)
-    return Data(tokenizer, make_split(train, num_weak, cfg.seed), make_split(held_out, num_weak, cfg.seed), layout,
-                report)
+    return Data(tokenizer, make_split(train, num_weak, cfg.seed, cfg.weak_source),
+                make_split(held_out, num_weak, cfg.seed, cfg.weak_source), layout, report)
 
 
 def read_examples(source: str, cfg: TrainConfig) -> tuple[list[PreferenceExample], DropReport]:
