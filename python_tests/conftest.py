@@ -8,6 +8,12 @@ from pathlib import Path
 # processes can differ in the last bit; its conditional bitwise reproducibility mode (read when
 # MKL loads, hence before torch) lets tests compare runs exactly. Subprocesses inherit it.
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+# Under pytest-xdist (make test runs two workers on two cores) each worker, and every process its
+# tests start, computes on one thread: two workers of two OpenMP threads each would spin-wait for
+# each other's cores (the tiny models' training steps ran 10-20x slower so). Read by OpenMP when
+# torch loads, hence here; a test that wants more threads sets them itself.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
