@@ -184,6 +184,24 @@ def test_a_cached_table_is_not_reused_for_another_max_length(table, flags, tmp_p
                          f"--max-length 96 -> 120, scored token ids (changed); computing it for this run"), line
 
 
+@pytest.mark.parametrize("table,flags", [("reference_logps", ["--ref", "precompute"]),
+                                         ("weak_log_weights", ["--weak-correction", "importance"])])
+def test_a_damaged_cached_table_is_computed_again(table, flags, tmp_path, capsys):
+    """A cached table cut short (a copy interrupted, a full disk) is not loaded with a traceback:
+    the run says so in one line, computes it again and trains as the first run did."""
+    args = ["--max-steps", "2", "--batch-size", "4", "--num-weak", "2", "--eval-fraction", "0", *flags]
+    out = tmp_path / "run"
+    first = train_in_process(out, *args)
+    (cached,) = out.glob(f"{table}-train-*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])
+    capsys.readouterr()
+    again = train_in_process(out, *args, "--overwrite-output-dir")
+    said = [line for line in capsys.readouterr().err.splitlines() if "cannot be used" in line]
+    assert len(said) == 1 and str(cached) in said[0] and said[0].endswith("computing it again"), said
+    assert train_losses(again) == train_losses(first)
+    assert torch.load(cached, weights_only=True).dim() == 2
+
+
 def test_a_cached_tables_fingerprint_covers_what_determines_it(tmp_path):
     """Issue 37: besides --max-length (above), the precision, packing and seed change a cached
     table's fingerprint, and so do a model directory's weights rewritten with the same size and

@@ -60,7 +60,7 @@ class Reference:
                                        {"--weak-correction-prompts": cfg.weak_correction_prompts, "--seed": cfg.seed,
                                         "q": proposal.name if proposal else "estimated", "BOS": has_bos})
             path = output_dir / f"weak_log_weights-{name}-{fingerprint(inputs)}.pt"
-            if self.runtime.is_main and not path.is_file():
+            if self.runtime.is_main and not _readable_table(path, f"weak-negative importance weights ({name})"):
                 _say_why_computed_again(path, inputs, f"weak-negative importance weights ({name})")
                 started = time.perf_counter()
                 weak_plan = weak_correction.plan(split, layout, cfg.weak_correction_prompts, cfg.seed, has_bos,
@@ -92,7 +92,7 @@ class Reference:
         for name, split in splits.items():
             inputs = self.table_inputs(split, layout, "summed reference log-probs")
             path = output_dir / f"reference_logps-{name}-{fingerprint(inputs)}.pt"
-            if self.runtime.is_main and not path.is_file():
+            if self.runtime.is_main and not _readable_table(path, f"--ref precompute ({name})"):
                 _say_why_computed_again(path, inputs, f"--ref precompute ({name})")
                 _save_atomically(self._score_all(split, layout), path, inputs)
             barrier(self.runtime)
@@ -229,6 +229,25 @@ def stale_reason(path: Path, inputs: dict[str, Any]) -> str | None:
                for name, value in current.items() if recorded.get(name) != value]
     changed += [f"{name} (no longer an input)" for name in recorded if name not in current]
     return f"{stale.name} was computed for other inputs: {', '.join(changed)}"
+
+
+def _readable_table(path: Path, what: str) -> bool:
+    """Whether path holds a cached table this run can use: a tensor, read as plain data. A damaged
+    or foreign file in its place (a copy cut short, another program's) is said in one line and
+    removed, so that it is computed again instead of stopping the run with a traceback."""
+    if not path.is_file():
+        return False
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+        reason = None if isinstance(table, Tensor) else f"it holds a {type(table).__name__}, not a tensor"
+    except Exception as error:  # noqa: BLE001 (what fails differs with the damage; the user gets one line)
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"[:200]
+    if reason is None:
+        return True
+    print(f"epa-train: {what}: the cached table {path} cannot be used ({reason}); computing it again",
+          file=sys.stderr)
+    path.unlink()
+    return False
 
 
 def _say_why_computed_again(path: Path, inputs: dict[str, Any], what: str) -> None:
