@@ -41,9 +41,9 @@ constexpr bool kIsFloatVectorPath = !std::is_same_v<scalar_t, double>;
 // are written as exactly 0. They add nothing a float sum can hold, but as subnormal numbers they
 // cost tens of times a normal operation on many x86 cores (a microcode assist per operation), here
 // and in the gradient matmuls that read them: a row of wide logits (spanning more than ~87 nats)
-// made the fused-linear step 4-12x slower. exp_u20 already returns 0 below ln(FLT_MIN) (the
-// forward's sums need nothing more); a term is zeroed before it is multiplied by g, so that the
-// product is never formed as a subnormal either. (Flush-to-zero mode would do it for free, but
+// made the fused-linear step 4-12x slower. The vectorized exp_u20 of the AVX2 build already
+// returns 0 below ln(FLT_MIN) (the forward's sums need nothing more); a term is zeroed before it
+// is multiplied by g, so that the product is never formed as a subnormal either. (Flush-to-zero mode would do it for free, but
 // would also flush z / cap for a cap far above the logits, where the softcap's tanh would read 0.)
 constexpr float kLeastNormalExponent = -87.f;  // a little above ln(FLT_MIN): exp_u20's error
 
