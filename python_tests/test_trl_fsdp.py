@@ -57,6 +57,15 @@ SCRIPT = textwrap.dedent('''
         log = [e for e in trainer.state.log_history if "loss" in e]
         json.dump([{{"loss": e["loss"], "grad_norm": e["grad_norm"]}} for e in log], open(out + ".json", "w"))
         torch.save({{k: v.detach().cpu() for k, v in weights.items()}}, out + ".pt")
+    # Free the sharded model and then the process group while the interpreter is whole (as epa-train's
+    # runtime.teardown does): left to the interpreter's exit, a gloo rank of this script aborted once
+    # ("terminate called without an active exception", SIGABRT) after the run had finished.
+    import gc
+    del trainer, weights
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    gc.collect()
 ''').format(tests=str(Path(__file__).parent), steps=STEPS, lr=LR)
 FSDP2 = textwrap.dedent("""
     compute_environment: LOCAL_MACHINE
