@@ -43,8 +43,9 @@ constexpr bool kIsFloatVectorPath = !std::is_same_v<scalar_t, double>;
 // and in the gradient matmuls that read them: a row of wide logits (spanning more than ~87 nats)
 // made the fused-linear step 4-12x slower. The vectorized exp_u20 of the AVX2 build already
 // returns 0 below ln(FLT_MIN) (the forward's sums need nothing more); a term is zeroed before it
-// is multiplied by g, so that the product is never formed as a subnormal either. (Flush-to-zero mode would do it for free, but
-// would also flush z / cap for a cap far above the logits, where the softcap's tanh would read 0.)
+// is multiplied by g, so that the product is never formed as a subnormal either. (Flush-to-zero
+// mode would do it for free, but would also flush z / cap for a cap far above the logits, where
+// the softcap's tanh would read 0.)
 constexpr float kLeastNormalExponent = -87.f;  // a little above ln(FLT_MIN): exp_u20's error
 
 // The least exponent a of a gradient term g * exp(a) that stays normal (g = 0: +inf, all zero).

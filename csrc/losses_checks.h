@@ -108,7 +108,6 @@ inline void check_epa_inputs(const char* op, const at::Tensor& policy, const at:
     check_same_layout(op, "log_weights", *log_weights, "policy_logps", policy);
   }
   check_beta(op, beta, accumulate_dtype(policy));
-  if (log_weights.has_value()) check_log_weight_values(op, *log_weights, mask, accumulate_dtype(policy));
   TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= policy.size(1) - 1, op,
                     ": num_strong must lie in [1, C - 1] = [1, ", policy.size(1) - 1, "]; got ", num_strong);
   TORCH_CHECK_VALUE(std::isfinite(weak_weight) && weak_weight >= 0, op,

@@ -49,6 +49,8 @@ std::tuple<at::Tensor, at::Tensor> epa_loss_cpu(const at::Tensor& policy, const 
                                                 const std::optional<at::Tensor>& mask, double beta,
                                                 int64_t num_strong, double weak_weight,
                                                 const std::optional<at::Tensor>& log_weights) {
+  // log_weights' values once, in the forward (its backward gets the same tensor)
+  if (log_weights.has_value()) check_log_weight_values("epa_loss", *log_weights, mask, accumulate_dtype(policy));
   const EpaInputs in = prepare_epa_inputs("epa_loss", policy, ref, mask, log_weights, beta, num_strong, weak_weight);
   at::Tensor losses = at::empty({in.batch}, in.policy.options()), lse = at::empty({in.batch}, in.policy.options());
   AT_DISPATCH_FLOATING_TYPES(losses.scalar_type(), "epa_ext_epa_loss_cpu", [&] {
