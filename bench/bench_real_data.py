@@ -118,7 +118,7 @@ class EpaTrainCase:
 
     def padding_share(self, batches: int) -> float:
         """Share of the decoder's positions that are padding, over the run's first batches."""
-        from epa_ext.train.batching import make_batch
+        from epa_ext.preference.candidates import make_batch
 
         training, computed, real = self.training, 0, 0
         for micro_index in range(batches):

@@ -1,5 +1,5 @@
 """Benchmark of one EPA optimizer step of a Llama-architecture model: epa-train's path (final
-hidden states straight into fused_linear_epa_loss, through epa_ext.train.modeling.PreferenceLoss)
+hidden states straight into fused_linear_epa_loss, through epa_ext.preference.loss.PreferenceLoss)
 against the eager path a TRL user runs (the model's full logits, log_softmax, gather, masked sum,
 then the loss; autograd).
 
@@ -40,7 +40,8 @@ from common import add_ratios_to_eager, finish, peak_extra_mib, time_interleaved
 
 import epa_ext
 from epa_ext import eager
-from epa_ext.train.modeling import PreferenceLoss, enable_gradient_checkpointing
+from epa_ext.preference.loss import LossSpec, PreferenceLoss
+from epa_ext.train.modeling import enable_gradient_checkpointing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MEMORY_DEFINITION = ("first-step-fresh-process: peak of the first optimizer step in a fresh process above the model, "
@@ -92,7 +93,7 @@ class Step:
         self.labels = epa_ext.completion_labels(self.input_ids, completion)
         self.ref_logps = -torch.rand(self.rows, device=args.device) * 100
         self.candidate_mask = torch.ones(prompts, args.candidates, dtype=torch.bool, device=args.device)
-        self.fused = PreferenceLoss(self.model, loss="epa", beta=0.1, num_strong=args.candidates - 1)
+        self.fused = PreferenceLoss(self.model, LossSpec("epa", 0.1, num_strong=args.candidates - 1))
         # fused AdamW: epa-train's optimizer, and transformers' default (adamw_torch_fused) for TRL users
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6, fused=True)
         self.tokens = self.rows * args.seq_len

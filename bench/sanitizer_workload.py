@@ -68,7 +68,7 @@ def check_linear() -> None:
     weight = (torch.randn(301, 40, device="cuda", dtype=torch.bfloat16) / 6).requires_grad_()
     labels = torch.randint(0, 301, (3, 11), device="cuda")
     labels[:, :4] = epa_ext.IGNORE_INDEX
-    ours = epa_ext.linear_sequence_logps(hidden, weight, labels, chunk_size=7)
+    ours = epa_ext.linear_sequence_logps(hidden, weight, labels, max_chunk_tokens=7)
     grads = torch.autograd.grad(ours.sum(), [hidden, weight])
     ref_in = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
     truth = eager.linear_sequence_logps(*ref_in, labels)

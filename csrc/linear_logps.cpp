@@ -1,5 +1,5 @@
 // Log-probs of labels from hidden states and an lm_head without forming all the logits: the
-// rows that have a label are gathered, then processed chunk_size rows at a time with one matmul
+// rows that have a label are gathered, then processed max_chunk_tokens rows at a time with one matmul
 // (cuBLAS or the CPU BLAS through ATen) and the fused row kernels of the token_logps op.
 //
 // Forward: 1 matmul per chunk, saves the fp32 logsumexp per row. Backward: recompute the
@@ -38,12 +38,12 @@ at::Tensor kept_rows(const char* op, const at::Tensor& labels, int64_t vocab, in
 std::tuple<at::Tensor, at::Tensor> linear_token_logps(const at::Tensor& hidden, const at::Tensor& weight,
                                                       const std::optional<at::Tensor>& bias,
                                                       const at::Tensor& labels, int64_t ignore_index,
-                                                      int64_t chunk_size, bool /*fp32_weight_grad*/,
+                                                      int64_t max_chunk_tokens, bool /*fp32_weight_grad*/,
                                                       std::optional<double> softcap) {
   linear::check_linear_inputs(kForward, hidden, weight, bias, labels);
   check_softcap(kForward, softcap);
   TORCH_CHECK_VALUE(hidden.dim() == 2, kForward, ": hidden must have shape [N, H]; got ", hidden.sizes());
-  const int64_t chunk = linear::chunk_tokens(kForward, "chunk_size", chunk_size, hidden.size(1));
+  const int64_t chunk = linear::chunk_tokens(kForward, "max_chunk_tokens", max_chunk_tokens, hidden.size(1));
   const auto options = hidden.options().dtype(accumulate_dtype(hidden));
   at::Tensor logps = at::zeros({hidden.size(0)}, options);
   at::Tensor lse = at::zeros({hidden.size(0)}, options);
@@ -63,13 +63,13 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logps(const at::Tensor& hidden, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logps_backward(
     const at::Tensor& grad_logps, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& logps,
-    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> output_mask, bool fp32_weight_grad,
+    int64_t ignore_index, int64_t max_chunk_tokens, std::array<bool, 3> output_mask, bool fp32_weight_grad,
     std::optional<double> softcap) {
   linear::check_linear_inputs(kBackward, hidden, weight, bias, labels);
   check_softcap(kBackward, softcap);
   TORCH_CHECK_VALUE(hidden.dim() == 2, kBackward, ": hidden must have shape [N, H]; got ", hidden.sizes());
   check_gradient_and_saved(kBackward, grad_logps, hidden, labels, lse, logps);
-  const int64_t chunk = linear::chunk_tokens(kBackward, "chunk_size", chunk_size, hidden.size(1));
+  const int64_t chunk = linear::chunk_tokens(kBackward, "max_chunk_tokens", max_chunk_tokens, hidden.size(1));
   const auto [need_hidden, need_weight, need_bias] = output_mask;
   const bool reduced = hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf;
   const at::ScalarType param_acc = fp32_weight_grad && reduced ? at::kFloat : weight.scalar_type();

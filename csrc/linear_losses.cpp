@@ -140,8 +140,7 @@ void check_loss_inputs(const char* op, const at::Tensor& hidden, const at::Tenso
   TORCH_CHECK_VALUE(o.reduction == "mean" || o.reduction == "sum", op,
                     ": reduction must be 'mean' or 'sum' (reduction='none' takes the recomputing path of "
                     "fused_linear_*_loss); got '", std::string(o.reduction), "'");
-  TORCH_CHECK_VALUE(std::isfinite(o.sft_weight) && o.sft_weight >= 0, op,
-                    ": sft_weight must be a finite number >= 0; got ", o.sft_weight);
+  check_term_weight(op, "sft_weight", o.sft_weight);
   TORCH_CHECK_VALUE(o.average || !o.ref_logps_averaged, op,
                     ": ref_logps_averaged=True says ref_logps are length-averaged, but this loss is taken on "
                     "summed log-probs (average=False)");
@@ -353,10 +352,8 @@ Outputs linear_epa_loss(const at::Tensor& hidden, const at::Tensor& weight, cons
                         bool fp32_weight_grad, const std::optional<at::Tensor>& log_weights,
                         std::optional<double> softcap) {
   check_beta(kEpa, beta, accumulate_dtype(hidden));
-  TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= num_candidates - 1, kEpa,
-                    ": num_strong must lie in [1, C - 1] = [1, ", num_candidates - 1, "]; got ", num_strong);
-  TORCH_CHECK_VALUE(std::isfinite(weak_weight) && weak_weight >= 0, kEpa,
-                    ": weak_weight must be a finite number >= 0; got ", weak_weight);
+  check_num_strong(kEpa, num_strong, num_candidates);
+  check_term_weight(kEpa, "weak_weight", weak_weight);
   const int64_t prompts = num_candidates > 0 ? hidden.size(0) / num_candidates : 0;
   if (mask.has_value()) {
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, kEpa, ": mask must be a bool tensor; got ",

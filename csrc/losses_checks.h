@@ -88,6 +88,17 @@ inline void check_dpo_inputs(const at::Tensor& policy_chosen, const at::Tensor& 
                     ": label_smoothing must lie in [0, 0.5); got ", label_smoothing);
 }
 
+// A loss term's weight (weak_weight, sft_weight): finite and >= 0, in the same words for every op.
+inline void check_term_weight(const char* op, const char* name, double value) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, op, ": ", name, " must be a finite number >= 0; got ", value);
+}
+
+// EPA's K strong negatives among C candidates.
+inline void check_num_strong(const char* op, int64_t num_strong, int64_t num_candidates) {
+  TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= num_candidates - 1, op,
+                    ": num_strong must lie in [1, C - 1] = [1, ", num_candidates - 1, "]; got ", num_strong);
+}
+
 inline void check_epa_inputs(const char* op, const at::Tensor& policy, const at::Tensor& ref,
                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& log_weights,
                              double beta, int64_t num_strong, double weak_weight) {
@@ -108,10 +119,8 @@ inline void check_epa_inputs(const char* op, const at::Tensor& policy, const at:
     check_same_layout(op, "log_weights", *log_weights, "policy_logps", policy);
   }
   check_beta(op, beta, accumulate_dtype(policy));
-  TORCH_CHECK_VALUE(num_strong >= 1 && num_strong <= policy.size(1) - 1, op,
-                    ": num_strong must lie in [1, C - 1] = [1, ", policy.size(1) - 1, "]; got ", num_strong);
-  TORCH_CHECK_VALUE(std::isfinite(weak_weight) && weak_weight >= 0, op,
-                    ": weak_weight must be finite and >= 0; got ", weak_weight);
+  check_num_strong(op, num_strong, policy.size(1));
+  check_term_weight(op, "weak_weight", weak_weight);
 }
 
 // Contiguous copies in the accumulation dtype (no copy when already so).

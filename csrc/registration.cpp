@@ -54,19 +54,19 @@ void define_ops(torch::Library& m) {
 
   // --- log-probs from hidden states and the lm_head, chunked over tokens (linear_logps.cpp) ---
   // hidden [N, H], weight [V, H], bias [V] or None, labels [N]. Rows whose label is ignore_index
-  // are dropped before any matmul; the rest go through chunk_size rows at a time (0: automatic,
+  // are dropped before any matmul; the rest go through max_chunk_tokens rows at a time (0: automatic,
   // max(H, 512); negative: an error),
-  // so at most [chunk_size, V] logits exist at once. Returns (logps, lse) [N], fp32 (fp64 for
+  // so at most [max_chunk_tokens, V] logits exist at once. Returns (logps, lse) [N], fp32 (fp64 for
   // fp64 inputs), 0 on ignored rows. fp32_weight_grad is for the autograd backward.
   m.def(
       "linear_token_logps(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
-      "int chunk_size, bool fp32_weight_grad=True, float? softcap=None) -> (Tensor, Tensor)");
+      "int max_chunk_tokens, bool fp32_weight_grad=True, float? softcap=None) -> (Tensor, Tensor)");
   // Gradients for hidden, weight and bias as output_mask asks (undefined otherwise). Recomputes
   // each chunk's logits, turns them into their gradient in place, then two matmuls per chunk.
   // fp32_weight_grad: accumulate the weight and bias gradients over chunks in fp32.
   m.def(
       "linear_token_logps_backward(Tensor grad_logps, Tensor hidden, Tensor weight, Tensor? bias, "
-      "Tensor labels, Tensor lse, Tensor logps, int ignore_index, int chunk_size, bool[3] output_mask, "
+      "Tensor labels, Tensor lse, Tensor logps, int ignore_index, int max_chunk_tokens, bool[3] output_mask, "
       "bool fp32_weight_grad, float? softcap=None) -> (Tensor, Tensor, Tensor)");
 
   // --- preference losses from hidden states and the lm_head, gradient formed in the forward

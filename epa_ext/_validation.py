@@ -146,3 +146,16 @@ def check_same_device(name: str, tensor: Tensor, like_name: str, like: Tensor) -
                 if "meta" in (tensor.device.type, like.device.type) else "")
         raise ValueError(f"{name} must be on the device of {like_name} ({like.device}); got {tensor.device}{hint}")
 
+
+# Keyword arguments of the public functions renamed before 1.0 (one name per concept), with their
+# new names: length averaging is ``average``, the chunk budget ``max_chunk_tokens``.
+RENAMED = {"averaged": "average", "chunk_size": "max_chunk_tokens"}
+
+
+def refuse_renamed(function: str, given: dict, renames: dict[str, str]) -> None:
+    """Raises TypeError for keyword arguments a public function does not take (given: its
+    ``**renamed``), naming the new name of one that was renamed (one name per concept, before 1.0)."""
+    for name in given:
+        new = renames.get(name)
+        raise TypeError(f"{function}() got an unexpected keyword argument {name!r}"
+                        + (f": it is called {new!r} now" if new else ""))

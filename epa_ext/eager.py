@@ -61,18 +61,18 @@ def _reduce(losses: Tensor, reduction: str) -> Tensor:
     return {"mean": losses.mean, "sum": losses.sum}.get(reduction, lambda: losses)()
 
 
-def sft_nll(policy_chosen: Tensor, chosen_token_counts: Tensor, averaged: bool = False) -> Tensor:
+def sft_nll(policy_chosen: Tensor, chosen_token_counts: Tensor, average: bool = False) -> Tensor:
     """The SFT term's NLL: -sum_b log pi(chosen_b) / sum_b n_b over the batch's chosen answers (0 without
-    tokens); policy_chosen [B] are sums, or length-averaged log-probs when ``averaged``."""
+    tokens); policy_chosen [B] are sums, or length-averaged log-probs when ``average``."""
     counts = chosen_token_counts.to(policy_chosen.dtype)
-    sums = policy_chosen * counts if averaged else policy_chosen
+    sums = policy_chosen * counts if average else policy_chosen
     return -sums.sum() / counts.sum().clamp_min(1)
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              reduction: str = "mean", sft_weight: float = 0.0, chosen_token_counts: Tensor | None = None,
-             averaged: bool = False) -> Tensor:
+             average: bool = False) -> Tensor:
     """Inputs [B] -> the DPO-family loss, written from the formulas of epa-spec section 3, plus
     sft_weight * sft_nll on every pair (docs/losses.md)."""
     delta = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
@@ -89,13 +89,13 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     if sft_weight:
-        losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, averaged)
+        losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, average)
     return _reduce(losses.to(accumulate_dtype(delta)), reduction)
 
 
 def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_strong: int | None = None,
              weak_weight: float = 1.0, mask: Tensor | None = None, reduction: str = "mean", sft_weight: float = 0.0,
-             chosen_token_counts: Tensor | None = None, averaged: bool = False,
+             chosen_token_counts: Tensor | None = None, average: bool = False,
              log_weights: Tensor | None = None) -> Tensor:
     """Inputs [B, C] -> the EPA loss of epa-spec section 4 with per-candidate log-weights w:
     s_j = beta h_j + omega_j + w_j, logsumexp_j s_j - s_0, plus sft_weight * sft_nll of column 0
@@ -111,7 +111,7 @@ def epa_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float = 0.1, num_str
         scores = scores.masked_fill(~mask, float("-inf"))
     losses = torch.logsumexp(scores, dim=1) - scores[:, 0]
     if sft_weight:
-        losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, averaged)
+        losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, average)
     return _reduce(losses.to(accumulate_dtype(scores)), reduction)
 
 

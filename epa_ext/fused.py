@@ -118,13 +118,13 @@ def _sequences(token: Tensor, labels: Tensor, ref_logps: Tensor, ignore_index: i
 
 def _dpo_on_sequences(seq: Tensor, ref: Tensor, counts: Tensor, batch: int, average: bool, **options) -> Tensor:
     return dpo_loss(seq[:batch], seq[batch:], ref[:batch], ref[batch:], chosen_token_counts=counts[:batch],
-                    averaged=average, **options)
+                    average=average, **options)
 
 
 def _epa_on_sequences(seq: Tensor, ref: Tensor, counts: Tensor, num_candidates: int, batch: int, average: bool,
                       **options) -> Tensor:
     return epa_loss(seq.view(num_candidates, batch).T, ref.view(num_candidates, batch).T,
-                    chosen_token_counts=counts[:batch], averaged=average, **options)
+                    chosen_token_counts=counts[:batch], average=average, **options)
 
 
 def fused_dpo_loss(
@@ -284,7 +284,8 @@ def fused_linear_dpo_loss(
             output_mask(hidden, weight, bias), fp32_weight_grad, softcap)
         return loss, seq
     token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                               chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad, softcap=softcap)
+                               max_chunk_tokens=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad,
+                               softcap=softcap)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     loss = _dpo_on_sequences(seq, ref, counts, batch, average, beta=beta, loss_type=loss_type,
                              label_smoothing=label_smoothing, reduction=reduction, sft_weight=sft_weight)
@@ -343,7 +344,8 @@ def fused_linear_epa_loss(
             budget, output_mask(hidden, weight, bias), fp32_weight_grad, log_weights, softcap)
         return loss, seq
     token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                               chunk_size=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad, softcap=softcap)
+                               max_chunk_tokens=max_chunk_tokens, fp32_weight_grad=fp32_weight_grad,
+                               softcap=softcap)
     seq, ref, counts = _sequences(token, labels, ref_logps, ignore_index, average, ref_logps_averaged)
     loss = _epa_on_sequences(seq, ref, counts, num_candidates, batch, average, beta=beta, num_strong=num_strong,
                              weak_weight=weak_weight, mask=mask, reduction=reduction, sft_weight=sft_weight,

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from . import eager
 from ._autograd import check_autograd_support, gradients_by_definition
 from ._kernel_contract import accumulate_dtype
-from ._validation import (beta_in_range, check_bool, check_choice, check_float, check_int,
-                          check_optional_tensor, check_positive_float, check_same_device, check_tensor)
+from ._validation import (RENAMED, beta_in_range, check_bool, check_choice, check_float, check_int,
+                          check_optional_tensor, check_positive_float, check_same_device,
+                          check_tensor, refuse_renamed)
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 REDUCTIONS = ("mean", "sum", "none")
@@ -81,14 +82,14 @@ def check_sft_options(sft_weight: float, chosen_token_counts: Tensor | None, pol
     check_same_device("chosen_token_counts", chosen_token_counts, "the log-probs", policy_chosen)
 
 
-def sft_nll(policy_chosen: Tensor, chosen_token_counts: Tensor, averaged: bool) -> Tensor:
+def sft_nll(policy_chosen: Tensor, chosen_token_counts: Tensor, average: bool) -> Tensor:
     """-sum_b log pi(chosen_b) / sum_b n_b (0 when there are no tokens), in the accumulation dtype.
 
-    policy_chosen: [B] summed log-probs, or length-averaged ones when ``averaged`` (then they are
+    policy_chosen: [B] summed log-probs, or length-averaged ones when ``average`` (then they are
     multiplied back by their counts)."""
     chosen = policy_chosen.to(accumulate_dtype(policy_chosen))
     counts = chosen_token_counts.to(chosen.dtype)
-    sums = chosen * counts if averaged else chosen
+    sums = chosen * counts if average else chosen
     return -sums.sum() / counts.sum().clamp_min(1)
 
 
@@ -181,7 +182,8 @@ def dpo_loss(
     reduction: str = "mean",
     sft_weight: float = 0.0,
     chosen_token_counts: Tensor | None = None,
-    averaged: bool = False,
+    average: bool = False,
+    **renamed,
 ) -> Tensor:
     """DPO-family loss of B preference pairs.
 
@@ -201,8 +203,9 @@ def dpo_loss(
             reduction="mean" the loss is ``mean_b loss_b + lambda * NLL``.
         chosen_token_counts: [B] completion-token counts of the chosen answers; required when
             sft_weight > 0.
-        averaged: True when the policy log-probs given are length-averaged (as for ipo); the
-            SFT term then takes ``policy_chosen * chosen_token_counts`` as the chosen sums.
+        average: True when the log-probs given are length-averaged (as for ipo; the name every
+            function of epa_ext gives length averaging, formerly ``averaged``); the SFT term then
+            takes ``policy_chosen * chosen_token_counts`` as the chosen sums.
 
     Returns:
         The loss (fp32, fp64 for fp64 policy_chosen; [B] for reduction="none"), differentiable in
@@ -212,16 +215,17 @@ def dpo_loss(
     and gradient are what plain torch gives for the formula (``epa_ext.eager.dpo_loss``), e.g.
     +inf for ``ref_chosen = +inf`` with the sigmoid loss, NaN where it is undefined (inf - inf).
     """
+    refuse_renamed("dpo_loss", renamed, RENAMED)
     check_loss_options(beta=beta, reduction=reduction, loss_type=loss_type, label_smoothing=label_smoothing)
     tensors = {name: check_tensor(name, t) for name, t in (("policy_chosen", policy_chosen),
                                                             ("policy_rejected", policy_rejected),
                                                             ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected))}
     check_sft_options(sft_weight, chosen_token_counts, policy_chosen)
-    check_bool("averaged", averaged)
+    check_bool("average", average)
     check_autograd_support("dpo_loss", *tensors.values())
     losses, _ = torch.ops.epa_ext.dpo_loss(*tensors.values(), float(beta), loss_type, float(label_smoothing))
     if sft_weight:
-        losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, averaged)
+        losses = losses + sft_weight * sft_nll(policy_chosen, chosen_token_counts, average)
     return reduce_losses(losses, reduction)
 
 
@@ -250,7 +254,7 @@ def _check_epa(op: str, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | 
         lambda: f"{op}: num_strong must lie in [1, C - 1] = [1, {candidates - 1}]; got {num_strong}",
     )
     torch._check_value(0 <= weak_weight < float("inf"),
-                       lambda: f"{op}: weak_weight must be finite and >= 0; got {weak_weight}")
+                       lambda: f"{op}: weak_weight must be a finite number >= 0; got {weak_weight}")
 
 
 @torch.library.register_fake("epa_ext::epa_loss")
@@ -319,8 +323,9 @@ def epa_loss(
     reduction: str = "mean",
     sft_weight: float = 0.0,
     chosen_token_counts: Tensor | None = None,
-    averaged: bool = False,
+    average: bool = False,
     log_weights: Tensor | None = None,
+    **renamed,
 ) -> Tensor:
     """EPA loss: each chosen answer against its strong and weak negatives, a softmax contrast.
 
@@ -329,7 +334,7 @@ def epa_loss(
             1..num_strong strong negatives, the remaining columns weak negatives.
         beta: KL strength, finite and > 0. num_strong: K, an int in [1, C - 1] (None: all C - 1
             negatives are strong).
-        weak_weight: alpha, finite and >= 0, the weight of each weak negative in the partition sum.
+        weak_weight: alpha, a finite number >= 0, the weight of each weak negative in the partition sum.
         mask: [B, C] bool, False for absent candidates (column 0 must be True); they contribute
             nothing to the value or the gradient.
         reduction: "mean" (over B) | "sum" | "none" ([B]).
@@ -357,18 +362,19 @@ def epa_loss(
     check_loss_options(beta=beta, reduction=reduction, weak_weight=weak_weight)
     policy_logps = check_tensor("policy_logps", policy_logps)
     ref_logps = check_tensor("ref_logps", ref_logps)
+    refuse_renamed("epa_loss", renamed, RENAMED)
     mask = check_optional_tensor("mask", mask)
     log_weights = check_optional_tensor("log_weights", log_weights)
     if policy_logps.dim() != 2:
         raise ValueError(f"policy_logps must have shape [B, C]; got {list(policy_logps.shape)}")
     num_strong = check_num_strong(num_strong, policy_logps.shape[1])
     check_sft_options(sft_weight, chosen_token_counts, policy_logps)
-    check_bool("averaged", averaged)
+    check_bool("average", average)
     check_autograd_support("epa_loss", policy_logps, ref_logps, log_weights)
     losses, _ = torch.ops.epa_ext.epa_loss(policy_logps, ref_logps, mask, float(beta), num_strong, float(weak_weight),
                                            log_weights)
     if sft_weight:
-        losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, averaged)
+        losses = losses + sft_weight * sft_nll(policy_logps[:, 0], chosen_token_counts, average)
     return reduce_losses(losses, reduction)
 
 
@@ -387,10 +393,11 @@ class DPOLoss(nn.Module):
         self.sft_weight = sft_weight
 
     def forward(self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-                chosen_token_counts: Tensor | None = None, averaged: bool = False) -> Tensor:
+                chosen_token_counts: Tensor | None = None, average: bool = False, **renamed) -> Tensor:
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.beta,
                         loss_type=self.loss_type, label_smoothing=self.label_smoothing, reduction=self.reduction,
-                        sft_weight=self.sft_weight, chosen_token_counts=chosen_token_counts, averaged=averaged)
+                        sft_weight=self.sft_weight, chosen_token_counts=chosen_token_counts, average=average,
+                        **renamed)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
@@ -411,11 +418,12 @@ class EPALoss(nn.Module):
         self.sft_weight = sft_weight
 
     def forward(self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor | None = None,
-                chosen_token_counts: Tensor | None = None, averaged: bool = False,
-                log_weights: Tensor | None = None) -> Tensor:
+                chosen_token_counts: Tensor | None = None, average: bool = False,
+                log_weights: Tensor | None = None, **renamed) -> Tensor:
         return epa_loss(policy_logps, ref_logps, beta=self.beta, num_strong=self.num_strong,
                         weak_weight=self.weak_weight, mask=mask, reduction=self.reduction, sft_weight=self.sft_weight,
-                        chosen_token_counts=chosen_token_counts, averaged=averaged, log_weights=log_weights)
+                        chosen_token_counts=chosen_token_counts, average=average, log_weights=log_weights,
+                        **renamed)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, num_strong={self.num_strong}, weak_weight={self.weak_weight}, sft_weight={self.sft_weight}"

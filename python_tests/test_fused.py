@@ -244,7 +244,7 @@ def test_sft_weight_adds_the_chosen_answers_nll(reduction, average, device):
 
 @pytest.mark.parametrize("loss", ["dpo", "epa"])
 def test_plain_losses_sft_term(loss, device):
-    """The plain losses take the chosen answers' token counts; `averaged` says the log-probs are
+    """The plain losses take the chosen answers' token counts; `average` says the log-probs are
     length-averaged, so the term is the same whichever form the loss is taken on."""
     gen = torch.Generator().manual_seed(2)
     prompts, candidates = 6, 3
@@ -261,7 +261,7 @@ def test_plain_losses_sft_term(loss, device):
             def ours(p, **kw):
                 return epa_ext.epa_loss(torch.cat([p[:, None], sums[:, 1:].float()], 1), ref.float(), **kw)
         x = policy.float().requires_grad_()
-        term = ours(x, sft_weight=0.5, chosen_token_counts=counts, averaged=averaged) - ours(x)
+        term = ours(x, sft_weight=0.5, chosen_token_counts=counts, average=averaged) - ours(x)
         assert_close_to_truth(term, 0.5 * expected_nll, dtype=torch.float32, what=f"{loss} sft term")
         (grad,) = torch.autograd.grad(term, [x])
         expected_grad = -0.5 * (counts if averaged else torch.ones_like(counts)) / counts.sum()

@@ -54,7 +54,7 @@ def test_matches_eager(shape, dtype, average, device):
     labels = inputs[3]
 
     def ours(h, w, b):
-        return epa_ext.linear_sequence_logps(h, w, labels, bias=b, average=average, chunk_size=chunk)
+        return epa_ext.linear_sequence_logps(h, w, labels, bias=b, average=average, max_chunk_tokens=chunk)
 
     def plain_torch(h, w, b):
         return eager.linear_sequence_logps(h, w, labels, b, average=average)
@@ -73,14 +73,14 @@ def test_float64_and_gradcheck(device):
     hidden, weight, bias, labels = make_inputs(2, 5, 6, 9, torch.float64, device)
     args = [t.requires_grad_() for t in (hidden, weight, bias)]
     assert torch.autograd.gradcheck(
-        lambda h, w, b: epa_ext.linear_sequence_logps(h, w, labels, bias=b, chunk_size=3), args
+        lambda h, w, b: epa_ext.linear_sequence_logps(h, w, labels, bias=b, max_chunk_tokens=3), args
     )
 
 
 @pytest.mark.parametrize("ignore_fraction", [0.2, 1.0])
 def test_ignored_rows(ignore_fraction, device):
     hidden, weight, bias, labels = make_inputs(3, 8, 16, 50, torch.float32, device, ignore_fraction=ignore_fraction)
-    value, grads = grads_of(lambda h, w, b: epa_ext.linear_sequence_logps(h, w, labels, bias=b, chunk_size=5),
+    value, grads = grads_of(lambda h, w, b: epa_ext.linear_sequence_logps(h, w, labels, bias=b, max_chunk_tokens=5),
                             [hidden, weight, bias])
     truth, truth_grads = grads_of(lambda h, w, b: eager.linear_sequence_logps(h, w, labels, b),
                                   [t.double() for t in (hidden, weight, bias)])
@@ -133,7 +133,7 @@ def bf16_weight_gradient_errors(path: str, device) -> dict[bool, float]:
         if path == "logps":
             if plain:
                 return eager.linear_sequence_logps(h, w, labels)
-            return epa_ext.linear_sequence_logps(h, w, labels, chunk_size=8, fp32_weight_grad=fp32)
+            return epa_ext.linear_sequence_logps(h, w, labels, max_chunk_tokens=8, fp32_weight_grad=fp32)
         if plain:
             return eager.fused_dpo_loss(h @ w.T, labels, ref.double(), beta=1.0)[0]
         return epa_ext.fused_linear_dpo_loss(h, w, labels, ref, beta=1.0, max_chunk_tokens=8, fp32_weight_grad=fp32)[0]
@@ -156,7 +156,7 @@ def test_bf16_weight_gradient_accumulates_in_fp32(path, device):
 
 def test_token_logps_match_the_logits_op(device):
     hidden, weight, bias, labels = make_inputs(2, 9, 10, 77, torch.float32, device)
-    ours = epa_ext.linear_token_logps(hidden, weight, labels, bias=bias, chunk_size=4)
+    ours = epa_ext.linear_token_logps(hidden, weight, labels, bias=bias, max_chunk_tokens=4)
     via_logits = epa_ext.token_logps(hidden @ weight.T + bias, labels)
     assert_paths_agree(ours, via_logits, what="linear_token_logps")
     flat = epa_ext.linear_token_logps(hidden.reshape(-1, 10), weight, labels.reshape(-1), bias=bias)
@@ -179,7 +179,7 @@ def test_compile_fullgraph(device):
     hidden, weight, bias, labels = make_inputs(2, 6, 8, 30, torch.float32, device)
 
     def fn(h, w, b):
-        return epa_ext.linear_sequence_logps(h, w, labels, bias=b, average=True, chunk_size=5).sum()
+        return epa_ext.linear_sequence_logps(h, w, labels, bias=b, average=True, max_chunk_tokens=5).sum()
 
     results = [grads_of(f, [hidden, weight, bias]) for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager"))]
     assert_paths_agree(results[1][0], results[0][0], what="compiled value")
@@ -610,14 +610,14 @@ BAD = [  # (call(hidden, weight, bias, labels, ref), error, pattern)
     (lambda h, w, b, y, r: epa_ext.linear_sequence_logps(h, w, y[:, :4]), ValueError,
      "labels must have the shape of hidden"),
     (lambda h, w, b, y, r: epa_ext.linear_sequence_logps(h, w, y.float()), TypeError, "labels must be int64"),
-    (lambda h, w, b, y, r: epa_ext.linear_sequence_logps(h, w, y, chunk_size=0), ValueError,
-     "chunk_size must be a positive"),
+    (lambda h, w, b, y, r: epa_ext.linear_sequence_logps(h, w, y, max_chunk_tokens=0), ValueError,
+     "max_chunk_tokens must be a positive"),
     (lambda h, w, b, y, r: epa_ext.linear_sequence_logps(list(h), w, y), TypeError,
      "hidden must be a torch.Tensor; got list"),
     (lambda h, w, b, y, r: epa_ext.linear_sequence_logps(h, w, y.index_fill(1, torch.tensor([3]), 57)), ValueError,
      r"labels must lie in \[0, V\) = \[0, 20\) or equal ignore_index \(-100\); got 57 at flat position 3 of labels"),
     (lambda h, w, b, y, r: torch.ops.epa_ext.linear_token_logps(h[0], w, None, y[0], IGNORE_INDEX, -5, True), ValueError,
-     r"linear_token_logps: chunk_size must be a positive number of tokens \(0: automatic, max\(H, 512\)\); got -5"),
+     r"linear_token_logps: max_chunk_tokens must be a positive number of tokens \(0: automatic, max\(H, 512\)\); got -5"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r[:5], num_candidates=2), ValueError,
      r"ref_logps must have shape \[C\*B\] = \[6\]"),
     (lambda h, w, b, y, r: epa_ext.fused_linear_epa_loss(h, w, y, r, num_candidates=4), ValueError,
@@ -726,3 +726,13 @@ def test_bad_input_on_the_meta_device(call, error, pattern):
     """The fake kernels (torch.compile, meta tensors) raise the same errors as the kernels."""
     with pytest.raises(error, match=pattern):
         call(*[t.to("meta") for t in hidden_weight_labels_ref()])
+
+
+@pytest.mark.parametrize("function", [epa_ext.linear_token_logps, epa_ext.linear_sequence_logps])
+def test_the_old_chunk_argument_is_refused_naming_the_new_one(function):
+    """One name per concept: the chunk budget is `max_chunk_tokens`, as in the fused-linear losses."""
+    hidden, weight, labels = torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'chunk_size': it is called 'max_chunk_tokens'"):
+        function(hidden, weight, labels, chunk_size=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'chunks'$"):
+        function(hidden, weight, labels, chunks=2)

@@ -376,7 +376,7 @@ def test_raw_ops_check_their_options():
         with pytest.raises(ValueError, match=r"dpo_loss: beta must be a number in \[1.17\d*e-38, 3.40\d*e\+38\] "
                            r"\(float32's normal range, in which the loss is computed\); got inf"):
             torch.ops.epa_ext.dpo_loss(p[:, 0], p[:, 1], p[:, 2], p[:, 3], float("inf"), "sigmoid", 0.0)
-        with pytest.raises(ValueError, match="epa_loss: weak_weight must be finite and >= 0; got inf"):
+        with pytest.raises(ValueError, match="epa_loss: weak_weight must be a finite number >= 0; got inf"):
             torch.ops.epa_ext.epa_loss(p, p, None, 0.1, 1, float("inf"))
         _, lse = torch.ops.epa_ext.epa_loss(p, p, None, 0.1, 1, 1.0)
         with pytest.raises(TypeError, match="epa_loss_backward: grad_losses must be a floating-point tensor"):
@@ -669,3 +669,14 @@ def test_epa_log_weights_device_and_meta():
     with pytest.raises(TypeError, match="epa_loss_backward: log_weights must be a floating-point tensor"):
         torch.ops.epa_ext.epa_loss_backward(torch.ones(4, device="meta"), meta, meta, None, torch.ones(4, device="meta"),
                                             0.1, 1, 1.0, torch.zeros(4, 5, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("call,old,new", [
+    (lambda t: epa_ext.dpo_loss(t, t, t, t, averaged=True), "averaged", "average"),
+    (lambda t: epa_ext.epa_loss(t.view(2, 2), t.view(2, 2), averaged=True), "averaged", "average"),
+    (lambda t: epa_ext.DPOLoss()(t, t, t, t, averaged=True), "averaged", "average"),
+])
+def test_an_old_argument_name_is_refused_naming_the_new_one(call, old, new):
+    """One name per concept: length averaging is `average` everywhere (it was `averaged` here)."""
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{old}': it is called '{new}' now"):
+        call(torch.zeros(4))

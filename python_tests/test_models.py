@@ -1,5 +1,5 @@
 """The fused path on every causal-LM architecture transformers builds here from a config
-(epa_ext.causal_lm): epa-train's PreferenceLoss against the model's own logits (log_softmax of
+(epa_ext.causal_lm): the preference core's PreferenceLoss against the model's own logits (log_softmax of
 ``model(...).logits``), for the sequence log-probs (right padding, under LoRA and gradient
 checkpointing too) and the gradient of one DPO step; logit transforms (Cohere's scale, Granite's
 divisor, Gemma-2/3's softcap, ...) set to values that bite; MoE router losses against
@@ -15,7 +15,8 @@ import torch
 from numerics import assert_paths_agree
 
 from epa_ext import IGNORE_INDEX, causal_lm, eager
-from epa_ext.train.modeling import PreferenceLoss, enable_gradient_checkpointing
+from epa_ext.preference.loss import LossSpec, PreferenceLoss
+from epa_ext.train.modeling import enable_gradient_checkpointing
 
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -79,7 +80,7 @@ def own_loss(model, input_ids, attention_mask, labels, ref):
 
 
 def fused_loss(model, input_ids, attention_mask, labels, ref):
-    module = PreferenceLoss(model, loss="dpo", beta=0.1, transform=causal_lm.check(model))
+    module = PreferenceLoss(model, LossSpec("dpo", 0.1), transform=causal_lm.check(model))
     loss, seq, *_ = module(input_ids, attention_mask, labels, ref, torch.ones(2, 2, dtype=torch.bool))
     return loss, seq
 
@@ -147,10 +148,10 @@ def test_router_loss_is_transformers_own(model_type):
     input_ids, attention_mask, labels, ref = pairs()
     expected = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).aux_loss
     assert expected is not None and expected > 0
-    module = PreferenceLoss(model, loss="dpo", beta=0.1, transform=causal_lm.check(model), router_aux_coef=0.5)
+    module = PreferenceLoss(model, LossSpec("dpo", 0.1), transform=causal_lm.check(model), router_aux_coef=0.5)
     loss, _, _, aux = module(input_ids, attention_mask, labels, ref, torch.ones(2, 2, dtype=torch.bool))
     assert_paths_agree(aux, expected, what="router loss")
-    plain = PreferenceLoss(model, loss="dpo", beta=0.1)(input_ids, attention_mask, labels, ref,
+    plain = PreferenceLoss(model, LossSpec("dpo", 0.1))(input_ids, attention_mask, labels, ref,
                                                         torch.ones(2, 2, dtype=torch.bool))[0]
     assert_paths_agree(loss, plain + 0.5 * expected, what="loss with the router loss")
     router = next(p for name, p in model.named_parameters() if "gate" in name and "experts" not in name)

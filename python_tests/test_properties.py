@@ -156,7 +156,7 @@ def test_linear_sequence_logps(hidden_size, vocab, rows, chunk, with_bias, ignor
         return out.detach(), torch.autograd.grad(out, leaves, upstream.to(out.dtype))
 
     def ours_fn(h, w, b=None):
-        return epa_ext.linear_sequence_logps(h, w, labels, bias=b, chunk_size=chunk)
+        return epa_ext.linear_sequence_logps(h, w, labels, bias=b, max_chunk_tokens=chunk)
 
     def eager_fn(h, w, b=None):
         return eager.linear_sequence_logps(h, w, labels, b)

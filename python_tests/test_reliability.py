@@ -146,7 +146,8 @@ DETERMINISM_SCRIPT = textwrap.dedent("""
     loss.backward()
     hidden = torch.randn(4, 16, 32, generator=g).requires_grad_()
     weight = torch.randn(500, 32, generator=g).requires_grad_()
-    lin = epa_ext.linear_sequence_logps(hidden, weight, torch.randint(0, 500, (4, 16), generator=g), chunk_size=7)
+    lin = epa_ext.linear_sequence_logps(hidden, weight, torch.randint(0, 500, (4, 16), generator=g),
+                                        max_chunk_tokens=7)
     lin.sum().backward()
     torch.save([seq, loss, logits.grad, policy.grad, lin, hidden.grad, weight.grad], sys.argv[2])
 """)

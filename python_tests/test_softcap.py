@@ -150,7 +150,7 @@ def test_linear_sequence_logps(dtype, device):
     weight = weight * SCALE  # logits of magnitude ~10: the cap of 5 bites
 
     def ours(h, w, b):
-        return epa_ext.linear_sequence_logps(h, w, labels, bias=b, chunk_size=4, softcap=CAP)
+        return epa_ext.linear_sequence_logps(h, w, labels, bias=b, max_chunk_tokens=4, softcap=CAP)
 
     def plain(h, w, b):
         return eager.linear_sequence_logps(h, w, labels, b, softcap=CAP)

@@ -41,7 +41,7 @@ def mean_chosen_logps(model, out: Path, dataset: Path, *extra: str) -> float:
 
     cfg = parse_config(["--dataset", str(dataset), "--output-dir", str(out.parent / "scratch"), *TINY, *extra])
     data = prepare_data(cfg, Runtime(0, 1, torch.device("cpu")), None)
-    from epa_ext.train.batching import make_batch
+    from epa_ext.preference.candidates import make_batch
 
     batch = make_batch(data.held_out, list(range(len(data.held_out.examples))), data.layout, torch.device("cpu"))
     rows = len(data.held_out.examples)  # candidate 0 (chosen) of every example comes first
@@ -274,7 +274,8 @@ def test_sft_weight_adds_the_chosen_answers_nll(loss, tmp_path):
     """--sft-weight lambda (RPO): at step 1 the policy is the reference, so the loss with lambda
     exceeds the loss without by lambda * the chosen answers' NLL averaged over their tokens."""
     from epa_ext import IGNORE_INDEX
-    from epa_ext.train.batching import make_batch, micro_batch_ids
+    from epa_ext.preference.candidates import make_batch
+    from epa_ext.train.batching import micro_batch_ids
     from epa_ext.train.config import parse_config
     from epa_ext.train.runtime import Runtime
     from epa_ext.train.trainer import prepare_data
@@ -356,7 +357,7 @@ def test_logits_metrics_are_the_mean_logits_of_the_completion_tokens(softcap):
     logits (no logits formed without a softcap; the softcapped ones in chunks)."""
     from epa_ext import IGNORE_INDEX
     from epa_ext.causal_lm import HeadInputs
-    from epa_ext.train.modeling import logit_sums
+    from epa_ext.preference.loss import logit_sums
 
     hidden, weight, bias = torch.randn(3, 5, 8), torch.randn(11, 8), torch.randn(11)
     labels = torch.randint(0, 11, (3, 5))

@@ -13,6 +13,7 @@ import torch
 from conftest import HH_RLHF, NEEDS_HH_RLHF, TEST_DATA, tiny_tokenizer
 
 from epa_ext import IGNORE_INDEX
+from epa_ext.preference import candidates
 from epa_ext.train import batching, data
 
 
@@ -327,29 +328,29 @@ def test_truncation_rule(tokenizer):
 
 
 def test_weak_negative_sources():
-    sources = batching.weak_negative_sources(50, 3, seed=7)
-    assert sources == batching.weak_negative_sources(50, 3, seed=7)
-    assert sources != batching.weak_negative_sources(50, 3, seed=8)
+    sources = candidates.weak_negative_sources(50, 3, seed=7)
+    assert sources == candidates.weak_negative_sources(50, 3, seed=7)
+    assert sources != candidates.weak_negative_sources(50, 3, seed=8)
     for i, pairs in enumerate(sources):
         assert len(pairs) == 3 and len({j for j, _ in pairs}) == 3
         assert all(j != i and 0 <= j < 50 and k in (0, 1) for j, k in pairs)
     assert {k for pairs in sources for _, k in pairs} == {0, 1}
     # More weak negatives than other examples: repeats, still never the example itself.
-    assert all(pairs == [(1 - i, k) for _, k in pairs] for i, pairs in enumerate(batching.weak_negative_sources(2, 3, 0)))
-    assert batching.weak_negative_sources(1, 0, 0) == [[]]
+    assert all(pairs == [(1 - i, k) for _, k in pairs] for i, pairs in enumerate(candidates.weak_negative_sources(2, 3, 0)))
+    assert candidates.weak_negative_sources(1, 0, 0) == [[]]
     with pytest.raises(data.DataError, match="at least 2 examples"):
-        batching.weak_negative_sources(1, 1, 0)
+        candidates.weak_negative_sources(1, 1, 0)
 
 
 # --- batches -------------------------------------------------------------------------------------
 
 
 def test_collate_layout_labels_and_mask():
-    examples = [batching.TokenizedExample([1, 10], [[20, 21, 2], [30, 2], [31, 32, 2]]),
-                batching.TokenizedExample([1, 11, 12], [[40, 2], [50, 51, 52, 2]]),
-                batching.TokenizedExample([1], [[60, 2], [70, 2]])]
+    examples = [candidates.TokenizedExample([1, 10], [[20, 21, 2], [30, 2], [31, 32, 2]]),
+                candidates.TokenizedExample([1, 11, 12], [[40, 2], [50, 51, 52, 2]]),
+                candidates.TokenizedExample([1], [[60, 2], [70, 2]])]
     weak = [[(1, 1)], [(2, 0)], [(0, 0)]]
-    batch = batching.collate(examples[:2], [0, 1], num_strong=2, num_weak=1, weak_sources=weak,
+    batch = candidates.collate(examples[:2], [0, 1], num_strong=2, num_weak=1, weak_sources=weak,
                              all_examples=examples, pad_id=0)
     C = 4
     assert batch.num_candidates == C and batch.num_strong == 2 and batch.example_ids == [0, 1]
@@ -376,16 +377,16 @@ def test_collate_layout_labels_and_mask():
 
 
 def test_collate_keeps_first_strong_negatives_and_fits_weak_answers():
-    examples = [batching.TokenizedExample([1, 10], [[20, 2], [30, 2], [31, 2]]),
-                batching.TokenizedExample([1, 11, 12, 13], [[40, 41, 42, 2], [50, 2]])]
-    batch = batching.collate(examples, [0, 1], num_strong=1, num_weak=1, weak_sources=[[(1, 0)], [(0, 0)]],
+    examples = [candidates.TokenizedExample([1, 10], [[20, 2], [30, 2], [31, 2]]),
+                candidates.TokenizedExample([1, 11, 12, 13], [[40, 41, 42, 2], [50, 2]])]
+    batch = candidates.collate(examples, [0, 1], num_strong=1, num_weak=1, weak_sources=[[(1, 0)], [(0, 0)]],
                              all_examples=examples, pad_id=0, max_length=5)
     assert batch.input_ids[:, :5].tolist() == [[1, 10, 20, 2, 0], [1, 11, 12, 13, 40],
                                                [1, 10, 30, 2, 0], [1, 11, 12, 13, 50],
                                                [1, 10, 40, 41, 42], [1, 11, 12, 13, 20]]
     assert batch.candidate_mask.all()
     with pytest.raises(ValueError, match="borrows from example 0 itself"):
-        batching.collate(examples, [0, 1], num_strong=1, num_weak=1, weak_sources=[[(0, 0)], [(0, 0)]],
+        candidates.collate(examples, [0, 1], num_strong=1, num_weak=1, weak_sources=[[(0, 0)], [(0, 0)]],
                          all_examples=examples, pad_id=0)
 
 
@@ -396,8 +397,8 @@ def test_pipeline_on_fixture(tokenizer):
     examples, report = data.parse_rows(rows, source="prefs.jsonl")
     tokenized = batching.tokenize(examples, tokenizer, max_length=48, max_prompt_length=16, report=report)
     assert len(tokenized) == 40 and report.total() == 0
-    weak = batching.weak_negative_sources(len(tokenized), 2, seed=0)
-    batch = batching.collate(tokenized[:4], [0, 1, 2, 3], num_strong=2, num_weak=2, weak_sources=weak,
+    weak = candidates.weak_negative_sources(len(tokenized), 2, seed=0)
+    batch = candidates.collate(tokenized[:4], [0, 1, 2, 3], num_strong=2, num_weak=2, weak_sources=weak,
                              all_examples=tokenized, pad_id=tokenizer.pad_token_id, max_length=48)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
 

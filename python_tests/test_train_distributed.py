@@ -100,7 +100,8 @@ def preference_loss(variant: Variant):
     """The trainer's PreferenceLoss on the tiny Llama (seeded: the same on every rank)."""
     from torch import nn
 
-    from epa_ext.train.modeling import PreferenceLoss, build_tiny_model
+    from epa_ext.preference.loss import LossSpec, PreferenceLoss
+    from epa_ext.train.modeling import build_tiny_model
 
     model = build_tiny_model(VOCAB, HIDDEN, 1, LENGTH, seed=0)
     if variant.head == "untied+bias":
@@ -108,7 +109,7 @@ def preference_loss(variant: Variant):
         head.weight = nn.Parameter(head.weight.detach().clone())
         head.bias = nn.Parameter(torch.linspace(-0.5, 0.5, VOCAB))
         model.config.tie_word_embeddings = False
-    return PreferenceLoss(model, loss=variant.loss, beta=0.1, num_strong=1, weak_weight=0.5)
+    return PreferenceLoss(model, LossSpec(variant.loss, 0.1, num_strong=1, weak_weight=0.5))
 
 
 def selected_path(variant: Variant):
@@ -119,7 +120,7 @@ def selected_path(variant: Variant):
     import epa_ext
 
     return mock.patch.multiple(
-        "epa_ext.train.modeling",
+        "epa_ext.preference.loss",
         fused_linear_dpo_loss=functools.partial(epa_ext.fused_linear_dpo_loss, differentiable_logps=True),
         fused_linear_epa_loss=functools.partial(epa_ext.fused_linear_epa_loss, differentiable_logps=True))
 

@@ -30,7 +30,7 @@ def right_padded(lengths: list[int], width: int | None = None) -> tuple[torch.Te
 
 
 def test_pack_puts_every_sequence_whole_in_a_bounded_row_with_positions_restarting():
-    from epa_ext.train.packing import pack, unpack
+    from epa_ext.preference.packing import pack, unpack
 
     lengths = [5, 3, 9, 2, 4, 1]
     input_ids, attention_mask = right_padded(lengths, width=11)
@@ -66,7 +66,7 @@ def test_free_tails_keep_the_padded_batchs_largest_position_id():
     batch's, T - 1, in packed rows: no free tail is numbered beyond it (first fit leaves the third
     row [1] a tail of 31 in rows of 32, which used to run to position 30), and a batch padded
     beyond its longest sequence whose rows are all full gets a one-token tail holding it."""
-    from epa_ext.train.packing import pack
+    from epa_ext.preference.packing import pack
 
     input_ids, attention_mask = right_padded([16, 16, 16, 16, 1])
     packed = pack(input_ids, attention_mask, max_row_tokens=32, pad_id=0)
@@ -88,7 +88,7 @@ def test_free_tails_keep_the_padded_batchs_largest_position_id():
 def test_rows_are_filled_evenly_where_first_fit_leaves_one_fuller():
     """First fit, longest first, packs [7, 4, 4, 4, 1] into rows of 12 as [7 4 1] and [4 4]: width
     12; the even fill of the same two rows, [7 4] and [4 4 1], needs 11."""
-    from epa_ext.train.packing import pack_lengths
+    from epa_ext.preference.packing import pack_lengths
 
     lengths = [7, 4, 4, 4, 1]
     rows = pack_lengths(lengths, 12)
@@ -97,7 +97,7 @@ def test_rows_are_filled_evenly_where_first_fit_leaves_one_fuller():
 
 
 def test_pack_refuses_left_padding_and_a_bound_below_one():
-    from epa_ext.train.packing import pack
+    from epa_ext.preference.packing import pack
 
     input_ids, attention_mask = right_padded([3, 2])
     with pytest.raises(ValueError, match="needs right-padded rows"):
@@ -121,7 +121,7 @@ def set_up_run(tmp_path, name: str, *flags: str):
 
 def scored(training, ids: list[int]):
     """(batch, reference log-probs, loss, policy log-probs, logit sums, gradients) of one batch."""
-    from epa_ext.train.batching import make_batch
+    from epa_ext.preference.candidates import make_batch
 
     batch = make_batch(training.data.train, ids, training.data.layout, CPU)
     ref = training.reference.logps("train", batch)
@@ -252,7 +252,7 @@ def test_packed_rows_score_as_padded_ones_under_every_rope_type(rope_type):
     from test_models import VOCAB
 
     from epa_ext import IGNORE_INDEX, causal_lm, linear_sequence_logps
-    from epa_ext.train.packing import check_packed_attention, pack, through_packed_model
+    from epa_ext.preference.packing import check_packed_attention, pack, through_packed_model
 
     original = 16
     model = rope_model(rope_type, original)
@@ -285,7 +285,7 @@ def test_the_probe_refuses_tails_numbered_past_the_padded_batch(rope_type, monke
     (the packing before this fix), a model whose RoPE reads the largest position id is refused
     (hidden states 2.3e-3 and 3.1e-3 apart); the probe of four sequences of at most 5 tokens in rows
     of 8 missed it."""
-    import epa_ext.train.packing as packing
+    import epa_ext.preference.packing as packing
     from epa_ext import causal_lm
 
     model = rope_model(rope_type, original=96)
@@ -303,7 +303,7 @@ def test_the_probe_leaves_dynamic_ntk_as_it_found_it():
     padded batch of 20 tokens after it gets the frequencies of a model that never saw the probe,
     as in a run without --padding-free."""
     from epa_ext import causal_lm
-    from epa_ext.train.packing import check_packed_attention
+    from epa_ext.preference.packing import check_packed_attention
 
     probed, fresh = rope_model("dynamic", 16), rope_model("dynamic", 16)
     check_packed_attention(probed, causal_lm.check(probed), max_length=32, max_row_tokens=64)
@@ -331,7 +331,7 @@ def test_attention_that_does_not_keep_packed_sequences_apart_is_refused(monkeypa
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from epa_ext.train.packing import check_packed_attention
+    from epa_ext.preference.packing import check_packed_attention
 
     model, transform = tiny_llama()
     check_packed_attention(model, transform, **PROBE_LAYOUT)  # sdpa
@@ -352,7 +352,7 @@ def test_attention_that_does_not_keep_packed_sequences_apart_is_refused(monkeypa
 
 
 def test_a_router_loss_is_refused_with_packed_rows():
-    from epa_ext.train.packing import check_packed_attention
+    from epa_ext.preference.packing import check_packed_attention
 
     model, transform = tiny_llama()
     with pytest.raises(ValueError, match="padding-free batches cannot give an MoE model's router load-balancing loss"):
@@ -392,7 +392,7 @@ def test_length_grouped_order_holds_each_example_once_an_epoch_in_batches_of_sim
 
 
 def test_longest_rows_is_the_width_a_batch_is_padded_to(tmp_path):
-    from epa_ext.train.batching import longest_rows, make_batch
+    from epa_ext.preference.candidates import longest_rows, make_batch
 
     with set_up_run(tmp_path, "run", *EPA_STRONG_AND_WEAK) as training:
         split, layout = training.data.train, training.data.layout

@@ -1,4 +1,4 @@
-"""epa-train --weak-correction importance (epa_ext/train/weak_correction.py): which sequences it
+"""epa-train --weak-correction importance (epa_ext/preference/weak_correction.py): which sequences it
 scores, the estimator against its definition, the table against a hand computation, and the
 trainer around it (options, cache, resume, metrics). DDP with the correction: test_ddp_over_two_
 processes_trains_as_one in test_train_distributed.py."""
@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import epa_train_command, read_metrics, train_in_process, train_losses
 
-from epa_ext.train.batching import Layout, TokenizedExample, collate, keep_prompt_end, make_split, pad_rows
-from epa_ext.train.config import ConfigError, parse_config
-from epa_ext.train.weak_correction import (KnownProposal, estimated_log_q, log_weight_table, other_prompts, plan,
+from epa_ext.preference.candidates import Layout, TokenizedExample, collate, keep_prompt_end, make_split, pad_rows
+from epa_ext.preference.weak_correction import (KnownProposal, estimated_log_q, log_weight_table, other_prompts, plan,
                                            score_rows)
+from epa_ext.train.config import ConfigError, parse_config
 
 CORRECTED = ["--num-weak", "2", "--weak-correction", "importance", "--weak-correction-prompts", "3"]
 

@@ -24,7 +24,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 import epa_ext  # noqa: E402
 from epa_ext import eager  # noqa: E402
 from epa_ext.integrations.trl import EPAConfig, EPATrainer  # noqa: E402
-from epa_ext.train.batching import weak_negative_sources  # noqa: E402
+from epa_ext.preference.candidates import weak_negative_sources  # noqa: E402
 from epa_ext.train.modeling import build_tiny_model, train_tiny_tokenizer  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -436,9 +436,9 @@ def test_epa_batches_and_numbers_are_epa_loss_of_plain_log_probs(variant, tokeni
 def test_weak_correction_is_the_estimate_on_plain_log_probs(tokenizer, tmp_path):
     """weak_correction='importance' (S = 3): each weak answer is also scored under S - 1 prompts of
     other rows of the batch than its own; the logged loss is epa_loss with log-weights
-    log mu(y~|x_b) - log q^(y~) (epa_ext.train.weak_correction's estimate, N = the training set's
+    log mu(y~|x_b) - log q^(y~) (epa_ext.preference.weak_correction's estimate, N = the training set's
     size) on plain-torch reference log-probs of those sequences, and weak/log_weight their mean."""
-    from epa_ext.train.weak_correction import estimated_log_q
+    from epa_ext.preference.weak_correction import estimated_log_q
 
     beta, num_weak, prompts = 0.2, 2, 3
     args = config(EPAConfig, tmp_path, loss_type="epa", num_weak=num_weak, beta=beta, max_steps=3,
@@ -501,11 +501,11 @@ def test_padding_free_trains_as_padded_batches(options, max_packed_length, lora,
     """padding_free=True (which TRL 1.16 turns off): the policy and the reference score packed
     rows (at most max_packed_length tokens, by default 2 x max_length = 128; at 64, several per
     batch), and the logged numbers and final weights are those of padded batches."""
-    import epa_ext.integrations.trl as integration
+    import epa_ext.preference.scoring as scoring
 
     packed_rows = []
-    pack = integration.pack
-    monkeypatch.setattr(integration, "pack", lambda *a, **k: packed_rows.append(pack(*a, **k)) or packed_rows[-1])
+    pack = scoring.pack
+    monkeypatch.setattr(scoring, "pack", lambda *a, **k: packed_rows.append(pack(*a, **k)) or packed_rows[-1])
     rows = pick_rows() if options["loss_type"] == "epa" else standard_rows()
     ref_model = True if options.get("num_weak") else None  # weak negatives are scored during training
     padded = train(EPATrainer, config(EPAConfig, tmp_path / "padded", **options), rows, tokenizer, lora=lora,
@@ -526,11 +526,11 @@ def test_padding_free_keeps_the_rope_scaling_of_padded_batches(tokenizer, tmp_pa
     whose free tail of 40 tokens is longer than the padded batch: numbered on to the row's end, as
     before, it moved every packed sequence to the scaled frequencies (step 1's grad_norm off, mean
     losses 0.1762 and 0.1722). The logged numbers and final weights are the padded run's."""
-    import epa_ext.integrations.trl as integration
+    import epa_ext.preference.scoring as scoring
 
     packed_rows = []  # (attention mask, packed rows) of every packed batch
-    pack = integration.pack
-    monkeypatch.setattr(integration, "pack", lambda *a, **k: packed_rows.append((a[1], pack(*a, **k)))
+    pack = scoring.pack
+    monkeypatch.setattr(scoring, "pack", lambda *a, **k: packed_rows.append((a[1], pack(*a, **k)))
                         or packed_rows[-1][1])
     rows = [{"prompt": f"Q{i}: say", "chosen": " yes good" * 14 + " yes", "rejected": " no"} for i in range(10, 26)]
     model = dict(max_position_embeddings=38, rope_scaling=dict(rope_type="dynamic", factor=4.0), initializer_range=0.3)
@@ -585,7 +585,7 @@ def test_padding_free_options_are_checked(tokenizer, tmp_path):
     (dict(loss_type=["sigmoid", "sft"], loss_weights=[0.0, 1.0]), "loss_weights must be finite numbers >= 0"),
     (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -1.0]), "loss_weights must be finite numbers >= 0"),
     (dict(loss_type="epa", num_weak=4), "need per_device_train_batch_size >= num_weak + 1 = 5; got 4"),
-    (dict(loss_type="sigmoid", num_weak=1), "num_weak and num_strong apply to loss_type='epa'"),
+    (dict(loss_type="sigmoid", num_weak=1), "num_weak applies to loss_type='epa' only"),
     (dict(loss_type="epa", num_weak=-1), "num_weak must be >= 0"),
     (dict(loss_type="epa", weak_weight=-0.5), "weak_weight must be a finite number >= 0"),
     (dict(f_divergence_type="js_divergence"), "f_divergence_type must be 'reverse_kl'"),
@@ -594,7 +594,7 @@ def test_padding_free_options_are_checked(tokenizer, tmp_path):
     (dict(loss_type="robust", label_smoothing=0.5), r"label_smoothing must lie in \[0, 0.5\)"),
     (dict(loss_type="epa", label_smoothing=0.1), "label_smoothing does not apply to loss_type='epa'"),
     (dict(loss_type="epa", weak_correction="exact"), "weak_correction must be 'none' or 'importance'"),
-    (dict(loss_type="epa", weak_correction="importance"), "weak_correction='importance' corrects weak negatives"),
+    (dict(loss_type="epa", weak_correction="importance"), "weak_correction corrects weak negatives: it needs num_weak > 0"),
     (dict(loss_type="epa", num_weak=1, weak_correction="importance", weak_correction_prompts=1),
      r"weak_correction_prompts must be >= 2"),
 ])

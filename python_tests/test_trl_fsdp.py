@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent('''
     from test_trl import standard_rows
     which, model_dir, out = sys.argv[1:4]
     if os.environ.get("PLANTED_BUG"):  # the last answer token of the first row is not scored
-        import epa_ext.integrations.trl as integration
+        import epa_ext.preference.loss as integration
         original = integration.fused_linear_dpo_loss
         def dropped_label(hidden, weight, labels, ref, **kwargs):
             labels = labels.clone()
@@ -137,11 +137,12 @@ def test_sharded_setups_that_are_not_right_are_refused(tmp_path):
     """FSDP1 through the config; DeepSpeed (ZeRO-3 partitions the head) through the check the
     trainer also runs on accelerate's own config (transformers needs the deepspeed package to
     build a config that names it, which this machine lacks)."""
-    from epa_ext.integrations.trl import EPAConfig, _check_sharding
+    from epa_ext.integrations.trl import EPAConfig
+    from epa_ext.integrations.trl.config import check_sharding
 
     with pytest.raises(ValueError, match="FSDP version 1 is not supported by EPATrainer"):
         EPAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", fsdp="full_shard",
                   fsdp_config={"fsdp_version": 1})
     with pytest.raises(ValueError, match="DeepSpeed is not supported by EPATrainer: ZeRO-3 partitions"):
-        _check_sharding(True, None)
-    _check_sharding(False, 2)  # FSDP2: supported
+        check_sharding(True, None)
+    check_sharding(False, 2)  # FSDP2: supported

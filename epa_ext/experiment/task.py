@@ -37,7 +37,7 @@ from torch import Tensor
 import epa_ext
 
 from ..train.modeling import build_tiny_model
-from ..train.weak_correction import KnownProposal
+from ..preference.weak_correction import KnownProposal
 from .config import ReferenceSpec, TaskSpec
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "=")

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from ..preference.options import EPA_OPTIONS, FLAGS, PACKED_ROW_LENGTHS, check_epa_options
 from . import hub
 
 
-# --max-packed-length's default in units of --max-length (bench/bench_real_data.py --mode rows)
-PACKED_ROW_LENGTHS = 2
 # Training options whose default other options set (TrainConfig.training_options resolves them),
 # with the rule a message about a change of their value states.
 DERIVED_DEFAULTS = {"eval_fraction": "its default is 0.05, or 0 with --eval-dataset",
@@ -67,21 +66,17 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "eps in [0, 0.5) for --loss dpo with --dpo-loss-type sigmoid (cDPO: "
                                        "-(1-eps) log s(beta d) - eps log s(-beta d)) or robust. Unlike TRL 1.16, "
                                        "which ignores it for sigmoid, epa-train applies it there")
-    num_strong: int | None = _opt(None, "EPA strong negatives per prompt (rejected answers; default: the most any "
-                                        "example has, fewer are masked)")
-    num_weak: int = _opt(0, "EPA weak negatives per prompt: answers of other examples scored under this prompt")
-    weak_weight: float = _opt(1.0, "weight of each weak negative in EPA's partition sum")
+    num_strong: int | None = _opt(EPA_OPTIONS["num_strong"].default, EPA_OPTIONS["num_strong"].help)
+    num_weak: int = _opt(EPA_OPTIONS["num_weak"].default, EPA_OPTIONS["num_weak"].help + " (docs/losses.md, \"Which "
+                         "EPA setting for which data\")")
+    weak_weight: float = _opt(EPA_OPTIONS["weak_weight"].default, EPA_OPTIONS["weak_weight"].help)
     weak_correction: Literal["none", "importance"] = _opt(
-        "none", "importance: add the log importance weight log pi_ref(y|x) - log q(y) to each weak negative's "
-                "score, with q the data's answer mixture, estimated per answer (docs/losses.md); scored once "
-                "before training and cached in output_dir. none: weak negatives as they are")
-    weak_correction_prompts: int = _opt(8, "S of --weak-correction importance: each weak answer's q is estimated "
-                                           "from its own prompt and S - 1 others drawn by the seed (S + 1 extra "
-                                           "reference scorings per weak negative)")
-    weak_source: Literal["any", "rejected"] = _opt(
-        "any", "which answer of another example a weak negative borrows: any: its chosen or its first rejected "
-               "answer (drawn by the seed); rejected: its first rejected answer only (the reference's samples where "
-               "the rejected answers are drawn from it independently of the choice; docs/losses.md)")
+        EPA_OPTIONS["weak_correction"].default, EPA_OPTIONS["weak_correction"].help + "; scored once before training "
+                                                                                     "and cached in output_dir")
+    weak_correction_prompts: int = _opt(EPA_OPTIONS["weak_correction_prompts"].default,
+                                        EPA_OPTIONS["weak_correction_prompts"].help)
+    weak_source: Literal["any", "rejected"] = _opt(EPA_OPTIONS["weak_source"].default,
+                                                   EPA_OPTIONS["weak_source"].help)
     sft_weight: float = _opt(0.0, "lambda >= 0: adds lambda * the chosen answers' negative log-likelihood, averaged "
                                   "over all their completion tokens in the batch, to the loss (DPO + SFT = RPO; "
                                   "TRL's rpo_alpha)")
@@ -114,9 +109,8 @@ class TrainConfig:
     padding_free: bool = _opt(False, "pack each batch's sequences into rows without padding, position ids restarting "
                                      "at every sequence (attention sdpa, eager, flex or flash); the same log-probs "
                                      "and losses as padded batches, to rounding", bookkeeping=True)
-    max_packed_length: int | None = _opt(None, "with --padding-free: most tokens in a packed row, >= --max-length "
-                                               "(attention's cost grows with its square; flash attention packs one "
-                                               "row; default: 2 x --max-length)", bookkeeping=True)
+    max_packed_length: int | None = _opt(EPA_OPTIONS["max_packed_length"].default,
+                                         EPA_OPTIONS["max_packed_length"].help, bookkeeping=True)
     eval_fraction: float | None = _opt(None, "share of --dataset held out for evaluation, in [0, 1) (default: 0.05, "
                                              "or 0 with --eval-dataset)")
     skip_bad_rows: bool = _opt(False, "warn about and count malformed rows instead of stopping", bookkeeping=True)
@@ -205,16 +199,14 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "max_prompt_length", "logging_steps",
                      "tiny_hidden_size", "tiny_layers", "tiny_vocab_size"):
             _check(self, name, getattr(self, name) >= 1, ">= 1")
-        _check(self, "weak_correction_prompts", self.weak_correction_prompts >= 2, ">= 2",
-               "the answer's own prompt and at least one other")
-        for name in ("num_weak", "lora_r", "eval_steps", "save_steps"):
+        for name in ("lora_r", "eval_steps", "save_steps"):
             _check(self, name, getattr(self, name) >= 0, ">= 0")
-        for name in ("max_steps", "num_strong", "save_total_limit"):
+        for name in ("max_steps", "save_total_limit"):
             _check(self, name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1",
                    "leave it out to keep every checkpoint" if name == "save_total_limit" else "")
         for name in ("beta", "lr", "epochs"):
             _check(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) > 0, "a finite number > 0")
-        for name in ("weak_weight", "sft_weight", "weight_decay", "max_grad_norm"):
+        for name in ("sft_weight", "weight_decay", "max_grad_norm"):
             _check(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0,
                    "a finite number >= 0")
         _check(self, "lora_alpha", self.lora_alpha is None or (math.isfinite(self.lora_alpha) and self.lora_alpha > 0),
@@ -222,8 +214,9 @@ class TrainConfig:
         _check(self, "warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1] (a share of the steps)")
         _check(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
         _check(self, "eval_fraction", self.eval_fraction is None or 0 <= self.eval_fraction < 1, "in [0, 1)")
-        _check(self, "max_packed_length", self.max_packed_length is None or self.max_packed_length >= self.max_length,
-               f">= --max-length ({self.max_length})", "a sequence is never split across packed rows")
+        check_epa_options({name: getattr(self, name) for name in EPA_OPTIONS}, epa=self.loss == "epa",
+                          padding_free=self.padding_free, max_length=self.max_length, spelling=FLAGS,
+                          error=ConfigError)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length "
                               f"({self.max_length}): the answers need room")
@@ -238,30 +231,13 @@ class TrainConfig:
             for name in ("label_smoothing", "dpo_loss_type"):
                 if getattr(self, name) != defaults[name].default:
                     raise ConfigError(f"{_flag(name)} applies to --loss dpo only; EPA has no such option")
-        else:
-            for name, meant in (("num_weak", "weak negatives"), ("weak_weight", "weak negatives"),
-                                ("weak_correction", "weak negatives"), ("weak_correction_prompts", "weak negatives"),
-                                ("weak_source", "weak negatives"),
-                                ("num_strong", "several rejected answers")):
-                value = getattr(self, name)
-                if value != defaults[name].default and not (name == "num_strong" and value == 1):
-                    raise ConfigError(f"{_flag(name)} applies to --loss epa only (DPO takes one rejected answer and "
-                                      f"no {meant}); use --loss epa")
-            if self.label_smoothing and self.dpo_loss_type not in ("sigmoid", "robust"):
-                raise ConfigError(f"--label-smoothing applies to --dpo-loss-type sigmoid or robust only; got "
-                                  f"{self.dpo_loss_type}")
-        if self.loss == "epa" and self.weak_correction != "none" and not self.num_weak:
-            raise ConfigError("--weak-correction corrects weak negatives: it needs --num-weak > 0")
-        if self.loss == "epa" and self.weak_source != defaults["weak_source"].default and not self.num_weak:
-            raise ConfigError("--weak-source says where weak negatives come from: it needs --num-weak > 0")
-        if self.weak_correction == "none" and self.weak_correction_prompts != defaults["weak_correction_prompts"].default:
-            raise ConfigError("--weak-correction-prompts applies to --weak-correction importance only")
+        elif self.label_smoothing and self.dpo_loss_type not in ("sigmoid", "robust"):
+            raise ConfigError(f"--label-smoothing applies to --dpo-loss-type sigmoid or robust only; got "
+                              f"{self.dpo_loss_type}")
         if self.model != "tiny":
             for name in ("tiny_hidden_size", "tiny_layers", "tiny_vocab_size"):
                 if getattr(self, name) != defaults[name].default:
                     raise ConfigError(f"{_flag(name)} applies to --model tiny only")
-        if self.max_packed_length is not None and not self.padding_free:
-            raise ConfigError("--max-packed-length applies to --padding-free only")
         if self.lora_alpha is not None and not self.lora_r:
             raise ConfigError("--lora-alpha needs --lora-r (the LoRA rank)")
         if self.fsdp and self.lora_r:

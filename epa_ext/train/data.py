@@ -7,7 +7,8 @@ normalizing their rows into preference examples.
 Rows come in three formats (``detect_format``): explicit (``prompt``, ``chosen``, ``rejected``),
 implicit (``chosen`` and ``rejected`` full texts sharing the prompt, as in Anthropic HH-RLHF) and
 scored (``prompt`` and scored ``completions``, as in UltraFeedback). Texts are plain strings or
-chat message lists. Tokenizing and batching are in ``batching.py``.
+chat message lists. Tokenizing and the batch order are in ``batching.py``, the batches in
+``epa_ext.preference.candidates``.
 
 Nothing is dropped silently: rows and examples that are dropped or changed are counted, with the
 reason, in a ``DropReport``.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..preference.candidates import DataError  # the core's: weak negatives raise it too
 from . import hub
 
 Messages = list[dict]
@@ -94,10 +96,6 @@ class DropReport:
         out_of = f" of {self.num_examples}" if self.num_examples else ""
         line = f"dropped {self.total()}{out_of} examples" + (f": {dropped}" if dropped else "")
         return line + (f"; kept with changes: {changed}" if changed else "")
-
-
-class DataError(ValueError):
-    """Unusable data; the message names the source, the row (or line) number and the field."""
 
 
 # --- loading -------------------------------------------------------------------------------------

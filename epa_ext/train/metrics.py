@@ -16,13 +16,13 @@ from torch import Tensor
 
 from ..logps import IGNORE_INDEX
 from ..losses import preference_metrics
-from .batching import Batch
+from ..preference.candidates import Batch
 
 
 def batch_metrics(loss: Tensor, seq: Tensor, ref: Tensor, logit_sums: Tensor, batch: Batch, *, beta: float,
                   dpo: bool, log_weights: Tensor | None = None, aux_loss: Tensor | None = None) -> dict[str, float]:
     """The metrics of one micro-batch (one host synchronization). seq, ref, logit_sums: [C*B]
-    (see PreferenceLoss.forward); log_weights [B, C] or None; aux_loss: an MoE model's router
+    (see epa_ext.preference.loss.PreferenceLoss.forward); log_weights [B, C] or None; aux_loss: an MoE model's router
     loss (logged as aux_loss, TRL's name) or None."""
     shape = (batch.num_candidates, -1)
     policy_bc, ref_bc = seq.detach().view(shape).T, ref.view(shape).T

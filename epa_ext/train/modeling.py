@@ -1,6 +1,6 @@
 """Models for epa-train: the tokenizer and the policy (loaded, or the tiny one built), pi_ref
-(the reference model), and the module that turns a batch into sequence log-probs and the loss
-through epa_ext's fused linear path, so the batch's [rows, T, V] logits are never formed."""
+(the reference model), LoRA and checkpointing. What turns a batch into the loss is the
+preference core's (``epa_ext.preference.loss``)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,14 @@ import copy
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..causal_lm import HeadInputs, LogitTransform, logit_transform, mean_logits, through_model, unwrap
-from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss
-from ..logps import IGNORE_INDEX
+from ..causal_lm import unwrap
 from . import hub
 from .config import ConfigError, TrainConfig, tiny_attention_heads
-from .packing import Packed, through_packed_model
-
-T = TypeVar("T")
 
 # --- the tiny model ------------------------------------------------------------------------------
 
@@ -166,74 +161,3 @@ def enable_gradient_checkpointing(policy: nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-
-
-# --- scoring through the fused linear path -------------------------------------------------------
-
-
-def through_batch(model: nn.Module, transform: LogitTransform, consume: Callable[[HeadInputs], T],
-                  input_ids: Tensor, attention_mask: Tensor, packed: Packed | None, *,
-                  router_logits: bool = False) -> tuple[T, Tensor | None]:
-    """``causal_lm.through_model`` of the padded batch input_ids / attention_mask [R, T], or, with
-    packed (the same batch, ``packing.pack``), of its packed rows, consume given the hidden states
-    in the padded layout either way: (consume's result, the router loss or None)."""
-    if packed is not None:
-        return through_packed_model(model, transform, packed, consume, router_logits=router_logits), None
-    return through_model(model, transform, consume, router_logits=router_logits, input_ids=input_ids,
-                         attention_mask=attention_mask)
-
-
-class PreferenceLoss(nn.Module):
-    """The policy and its loss in one module, so DDP/FSDP see every parameter used in forward
-    (the lm_head's weight is read by the fused linear loss, not by a forward call of its own).
-
-    forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C],
-    log_weights [B, C] or None: EPA's per-candidate log-weights, packed: the batch's rows packed
-    without padding or None, ``through_batch``) returns (loss, policy_seq_logps [C*B], logit_sums
-    [C*B] (see ``logit_sums``; no graph), the router loss or None). With router_aux_coef > 0 (an
-    MoE model whose config asks for router logits) the loss includes router_aux_coef times the
-    model's router load-balancing loss, as transformers and TRL add it.
-    """
-
-    def __init__(self, policy: nn.Module, *, loss: str, beta: float, dpo_loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, num_strong: int = 1, weak_weight: float = 1.0, sft_weight: float = 0.0,
-                 transform: LogitTransform | None = None, router_aux_coef: float = 0.0):
-        super().__init__()
-        self.policy = policy
-        self.loss, self.beta, self.dpo_loss_type = loss, beta, dpo_loss_type
-        self.label_smoothing, self.num_strong, self.weak_weight = label_smoothing, num_strong, weak_weight
-        self.sft_weight = sft_weight
-        self.transform = logit_transform(policy) if transform is None else transform
-        self.router_aux_coef = router_aux_coef
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
-                candidate_mask: Tensor, log_weights: Tensor | None = None, packed: Packed | None = None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        def loss_of(head: HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
-            if self.loss == "dpo":
-                loss, seq = fused_linear_dpo_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
-                                                  beta=self.beta, loss_type=self.dpo_loss_type,
-                                                  label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
-            else:
-                loss, seq = fused_linear_epa_loss(head.hidden, head.weight, labels, ref_logps, **head.as_kwargs(),
-                                                  num_candidates=candidate_mask.shape[1], beta=self.beta,
-                                                  num_strong=self.num_strong, weak_weight=self.weak_weight,
-                                                  mask=candidate_mask, sft_weight=self.sft_weight,
-                                                  log_weights=log_weights)
-            return loss, seq, logit_sums(head, labels)
-
-        (loss, seq, sums), aux_loss = through_batch(self.policy, self.transform, loss_of, input_ids, attention_mask,
-                                                    packed, router_logits=self.router_aux_coef > 0)
-        if aux_loss is not None:
-            loss = loss + self.router_aux_coef * aux_loss.to(loss.dtype)
-        return loss, seq, sums, aux_loss
-
-
-@torch.no_grad()
-def logit_sums(head: HeadInputs, labels: Tensor) -> Tensor:
-    """[R]: for each row, the sum over its kept tokens (labels != IGNORE_INDEX) of the token's
-    mean logit over the vocabulary (causal_lm.mean_logits: the model's own logits, softcap
-    included). Divided by the kept token count it gives TRL's logits/chosen and logits/rejected."""
-    hidden = head.hidden.reshape(-1, head.hidden.shape[-1])
-    per_token = mean_logits(hidden, head.weight, head.bias, head.softcap).view(labels.shape)
-    return per_token.masked_fill(labels == IGNORE_INDEX, 0.0).sum(-1)

@@ -2,7 +2,7 @@
 (--ref model: a frozen copy of the initial policy, or with LoRA the policy with its adapters
 disabled) or looked up in a table computed once before training (--ref precompute), cached in
 output_dir under a fingerprint of everything the log-probs depend on; and, with --weak-correction
-importance, the weak negatives' log importance weights (weak_correction.py), computed from the
+importance, the weak negatives' log importance weights (epa_ext.preference.weak_correction), computed from the
 same reference once before training and cached the same way.
 
 A cached table's file name carries the fingerprint of its inputs (``table_inputs``: the model and
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..linear import linear_sequence_logps
-from . import hub, weak_correction
-from .batching import Batch, Layout, Split, fit_borrowed_answer, make_batch
-from .config import TrainConfig
 from ..causal_lm import LogitTransform, unwrap
-from .modeling import through_batch
-from .packing import Packed
+from ..preference import weak_correction
+from ..preference.candidates import Batch, Layout, Split, borrowed_answer, fit_borrowed_answer, make_batch
+from ..preference.packing import Packed
+from ..preference.scoring import reference_logps
+from . import hub
+from .config import TrainConfig
 from .runtime import Runtime, autocast, barrier
 
 
@@ -117,7 +117,8 @@ class Reference:
         for i, example in enumerate(split.examples):
             # borrowed answers are cut to fit this example's prompt: --max-length changes them even
             # where it leaves every example's own tokens alone
-            borrowed = ([fit_borrowed_answer(split.examples[j].answer_ids[k], example, i, layout.max_length)
+            borrowed = ([fit_borrowed_answer(borrowed_answer(split.examples[j].answer_ids, k), example, i,
+                                             layout.max_length)
                          for j, k in split.weak_sources[i][:layout.num_weak]] if split.weak_sources else [])
             digest.update(json.dumps([example.prompt_ids, example.answer_ids, borrowed]).encode())
         return {"values": values, **self.model_inputs, "--precision": cfg.precision,
@@ -139,11 +140,7 @@ class Reference:
     def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                     packed: Packed | None = None) -> Tensor:
         with self._scorer() as scorer, autocast(self.cfg, self.runtime):
-            logps, _ = through_batch(
-                scorer, self.transform,
-                lambda head: linear_sequence_logps(head.hidden, head.weight, labels, **head.as_kwargs()),
-                input_ids, attention_mask, packed)
-            return logps.float()
+            return reference_logps(scorer, self.transform, input_ids, attention_mask, labels, packed)
 
     def _score_all(self, split: Split, layout: Layout) -> Tensor:
         """[n, C] reference log-probs of every example's candidates (0 for padding candidates)."""

@@ -12,8 +12,8 @@
 Each micro-batch's final hidden states go with the lm_head's weight straight into
 fused_linear_epa_loss / fused_linear_dpo_loss, so the batch's logits are never formed; with
 --padding-free the decoder runs on the batch's sequences packed into rows without padding
-(packing.py). Checkpoints are atomic and --resume continues bit-for-bit; a finished run keeps a
-checkpoint of its last step, so --resume with a higher --max-steps (or --epochs) trains it further.
+(epa_ext.preference.packing). Checkpoints are atomic and --resume continues bit-for-bit; a
+finished run keeps a checkpoint of its last step, so --resume with a higher --max-steps (or --epochs) trains it further.
 """
 
 from __future__ import annotations
@@ -32,25 +32,27 @@ from torch import nn
 from .. import causal_lm
 from . import checkpoint as ckpt
 from . import run_dir
-from .batching import BatchOrder, Layout, Split, hold_out, longest_rows, make_batch, make_split, render, tokenize
+from ..preference.candidates import Layout, Split, longest_rows, make_batch, make_split
+from ..preference.loss import LossSpec, PreferenceLoss
+from ..preference.packing import attn_implementation, check_packed_attention, row_bound
+from ..preference.weak_correction import KnownProposal
+from .batching import BatchOrder, hold_out, render, tokenize
 from .config import ConfigError, TrainConfig, parse_config
 from .data import DataError, DropReport, PreferenceExample, load_rows, parse_rows
 from .metrics import Mean, MetricsLog, batch_metrics
-from .modeling import PreferenceLoss, enable_gradient_checkpointing, load_policy, load_tokenizer
-from .packing import attn_implementation, check_packed_attention, row_bound
+from .modeling import enable_gradient_checkpointing, load_policy, load_tokenizer
 from .plots import plot_training_curves
 from .reference import Reference
 from .runtime import (Runtime, all_finite, all_mean, any_rank, autocast, barrier, distribute, full_weights,
                       load_optimizer_state, no_sync, setup_runtime, teardown)
 from .signals import RunInterrupted, StopRequests
-from .weak_correction import KnownProposal
 
 
 def run(cfg: TrainConfig, *, weak_proposal: KnownProposal | None = None) -> list[dict]:
     """Trains as cfg says; returns the records written to metrics.jsonl (on rank 0; [] on the
     others). Raises RunInterrupted after writing a checkpoint when SIGINT or SIGTERM arrives.
     weak_proposal: with --weak-correction importance, a q of weak answers known in closed form
-    instead of the estimate (the known-reward experiment's; see weak_correction.py)."""
+    instead of the estimate (the known-reward experiment's; see epa_ext.preference.weak_correction)."""
     cfg.validate()
     if weak_proposal is not None and cfg.weak_correction != "importance":
         raise ConfigError("a known weak proposal q is used by --weak-correction importance only")
@@ -142,10 +144,9 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Pat
             raise ConfigError(f"--padding-free: {error}") from None
         data.layout = replace(data.layout, max_row_tokens=row_bound(attn_implementation(policy),
                                                                     data.layout.max_row_tokens))
-    loss_module = PreferenceLoss(policy, loss=cfg.loss, beta=cfg.beta, dpo_loss_type=cfg.dpo_loss_type,
-                                 label_smoothing=cfg.label_smoothing, num_strong=data.layout.num_strong,
-                                 weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight, transform=transform,
-                                 router_aux_coef=router_aux_coef(policy))
+    spec = LossSpec(cfg.loss, cfg.beta, dpo_loss_type=cfg.dpo_loss_type, label_smoothing=cfg.label_smoothing,
+                    num_strong=data.layout.num_strong, weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight)
+    loss_module = PreferenceLoss(policy, spec, transform=transform, router_aux_coef=router_aux_coef(policy))
     reference = Reference(cfg, runtime, policy, reference_model, transform)
     splits = {"train": data.train, "eval": data.held_out}
     if cfg.weak_correction == "importance":  # before precompute, which drops the reference model

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .batching import Layout, Split, fit_borrowed_answer, keep_prompt_end, pad_rows
+from .candidates import Layout, Split, fit_borrowed_answer, keep_prompt_end, pad_rows
 
 # One sequence scored by the reference: (prompt token ids, answer token ids).
 Row = tuple[list[int], list[int]]

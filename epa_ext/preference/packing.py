@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..causal_lm import HeadInputs, LogitTransform, backbone_and_head, through_model, unwrap
-from .config import PACKED_ROW_LENGTHS
+from .options import PACKED_ROW_LENGTHS
 
 T = TypeVar("T")
 
