@@ -123,3 +123,19 @@ def test_no_module_imports_a_private_name_of_another():
     _, private = import_graph()
     assert not private, "private names imported across modules (make them public in a shared module):\n" + "\n".join(
         private)
+
+
+# What each package may not import (docs/layout.md): the preference core is framework-free and under
+# both trainers; the TRL integration adapts to the core, not to epa-train.
+FORBIDDEN = {"epa_ext.preference": ("epa_ext.train", "epa_ext.integrations", "epa_ext.experiment"),
+             "epa_ext.integrations": ("epa_ext.train", "epa_ext.experiment"),
+             "epa_ext.train": ("epa_ext.integrations", "epa_ext.experiment")}
+
+
+def test_the_core_and_the_trl_integration_import_nothing_from_epa_train():
+    graph, _ = import_graph()
+    assert any(m.startswith("epa_ext.preference.") for m in graph) and "epa_ext.integrations.trl.trainer" in graph
+    wrong = sorted(f"{module} imports {target}" for module, targets in graph.items() for target in targets
+                   for package, forbidden in FORBIDDEN.items() if module.startswith(package + ".")
+                   and target.startswith(forbidden))
+    assert not wrong, wrong
