@@ -514,3 +514,131 @@ def test_ipm_sweep_has_the_settings_its_plan_fixes():
     table = sweep_markdown(results)
     assert "| setting | K | M | correction |" in table
     assert "| DPO | – | – | – |" in table and "| EPA K=1 M=1, exact q | 1 | 1 | exact q |" in table
+
+
+# --- ε̂'s split into slope part and residual (issue 36), the sweeps' tables and the ipm plot --------------------
+
+
+def test_slope1_error_splits_into_slope_part_and_residual():
+    """ε̂ = (slope − 1)²·V + R exactly, V = mean_x Var_k r* (1/C), R >= 0; R = 0 when r_θ = b·r* +
+    C(x); per-prompt slopes that differ leave R > 0; a flat r* puts all of ε̂ in R. slope1_split
+    gives the same parts from the stored ε̂ and slope."""
+    generator = torch.Generator().manual_seed(0)
+    true = torch.randn(50, 8, generator=generator, dtype=torch.float64)
+    variance = float(true.var(dim=1, unbiased=False).mean())
+    per_prompt_slope = 0.3 + 0.6 * torch.rand(50, 1, generator=generator, dtype=torch.float64)  # pooled about 0.6
+    noisy = per_prompt_slope * true + 0.3 * torch.randn(50, 8, generator=generator, dtype=torch.float64) + \
+        torch.randn(50, 1, generator=generator, dtype=torch.float64)
+    m = slope1_metrics(noisy, true)
+    assert m["true_variance"] == pytest.approx(variance, rel=1e-12)
+    assert m["slope_part"] == pytest.approx((m["slope"] - 1) ** 2 * variance, rel=1e-12)
+    assert m["slope_part"] + m["residual"] == pytest.approx(m["slope1_error"], abs=1e-12)
+    assert m["residual"] > 0.05 and m["slope_part"] > 0.01  # both parts present here
+    # A common slope b and per-prompt shifts: nothing but the slope part.
+    scaled = slope1_metrics(1.3 * true + torch.randn(50, 1, generator=generator, dtype=torch.float64), true)
+    assert scaled["slope"] == pytest.approx(1.3) and scaled["residual"] >= 0
+    assert scaled["residual"] == pytest.approx(0.0, abs=1e-12)
+    assert scaled["slope_part"] == pytest.approx(0.09 * variance, rel=1e-9) == scaled["slope1_error"]
+    from epa_ext.experiment.metrics import slope1_split
+
+    assert slope1_split(m["slope1_error"], m["slope"], m["true_variance"]) == pytest.approx(
+        (m["slope_part"], m["residual"]), abs=1e-12)
+    flat = slope1_metrics(torch.randn(4, 3, generator=generator), torch.ones(4, 3))
+    assert math.isnan(flat["slope"]) and flat["slope_part"] == 0 and flat["residual"] == flat["slope1_error"] > 0
+    assert slope1_split(0.4, float("nan"), 0.0) == (0.0, 0.4)
+    with pytest.raises(ValueError, match="true_variance"):
+        slope1_split(0.4, 1.0, -1.0)
+
+
+def _synthetic_sweep_results(sweep: str, cfg: ExperimentConfig) -> dict:
+    """What run_settings returns for the sweep's settings on seeds 0 and 1, with made-up numbers
+    and, like runs evaluated before the split existed, no slope_part or residual: per setting
+    slope 0.8 and 1.2, ε̂ 0.2 and 0.3, V = 1.5 (the reference's ε̂). So the split is 0.06 and 0.06
+    (slope part), 0.14 and 0.24 (residual)."""
+    from epa_ext.experiment.config import METRICS
+    from epa_ext.experiment.pipeline import mean_std
+    from epa_ext.experiment.sweep import SWEEPS
+
+    settings = SWEEPS[sweep].settings(cfg)
+    shared = {"reward": 1.0, "reward_well_formed": 2.0, "malformed": 0.1, "kl": 1.0, "accuracy": 0.9, "rho": 0.95}
+    per_seed = ({"slope": 0.8, "slope1_error": 0.2}, {"slope": 1.2, "slope1_error": 0.3})
+    runs = {s.name: [{"seed": seed, **shared, **numbers, "curve": [{"step": cfg.steps, **shared, **numbers}]}
+                     for seed, numbers in zip((0, 1), per_seed)] for s in settings}
+    reference = {"slope1_error": 1.5, "slope": 0.0, "reward": 0.5, "reward_well_formed": 1.0, "malformed": 0.05}
+    results = {"sweep": sweep, "config": {**dataclasses.asdict(cfg), "seeds": [0, 1]}, "device": "cpu",
+               "seconds": 1.0, "references": {"ref": reference}, "reference": reference,
+               "optimum": {"beta": 1.0, "reward": 3.0, "kl": 2.0}, "frontier": [{"reward": 3.0, "kl": 2.0}],
+               "settings": {s.name: {"label": s.label, "method": dataclasses.asdict(s.method), "reference": "ref",
+                                     "steps": s.cfg.steps, "weak_weight": s.cfg.weak_weight,
+                                     "sft_weight": s.cfg.sft_weight, "weak_correction": s.cfg.weak_correction,
+                                     "reference_steps": s.cfg.reference.steps} for s in settings},
+               "runs": runs, "summary": {name: {metric: mean_std([r[metric] for r in per_name]) for metric in METRICS}
+                                        for name, per_name in runs.items()}}
+    if sweep == "weak-correction":
+        results["weak_correction"] = {"predicted_slope_uncorrected": {str(m): 1.1 for m in
+                                                                      cfg.weak_correction_grid.num_weak}}
+    return results
+
+
+@pytest.mark.parametrize("sweep", ["convergence", "negatives", "practical", "weak-correction", "ipm"])
+def test_every_sweep_table_has_the_split_filled_in_for_old_runs(sweep, tmp_path):
+    """render_sweep_table on a results.json without the split (as the committed sweeps' are):
+    every setting's row has ε̂, its slope part and residual (mean ± std over seeds) and the slope;
+    results.json itself is left as it was."""
+    from epa_ext.experiment.sweep import render_sweep_table, sweep_defaults
+
+    results = _synthetic_sweep_results(sweep, sweep_defaults(sweep))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    written = (tmp_path / "results.json").read_text()
+    table = render_sweep_table(tmp_path).read_text()
+    assert "| ε̂ ↓ | ε̂ slope part | ε̂ residual | slope |" in table
+    (main_table,) = [block for block in table.split("\n\n") if "| ε̂ slope part |" in block]
+    assert len(main_table.splitlines()) == 2 + len(results["settings"])
+    for setting in results["settings"].values():
+        (row,) = [line for line in main_table.splitlines() if line.startswith(f"| {setting['label']} |")]
+        assert row.endswith("| 0.250 ± 0.071 | 0.060 ± 0.000 | 0.190 ± 0.071 | 1.00 ± 0.28 |"), row
+    assert (tmp_path / "results.json").read_text() == written
+
+
+def test_a_run_that_carries_its_split_keeps_it():
+    from epa_ext.experiment.sweep import add_slope1_split, sweep_defaults
+
+    results = _synthetic_sweep_results("negatives", sweep_defaults("negatives"))
+    results["runs"]["dpo"][0].update(slope_part=0.01, residual=0.19)
+    add_slope1_split(results)
+    assert results["runs"]["dpo"][0]["slope_part"] == 0.01 and results["runs"]["dpo"][1]["slope_part"] == \
+        pytest.approx(0.06)
+    assert results["summary"]["dpo"]["residual"][0] == pytest.approx((0.19 + 0.24) / 2)
+
+
+def test_ipm_sweep_writes_eps_vs_m_and_predicted_against_measured(tmp_path, monkeypatch):
+    """run_sweep('ipm') over finished runs (run_settings replaced by the synthetic results, so
+    nothing trains): results.json gets the split, table.md the predictions next to the measured
+    numbers (the design note's population ε scaled to ε̂ on 8 candidates by 7/8), and
+    eps_vs_m.png is drawn; a setting the results lack is "not run" in the table and left out of
+    the plot."""
+    from epa_ext.experiment import sweep as sweep_module
+    from epa_ext.experiment.plots import plot_ipm
+    from epa_ext.experiment.report import ipm_predictions_markdown
+
+    cfg = dataclasses.replace(sweep_module.sweep_defaults("ipm"), output_dir=str(tmp_path), seeds=[0, 1])
+    monkeypatch.setattr(sweep_module, "run_settings", lambda base, settings: _synthetic_sweep_results("ipm", base))
+    results, paths = sweep_module.run_sweep("ipm", cfg)
+    assert tmp_path / "eps_vs_m.png" in paths and (tmp_path / "eps_vs_m.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "eps_vs_m.png").stat().st_size > 20_000
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["runs"]["epa_k3_m64_exact"][1]["residual"] == pytest.approx(0.24)
+    assert stored["summary"]["dpo"]["slope_part"] == pytest.approx([0.06, 0.0])
+    table = (tmp_path / "table.md").read_text()
+    assert "| ε̂ slope part | ε̂ residual |" in table
+    assert "| K = 3, exact q | EPA K=3 M=1, exact q | 1.04, 0.005 | 0.004375 | 0.073 | 1.00 ± 0.28 | 0.250 ± 0.071 " \
+           "| 0.190 ± 0.071 | a hump" in table
+    assert "|  | EPA K=3 M=256, exact q | 1.01, 0.0003 | 0.0002625 | 0.045 |" in table
+    assert "| EPA K = 3 M = 0 | EPA K=3 M=0 | 1.00, 0 | 0 | 0.070 |" in table
+
+    del results["summary"]["epa_k1_m256_exact"], results["settings"]["epa_k1_m256_exact"]
+    assert "| K = 1, exact q, M = 256 | epa_k1_m256_exact | – | – | 0.045 | not run | not run | not run |" in \
+        ipm_predictions_markdown(results)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    assert plot_ipm(results, partial)[0].stat().st_size > 20_000

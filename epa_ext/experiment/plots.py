@@ -17,6 +17,8 @@ For the sweeps (sweep.py):
   the target π* as horizontal lines.
 - weak_correction_vs_m.png (weak-correction): ε̂, slope, true reward and KL against M for each
   weak-correction variant, with the slope the bias formula predicts without the correction.
+- eps_vs_m.png (ipm): ε̂ against M for K = 1 and K = 3, one line per weak-correction variant,
+  with DPO and the design note's population prediction for K = 3 with exact q.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import IPM_POPULATION_K3_EXACT, population_eps_hat
 
 
 def _pyplot():
@@ -248,3 +251,52 @@ def _against_negatives(results: dict, path: Path, xlabel: str, series: list, pan
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+IPM_VARIANT_LABELS = {"none": "uncorrected", "exact": "exact q (q_base)", "estimated": "estimated q"}
+
+
+def plot_ipm(results: dict, out_dir: Path) -> list[Path]:
+    """eps_vs_m.png: ε̂ against the weak negatives M (symmetric log scale, so M = 0 shows), one
+    panel per K of the ipm grid and one line per weak-correction variant, mean ± std over seeds.
+    Every variant starts from the one M = 0 run (EPA K = 3 M = 0; for K = 1 it is DPO, the same
+    loss). DPO's mean ± std is a band; in the K = 3 panel the design note's population minimiser
+    with exact q (report.IPM_POPULATION_K3_EXACT, as ε̂ on the held-out candidates) is dotted.
+    Settings the results lack are left out of their line."""
+    plt = _pyplot()
+    grid, summary = results["config"]["ipm_grid"], results["summary"]
+    strong_values = grid["strong_values"]
+    seeds = len(results["config"]["seeds"])
+    fig, axes = plt.subplots(1, len(strong_values), figsize=(5.4 * len(strong_values), 4.8), layout="constrained",
+                             squeeze=False, sharey=True)
+    for ax, k in zip(axes[0], strong_values):
+        _baselines(ax, results, "slope1_error", 0.0)
+        at_zero = "dpo" if k == 1 else f"epa_k{k}_m0"
+        for variant in grid["variants"]:
+            points = [(m, at_zero if m == 0 else f"epa_k{k}_m{m}_{variant}") for m in grid["num_weak"]]
+            points = [(m, name) for m, name in points if name in summary]
+            ax.errorbar([m for m, _ in points], [summary[name]["slope1_error"][0] for _, name in points],
+                        yerr=[summary[name]["slope1_error"][1] for _, name in points], fmt="-o", capsize=3,
+                        label=IPM_VARIANT_LABELS[variant])
+        if k == 3:
+            candidates = results["config"]["eval_candidates"]
+            predicted = sorted(IPM_POPULATION_K3_EXACT.items())
+            ax.plot([m for m, _ in predicted], [population_eps_hat(eps, candidates) for _, (_, eps) in predicted],
+                    "k:", marker="x", label=f"population minimiser, exact q (design note; ε̂ = "
+                                            f"{candidates - 1}/{candidates}·ε)")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(grid["num_weak"], [str(m) for m in grid["num_weak"]])
+        ax.set_xlabel("weak negatives M (symmetric log scale)")
+        ax.set_title(f"EPA K={k}" + (" (M = 0: DPO)" if k == 1 else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("slope-1 error ε̂ ↓")
+    # One legend below the panels (the last panel's lines: K = 3 has the prediction too), where
+    # it hides no point.
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"ipm data: ε̂ against weak negatives ({results['config']['steps']} steps, mean ± std over "
+                 f"{seeds} seed(s))")
+    path = out_dir / "eps_vs_m.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

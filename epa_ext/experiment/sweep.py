@@ -16,7 +16,11 @@
   held-out candidates. Does the correction make ε̂ fall with M?
 - ``ipm`` (issue 36): the same variants on data from the energy-based model itself (--data-model
   ipm, weak negatives from rejected answers), with K = 1 and 3 and M up to 256, and DPO. Do many
-  importance-weighted weak negatives make ε̂ fall there, as derived?
+  importance-weighted weak negatives make ε̂ fall there, as derived? Its table.md also compares
+  the plan's predictions with the measured numbers, and eps_vs_m.png draws ε̂ against M.
+
+Every sweep's table splits ε̂ into its slope part (slope − 1)²·Var r* and residual R
+(metrics.slope1_metrics); ``render_sweep_table`` adds the split to a results.json written before it.
 
 Each sweep's defaults (below) differ from the default run's where the sweep needs it; a flag given
 on the command line wins. The grid itself is set by the --negatives-* and --practical-* flags.
@@ -25,6 +29,7 @@ on the command line wins. The grid itself is set by the --negatives-* and --prac
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,10 +39,10 @@ import math
 import torch
 
 from .config import ExperimentConfig, parse_method
-from .metrics import slope1_metrics
-from .pipeline import Setting, build_eval_set, prepare_reference, resolve_device, run_settings, write_json
+from .metrics import slope1_metrics, slope1_split
+from .pipeline import Setting, build_eval_set, mean_std, prepare_reference, resolve_device, run_settings, write_json
 from .task import KnownRewardTask
-from .report import COLUMNS, markdown_table
+from .report import COLUMNS, SWEEP_COLUMNS, ipm_predictions_markdown, markdown_table
 
 # Shared by the negatives and practical sweeps, chosen before either was run
 # (docs/known_reward/README.md: "How the step count was chosen"): the convergence sweep's curves
@@ -172,11 +177,13 @@ def sweep_defaults(name: str) -> ExperimentConfig:
 def run_sweep(name: str, cfg: ExperimentConfig) -> tuple[dict, list[Path]]:
     """Runs (or reuses) every setting of sweep `name` on cfg.seeds; writes results.json, table.md
     and the plots into cfg.output_dir. Returns (results, paths written)."""
-    from .plots import plot_curves, plot_negatives, plot_results, plot_weak_correction
+    from .plots import plot_curves, plot_ipm, plot_negatives, plot_results, plot_weak_correction
 
     cfg.validate()
     settings = SWEEPS[name].settings(cfg)
     results = {"sweep": name, **run_settings(cfg, settings)}
+    # Finished runs come back from their eval.json, which runs evaluated before ε̂'s split existed lack.
+    add_slope1_split(results)
     if name == "weak-correction":
         results["weak_correction"] = weak_correction_summary(cfg)
     out = Path(cfg.output_dir)
@@ -189,7 +196,42 @@ def run_sweep(name: str, cfg: ExperimentConfig) -> tuple[dict, list[Path]]:
         paths += plot_negatives(results, out)
     if name == "weak-correction":
         paths += plot_weak_correction(results, out)
+    if name == "ipm":
+        paths += plot_ipm(results, out)
     return results, paths
+
+
+SPLIT = ("slope_part", "residual")
+
+
+def add_slope1_split(results: dict) -> dict:
+    """Fills in ε̂'s slope part and residual (metrics.slope1_metrics) for every run that lacks
+    them, and their mean ± std over seeds in results['summary']; returns results, changed in place.
+
+    A run's split follows from its stored ε̂ and slope and V = mean_x Var_k r* on the held-out
+    candidates of its setting's reference (metrics.slope1_split). V is the reference's
+    true_variance, or for results written before that key its ε̂: the reference's implicit rewards
+    are all 0 (its slope is stored as exactly 0), so its ε̂ is V on the same candidates.
+    """
+    for name, runs in results["runs"].items():
+        reference = results["references"][results["settings"][name]["reference"]]
+        true_variance = reference.get("true_variance", reference["slope1_error"])
+        for run in runs:
+            if not all(key in run for key in SPLIT):
+                run["slope_part"], run["residual"] = slope1_split(run["slope1_error"], run["slope"], true_variance)
+        for key in SPLIT:
+            results["summary"][name][key] = mean_std([run[key] for run in runs])
+    return results
+
+
+def render_sweep_table(directory: Path) -> Path:
+    """Rewrites directory/table.md from directory/results.json with ε̂'s split filled in
+    (add_slope1_split), for sweeps written before the split existed; results.json is left as it
+    is. Returns the table's path."""
+    results = json.loads((Path(directory) / "results.json").read_text())
+    path = Path(directory) / "table.md"
+    path.write_text(sweep_markdown(add_slope1_split(results)) + "\n")
+    return path
 
 
 def _method_of(setting: dict):
@@ -203,7 +245,9 @@ def _epa_value(setting: dict, key: str):
 
 
 def sweep_markdown(results: dict) -> str:
-    """The sweep's tables in Markdown (what docs/known_reward/README.md shows)."""
+    """The sweep's tables in Markdown (what docs/known_reward/README.md shows): every setting with
+    ε̂'s slope part and residual next to it (the summary's, as add_slope1_split fills them; "–"
+    where it lacks them), and for ipm the plan's predictions against the measured numbers."""
     seeds = len(results["config"]["seeds"])
     lines = [f"{results['sweep']} sweep: mean ± std over {seeds} seed(s); {results['config']['steps']} steps, "
              f"{results['config']['train_prompts']} training prompts per seed, scheduler "
@@ -211,7 +255,7 @@ def sweep_markdown(results: dict) -> str:
     if results["sweep"] == "negatives":
         leading = (("K", lambda s: _method_of(s)["num_strong"] if _method_of(s)["loss"] == "epa" else "–"),
                    ("M", lambda s: _method_of(s)["num_weak"] if _method_of(s)["loss"] == "epa" else "–"))
-        lines.append(markdown_table(results, leading=leading))
+        lines.append(markdown_table(results, SWEEP_COLUMNS, leading=leading))
     elif results["sweep"] == "weak-correction":
         predicted = results["weak_correction"]["predicted_slope_uncorrected"]
 
@@ -223,18 +267,20 @@ def sweep_markdown(results: dict) -> str:
                    ("correction", lambda s: CORRECTION_LABELS[s["weak_correction"]] if _method_of(s)["num_weak"]
                     else "–"),
                    ("predicted slope", predicted_slope))
-        lines.append(markdown_table(results, leading=leading))
+        lines.append(markdown_table(results, SWEEP_COLUMNS, leading=leading))
     elif results["sweep"] == "ipm":
         leading = (("K", lambda s: _epa_value(s, "num_strong")), ("M", lambda s: _epa_value(s, "num_weak")),
                    ("correction", lambda s: CORRECTION_LABELS[s["weak_correction"]] if _method_of(s)["num_weak"]
                     else "–"))
-        lines.append(markdown_table(results, leading=leading))
+        lines.append(markdown_table(results, SWEEP_COLUMNS, leading=leading))
+        lines += ["", "Predicted (design note ../shared/docs/weak-negatives.md, \"Model B\") against measured:", "",
+                  ipm_predictions_markdown(results)]
     elif results["sweep"] == "practical":
         leading = (("α", lambda s: f"{s['weak_weight']:g}" if _method_of(s)["num_weak"] else "–"),
                    ("SFT", lambda s: f"{s['sft_weight']:g}"), ("ref. steps", lambda s: s["reference_steps"]))
-        lines.append(markdown_table(results, leading=leading))
+        lines.append(markdown_table(results, SWEEP_COLUMNS, leading=leading))
     else:
-        lines.append(markdown_table(results))
+        lines.append(markdown_table(results, SWEEP_COLUMNS))
         lines += ["", curves_markdown(results)]
     return "\n".join(lines)
 
