@@ -485,8 +485,8 @@ def test_ipm_run_with_weak_negatives_from_rejected_answers(tmp_path):
 
 def test_ipm_sweep_has_the_settings_its_plan_fixes():
     """--sweep ipm lists what docs/known_reward/sweeps/README.md ("ipm sweep") fixed before any run:
-    ipm data, weak negatives from rejected answers, 512 prompts, batch 4, 1250 steps, lr 3e-4, 3
-    seeds; DPO, then EPA K = 1 and 3 at M = 0 and at M in {1, 4, 16, 64, 256} under each variant
+    ipm data, weak negatives from rejected answers, 512 prompts, batch 4, 1000 steps (as amended after
+    the convergence check), lr 3e-4, 3 seeds; DPO, then EPA K = 1 and 3 at M = 0 and at M in {1, 4, 16, 64, 256} under each variant
     (EPA K = 1 M = 0, DPO's loss, once as DPO). Its table has K, M and the correction. Nothing is
     trained."""
     from epa_ext.experiment.sweep import SWEEPS, sweep_defaults, sweep_markdown
@@ -494,7 +494,7 @@ def test_ipm_sweep_has_the_settings_its_plan_fixes():
     cfg = sweep_defaults("ipm")
     cfg.validate()
     assert (cfg.data_model, cfg.weak_source, cfg.train_prompts, cfg.batch_size, cfg.steps, cfg.lr, cfg.seeds) == \
-        ("ipm", "rejected", 512, 4, 1250, 3e-4, [0, 1, 2])
+        ("ipm", "rejected", 512, 4, 1000, 3e-4, [0, 1, 2])
     settings = SWEEPS["ipm"].settings(cfg)
     variants = ("none", "exact", "estimated")
     expected = ["dpo"] + [name for k in (1, 3) for m in (0, 1, 4, 16, 64, 256) if (k, m) != (1, 0)
