@@ -6,6 +6,10 @@ the anchor.
                                                      # Llama hidden 256 and 512, vocab 32000, 8 pairs a step
     python bench/bench_real_data.py --mode rows      # padding-free with packed rows bounded at 1, 2, 4 x
                                                      # --max-length and unbounded (one row): --max-packed-length
+    python bench/bench_real_data.py --mode prefix    # padded, padding-free and prefix-shared (--prefix-sharing
+                                                     # on; several groups a row, and one), DPO and EPA K = 1
+                                                     # with M = 4 and 8, and --prefix-sharing auto on short
+                                                     # prompts with long answers (synthetic)
 
 Every case is a real epa-train run set up in this process (epa_ext.train.trainer.set_up) on a
 Llama-architecture model saved here (--layers layers, vocabulary --vocab, of which the BPE tokenizer
@@ -21,7 +25,9 @@ steps, over their summed time), the median step time, the padding share (of the 
 decoder computes: padded rows, or packed rows and their free tails; over the first --share-batches
 batches of the run's order), the peak memory of the tensors a step allocates (the profiler's memory
 timeline, comparable within one process), and for padding-free the largest difference of its step
-losses from the padded run's (the same batches).
+losses from the padded run's (the same batches). --mode prefix adds the decoder's tokens per step
+(what it computes: padded rows, packed or shared rows with their free tails) and the loss (DPO, EPA
+with M weak negatives) of each case.
 """
 
 from __future__ import annotations
@@ -45,12 +51,23 @@ BATCH_MODES = {
     "length-grouped": ["--group-by-length"],
     "padding-free": ["--padding-free"],
 }
+PREFIX_MODES = {
+    "padded": [],
+    "padding-free": ["--padding-free"],
+    "prefix-shared": ["--prefix-sharing", "on"],
+    "prefix-shared, a group a row": ["--prefix-sharing", "on", "--max-packed-length", "MAX_LENGTH"],
+}
+PREFIX_LOSSES = {"dpo": ["--loss", "dpo"], "epa K=1 M=4": ["--loss", "epa", "--num-strong", "1", "--num-weak", "4"],
+                 "epa K=1 M=8": ["--loss", "epa", "--num-strong", "1", "--num-weak", "8"]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="batches", choices=["batches", "rows"],
-                        help="batches: the three batch modes and TRL; rows: --max-packed-length bounds")
+    parser.add_argument("--mode", default="batches", choices=["batches", "rows", "prefix"],
+                        help="batches: the three batch modes and TRL; rows: --max-packed-length bounds; prefix: "
+                             "prefix-shared rows against padded and padding-free, DPO and EPA")
+    parser.add_argument("--losses", nargs="+", default=list(PREFIX_LOSSES), choices=list(PREFIX_LOSSES),
+                        help="--mode prefix: the losses")
     parser.add_argument("--dataset", default=str(DATA))
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--layers", type=int, default=4)
@@ -118,6 +135,12 @@ class EpaTrainCase:
 
     def padding_share(self, batches: int) -> float:
         """Share of the decoder's positions that are padding, over the run's first batches."""
+        real, computed = self.token_counts(batches)
+        return 1 - real / computed
+
+    def token_counts(self, batches: int) -> tuple[int, int]:
+        """(real tokens, positions the decoder computes) of the run's first batches: padded rows,
+        or packed or prefix-shared rows with their free tails."""
         from epa_ext.preference.candidates import make_batch
 
         training, computed, real = self.training, 0, 0
@@ -126,7 +149,7 @@ class EpaTrainCase:
                                torch.device("cpu"))
             real += int(batch.attention_mask.sum())
             computed += batch.packed.num_tokens if batch.packed is not None else batch.input_ids.numel()
-        return 1 - real / computed
+        return real, computed
 
 
 class TrlCase:
@@ -174,17 +197,49 @@ class TrlCase:
         return 1 - real / computed
 
 
-def run_cases(args: argparse.Namespace, hidden: int, scratch: Path) -> list[dict]:
-    model_dir = scratch / f"model-{hidden}"
-    save_model(args, hidden, model_dir)
+def case_flags(args: argparse.Namespace, loss: str | None) -> dict[str, list[str]]:
+    """The cases of one timed set: name -> epa-train flags."""
     if args.mode == "batches":
-        flags = dict(BATCH_MODES)
-    else:
+        return dict(BATCH_MODES)
+    if args.mode == "rows":
         flags = {f"rows <= {n} x max-length": ["--padding-free", "--max-packed-length", str(n * args.max_length)]
                  for n in (1, 2, 4)}
         flags["one row"] = ["--padding-free", "--max-packed-length", str(10 ** 9)]
+        return flags
+    modes = PREFIX_MODES if loss != "short prompts" else {
+        "padded": [], "prefix-shared": ["--prefix-sharing", "on"], "prefix-sharing auto": ["--prefix-sharing", "auto"]}
+    loss_flags = PREFIX_LOSSES["epa K=1 M=4" if loss == "short prompts" else loss]
+    return {name: [*loss_flags, *(str(args.max_length) if flag == "MAX_LENGTH" else flag for flag in flags)]
+            for name, flags in modes.items()}
+
+
+def short_prompt_data(scratch: Path, rows: int = 256) -> str:
+    """A synthetic data file of short prompts (about 8 words) with long answers (about 150 words):
+    where sharing the prompt saves little (UltraFeedback-like), to show what auto does there."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "light", "north", "green", "quiet", "swift"]
+    path = scratch / "short_prompts.jsonl"
+    with open(path, "w") as f:
+        for i in range(rows):
+            prompt = f"Question {i}: " + " ".join(rng.choices(words, k=8))
+            answers = [" ".join(rng.choices(words, k=rng.randint(120, 180))) for _ in range(2)]
+            f.write(json.dumps({"prompt": prompt, "chosen": answers[0], "rejected": answers[1]}) + "\n")
+    return str(path)
+
+
+def run_cases(args: argparse.Namespace, hidden: int, scratch: Path, loss: str | None = None) -> list[dict]:
+    model_dir = scratch / f"model-{hidden}"
+    if not model_dir.exists():
+        save_model(args, hidden, model_dir)
+    flags = case_flags(args, loss)
+    if loss == "short prompts":
+        args = argparse.Namespace(**{**vars(args), "dataset": short_prompt_data(scratch)})
+    tag = "" if loss is None else "-" + "".join(c for c in loss if c.isalnum())
     with contextlib.ExitStack() as runs:
-        cases = {name: EpaTrainCase(runs.enter_context(set_up_run(args, model_dir, scratch / f"{hidden}-{i}",
+        cases = {name: EpaTrainCase(runs.enter_context(set_up_run(args, model_dir, scratch / f"{hidden}{tag}-{i}",
                                                                   *mode_flags)))
                  for i, (name, mode_flags) in enumerate(flags.items())}
         if args.mode == "batches" and not args.no_trl:
@@ -194,7 +249,12 @@ def run_cases(args: argparse.Namespace, hidden: int, scratch: Path) -> list[dict
         rows = []
         for name, case in cases.items():
             timed_tokens = case.real_tokens[args.warmup:]
-            rows.append({"hidden": hidden, "provider": name, **timings[name],
+            extra = {}
+            if args.mode == "prefix":
+                real, computed = case.token_counts(args.share_batches)
+                extra = {"loss": loss, "decoder_tokens_per_step": computed / args.share_batches,
+                         "real_tokens_per_step": real / args.share_batches}
+            rows.append({"hidden": hidden, "provider": name, **extra, **timings[name],
                          "real_tokens_per_s": sum(timed_tokens) / sum(samples[name]) * 1e3,
                          "mean_real_tokens_per_step": statistics.mean(timed_tokens),
                          "padding_share": case.padding_share(args.share_batches),
@@ -222,12 +282,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_real_data_") as scratch:
         for hidden in args.hidden:
-            rows += run_cases(args, hidden, Path(scratch))
+            if args.mode == "prefix":
+                for loss in [*args.losses, "short prompts"]:
+                    rows += run_cases(args, hidden, Path(scratch), loss)
+            else:
+                rows += run_cases(args, hidden, Path(scratch))
     columns = ["hidden", "provider", "median_ms", "real_tokens_per_s", "tokens_per_s_vs_first", "tokens_per_s_vs_trl",
                "padding_share", "peak_allocated_mib", "max_loss_difference"]
-    payload = {"args": vars(args), "dataset_rows": num_rows, "loss": "dpo (sigmoid), reference model every step",
-               "threads": torch.get_num_threads()}
-    name = "real_data" if args.mode == "batches" else "real_data_rows"
+    loss = "dpo (sigmoid), reference model every step"
+    if args.mode == "prefix":
+        columns = ["hidden", "loss", "provider", "median_ms", "real_tokens_per_s", "tokens_per_s_vs_first",
+                   "decoder_tokens_per_step", "peak_allocated_mib", "max_loss_difference"]
+        loss = ("per row's loss: DPO, or EPA K = 1 with M weak negatives (epa K=1 M=4 on the synthetic short-prompt "
+                "data), reference model every step")
+    payload = {"args": vars(args), "dataset_rows": num_rows, "loss": loss, "threads": torch.get_num_threads()}
+    name = {"batches": "real_data", "rows": "real_data_rows", "prefix": "real_data_prefix"}[args.mode]
     finish(name, "cpu", rows, columns, payload, Path(args.out) if args.out else RESULTS_DIR)
 
 

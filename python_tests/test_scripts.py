@@ -183,3 +183,22 @@ def test_gpu_check_installs_the_wheels_make_gpu_wheels_downloads():
     commands = check.replace("\\\n", " ").splitlines()  # continued lines joined
     install = next(line for line in commands if "pip install" in line and "$WHEELS" in line)
     assert all(flag in install for flag in ("--no-index", "--find-links \"$WHEELS\"", "--no-deps", "--target"))
+
+
+def test_the_prefix_sharing_benchmark_compares_the_same_batches(tmp_path):
+    """bench_real_data --mode prefix: per loss, padded, padding-free and prefix-shared (several
+    groups a row, and one) train the same batches (the same real tokens and losses), the shared
+    ones through fewer decoder tokens; the synthetic short-prompt data shows auto."""
+    run([str(BENCH / "bench_real_data.py"), *REAL_DATA_TINY, "--dataset", str(PREFS), "--mode", "prefix",
+         "--losses", "dpo", "epa K=1 M=4", "--out", str(tmp_path)], cwd=tmp_path)
+    (report_path,) = tmp_path.glob("*.json")
+    results = json.loads(report_path.read_text())["results"]
+    assert [(row["loss"], row["provider"]) for row in results] == [
+        (loss, mode) for loss in ("dpo", "epa K=1 M=4")
+        for mode in ("padded", "padding-free", "prefix-shared", "prefix-shared, a group a row")] + [
+        ("short prompts", mode) for mode in ("padded", "prefix-shared", "prefix-sharing auto")]
+    for loss in ("dpo", "epa K=1 M=4", "short prompts"):
+        rows = {row["provider"]: row for row in results if row["loss"] == loss}
+        assert len({row["real_tokens_per_step"] for row in rows.values()}) == 1
+        assert all(row["max_loss_difference"] < 1e-4 for name, row in rows.items() if name != "padded")
+        assert rows["prefix-shared"]["decoder_tokens_per_step"] < rows["padded"]["decoder_tokens_per_step"]

@@ -263,6 +263,18 @@ def test_ddp_over_two_processes_trains_as_one(tmp_path):
     assert_same_training(single, double)
 
 
+def test_ddp_with_prefix_shared_batches_trains_as_one_padded_process(tmp_path):
+    """2 DDP ranks of 2 prompts with --prefix-sharing on (EPA, K = 1 and M = 2: three candidates
+    share each prompt), against 1 process of 4 padded prompts: the same losses and final weights."""
+    common = ["--max-steps", "3", "--num-weak", "2", "--eval-fraction", "0", *ON_CPU]
+    single, double = tmp_path / "single", tmp_path / "double"
+    train_in_process(single, *common, "--batch-size", "4")
+    torchrun_epa_train(double, *common, "--batch-size", "2", "--prefix-sharing", "on")
+    assert train_losses(read_metrics(double)) == pytest.approx(train_losses(read_metrics(single)), rel=RTOL, abs=ATOL)
+    assert all(0 < r["decoder_tokens_saved"] < 1 for r in read_metrics(double) if "loss" in r)
+    assert_same_training(single, double)
+
+
 def test_ddp_with_padding_free_length_grouped_batches_trains_as_one_padded_process(tmp_path):
     """2 DDP ranks of 2 prompts, each packing its own half of the length-grouped global batch,
     against 1 process of 4 padded prompts in the same grouped order: the same losses, evaluation

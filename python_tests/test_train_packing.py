@@ -205,7 +205,7 @@ def test_a_padding_free_length_grouped_run_resumes_bitwise(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--max-packed-length", "200"], "--max-packed-length applies to --padding-free only"),
+    (["--max-packed-length", "200"], "--max-packed-length applies to --padding-free or --prefix-sharing only"),
     (["--padding-free", "--max-packed-length", "95"], "--max-packed-length must be >= --max-length (96)"),
 ])
 def test_packed_length_options_are_checked(flags, message, tmp_path):

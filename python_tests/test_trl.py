@@ -551,7 +551,7 @@ def test_padding_free_options_are_checked(tokenizer, tmp_path):
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    with pytest.raises(ValueError, match="max_packed_length applies to padding_free=True"):
+    with pytest.raises(ValueError, match="max_packed_length applies to padding_free=True or prefix_sharing only"):
         config(EPAConfig, tmp_path, max_packed_length=128)
     with pytest.raises(ValueError, match=r"max_packed_length must be >= max_length \(64\)"):
         config(EPAConfig, tmp_path, padding_free=True, max_packed_length=32)
@@ -578,19 +578,27 @@ def test_padding_free_options_are_checked(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(loss_type="exo_pair"), "loss_type must be one of ['sigmoid', 'robust', 'hinge', 'ipo', 'epa']"),
-    (dict(loss_type=["sigmoid", "hinge"]), "loss_type must be one of"),
-    (dict(loss_type="sft"), "loss_type must be one of"),
-    (dict(loss_type=["sigmoid", "sft", "sft"]), "loss_type must be one of"),
-    (dict(loss_type=["sigmoid", "sft"], loss_weights=[0.0, 1.0]), "loss_weights must be finite numbers >= 0"),
-    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -1.0]), "loss_weights must be finite numbers >= 0"),
+    (dict(loss_type="exo_pair"), "Label smoothing must be greater than 0.0 when using 'exo_pair' loss"),
+    (dict(loss_type=["sigmoid", "kto"]), "loss_type must be one of ['sigmoid', 'hinge', 'ipo', 'exo_pair'"),
+    (dict(loss_type=["epa", "bco_pair"]), "loss_type 'epa' takes at most one 'sft' beside it"),
+    (dict(loss_type=["epa", "sft", "sft"]), "loss_type 'epa' takes at most one 'sft' beside it"),
+    (dict(loss_type=["epa", "sft"], loss_weights=[0.0, 1.0]), "loss_weights must be finite numbers >= 0, the one of "
+                                                                "'epa' > 0"),
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, math.inf]), "loss_weights must be finite numbers"),
     (dict(loss_type="epa", num_weak=4), "need per_device_train_batch_size >= num_weak + 1 = 5; got 4"),
     (dict(loss_type="sigmoid", num_weak=1), "num_weak applies to loss_type='epa' only"),
     (dict(loss_type="epa", num_weak=-1), "num_weak must be >= 0"),
     (dict(loss_type="epa", weak_weight=-0.5), "weak_weight must be a finite number >= 0"),
-    (dict(f_divergence_type="js_divergence"), "f_divergence_type must be 'reverse_kl'"),
-    (dict(ld_alpha=0.5), "ld_alpha"),
-    (dict(use_weighting=True), "use_weighting=True"),
+    (dict(loss_type="epa", f_divergence_type="js_divergence"), "f_divergence_type must be 'reverse_kl' for "
+                                                                 "loss_type='epa'"),
+    (dict(loss_type=["sigmoid", "bco_pair"], f_divergence_type="js_divergence"),
+     "`f_divergence_type='js_divergence'` is only supported for the following loss types"),
+    (dict(loss_type="epa", ld_alpha=0.5), "ld_alpha does not apply to loss_type='epa'"),
+    (dict(loss_type="epa", use_weighting=True), "use_weighting=True (WPO's per-pair weights) does not apply to "
+                                                "loss_type='epa'"),
+    (dict(loss_type="aot", use_weighting=True), "use_weighting (WPO) is not implemented for 'aot' or 'aot_unpaired'"),
+    (dict(loss_type=["sigmoid", "sft"], use_weighting=True), "use_weighting (WPO) with the 'sft' loss type fails "
+                                                             "inside TRL 1.16's DPOTrainer"),
     (dict(loss_type="robust", label_smoothing=0.5), r"label_smoothing must lie in \[0, 0.5\)"),
     (dict(loss_type="epa", label_smoothing=0.1), "label_smoothing does not apply to loss_type='epa'"),
     (dict(loss_type="epa", weak_correction="exact"), "weak_correction must be 'none' or 'importance'"),
@@ -604,9 +612,9 @@ def test_unsupported_configurations_are_refused_by_the_config(overrides, message
 
 
 def test_a_plain_dpo_config_is_checked_the_same_way(tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="loss_type must be one of"):
+    with pytest.raises(ValueError, match="Label smoothing must be greater than 0.0 when using 'exo_pair'"):
         EPATrainer(model=build_tiny_model(len(tokenizer), 32, 2, 128, seed=0), args=config(
-            DPOConfig, tmp_path, loss_type="nca_pair"), train_dataset=Dataset.from_list(standard_rows()),
+            DPOConfig, tmp_path, loss_type="exo_pair"), train_dataset=Dataset.from_list(standard_rows()),
             processing_class=tokenizer)
 
 
@@ -700,3 +708,80 @@ def test_weak_source_rejected_borrows_rejected_answers_only(tokenizer, tmp_path)
         config(EPAConfig, tmp_path, loss_type="epa", num_weak=1, weak_source="chosen")
     with pytest.raises(TypeError, match="weak_source must be a str"):
         config(EPAConfig, tmp_path, loss_type="epa", num_weak=1, weak_source=1)
+
+
+# --- every TRL 1.16 loss type, mixture and option: the same training ------------------------------------------
+
+
+def assert_same_short_training(ours, theirs, *, ties_at_first_step: bool = False):
+    """assert_same_training for runs of fewer than 5 steps: every logged number, step by step, and
+    the final weights, under TRL_PARITY."""
+    assert len(ours[0]) == len(theirs[0]) == ours[1].args.max_steps
+    for entry, expected in zip(ours[0], theirs[0]):
+        assert entry.keys() == expected.keys(), entry.keys() ^ expected.keys()
+        for key, value in expected.items():
+            if not (ties_at_first_step and expected["step"] == 1 and key == "rewards/accuracies"):
+                assert_trl_parity(entry[key], value, f"step {expected['step']} {key}")
+    assert_same_weights(ours[1].model.state_dict(), theirs[1])
+
+
+# Configurations the fused DPO loss cannot express: EPATrainer computes per-token log-probs in the
+# lm_head's hook (linear_token_logps) and preference.pairwise's loss.
+PAIRWISE_CASES = {
+    **{f"alone-{t}": dict(loss_type=t) for t in ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                                                 "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                                                 "sigmoid_norm", "sigmoid", "robust", "hinge", "ipo")},
+    "mpo": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    "mixture-repeated-zero-weight": dict(loss_type=["hinge", "apo_zero", "sigmoid", "sigmoid"],
+                                         loss_weights=[0.3, 1.0, 0.0, 0.5]),
+    "sft-preference-weight-zero": dict(loss_type=["sigmoid", "sft"], loss_weights=[0.0, 1.0]),
+    "forward-kl": dict(loss_type="sigmoid", f_divergence_type="forward_kl"),
+    "js-divergence-ipo": dict(loss_type="ipo", f_divergence_type="js_divergence"),
+    "alpha-divergence": dict(loss_type=["discopop", "sft"], f_divergence_type="alpha_divergence",
+                             f_alpha_divergence_coef=0.3),
+    "ld-alpha": dict(loss_type=["sigmoid", "sft"], ld_alpha=0.4),
+    "ld-alpha-precomputed": dict(loss_type="sigmoid_norm", ld_alpha=0.4, precompute_ref_log_probs=True),
+    "use-weighting": dict(loss_type=["sigmoid", "bco_pair"], use_weighting=True),
+    "use-weighting-ld-alpha-precomputed": dict(loss_type="ipo", use_weighting=True, ld_alpha=0.0,
+                                               precompute_ref_log_probs=True),
+    "label-smoothing-exo": dict(loss_type="exo_pair", label_smoothing=0.2),
+    "label-smoothing-aot": dict(loss_type=["aot", "robust"], label_smoothing=0.3),
+}
+# exo_pair needs label_smoothing > 0 (EXO's epsilon), in TRL as here
+for _case in PAIRWISE_CASES.values():
+    if _case["loss_type"] == "exo_pair":
+        _case.setdefault("label_smoothing", 1e-3)
+
+
+@pytest.mark.parametrize("case", PAIRWISE_CASES)
+def test_every_trl_loss_trains_as_trl(case, tokenizer, tmp_path):
+    """Two steps of EPATrainer and DPOTrainer on the same data: every logged number and the final
+    weights. Step 2 starts off the reference, so the losses' slopes away from zero are compared too."""
+    options = dict(max_steps=2, beta=0.5, **PAIRWISE_CASES[case])
+    precompute = options.get("precompute_ref_log_probs", False)
+    theirs = train(DPOTrainer, config(DPOConfig, tmp_path, **options), standard_rows(), tokenizer)
+    ours = train(EPATrainer, config(EPAConfig, tmp_path, token_metrics=True, **options), standard_rows(), tokenizer)
+    assert all(math.isfinite(entry["loss"]) for entry in ours[0])
+    assert_same_short_training(ours, theirs, ties_at_first_step=precompute)
+
+
+def test_fused_path_is_kept_where_exact(tokenizer, tmp_path):
+    """sigmoid / robust / hinge / ipo, optionally with one 'sft', stay on the fused DPO loss; the
+    rest takes the pairwise path (and ipo where an empty prompt makes TRL's count differ)."""
+    from epa_ext.preference.loss import LossSpec
+    from epa_ext.preference.pairwise import PairwiseSpec
+
+    def spec_of(**options):
+        model = build_tiny_model(len(tokenizer), 32, 2, 128, seed=0)
+        trainer = EPATrainer(model=model, ref_model=copy.deepcopy(model), args=config(EPAConfig, tmp_path, **options),
+                             train_dataset=Dataset.from_list(standard_rows()), processing_class=tokenizer)
+        return lambda completion_mask: trainer._loss_spec(completion_mask)
+
+    prompted = torch.tensor([[0, 1], [0, 1]])
+    assert isinstance(spec_of(loss_type=["ipo", "sft"], loss_weights=[2.0, 0.5])(prompted), LossSpec)
+    assert isinstance(spec_of(loss_type="ipo")(torch.tensor([[1, 1], [0, 1]])), PairwiseSpec)
+    for options in (dict(loss_type=["sigmoid", "hinge"]), dict(loss_type="sigmoid", ld_alpha=0.5),
+                    dict(loss_type="sigmoid", use_weighting=True),
+                    dict(loss_type="hinge", f_divergence_type="forward_kl"),
+                    dict(loss_type=["sigmoid", "sft"], loss_weights=[0.0, 1.0])):
+        assert isinstance(spec_of(**options)(prompted), PairwiseSpec), options

@@ -8,6 +8,8 @@ it imports torch, transformers' models through ``epa_ext.causal_lm``, and the fu
   dataset rows or from the batch's rows), padded.
 - ``packing``: the same batches packed without padding, and the probe that refuses attention that
   does not keep packed sequences apart.
+- ``prefix``: the same batches prefix-shared (each prompt once, its candidates after it), and the
+  probe that refuses a model whose attention does not honour the shared rows' mask.
 - ``scoring``: policy and reference through the decoder, the hidden states gathered back into the
   padded layout; the reference's log-probs.
 - ``loss``: DPO / EPA / SFT term / router loss of a batch, and the logged token statistics.

@@ -22,6 +22,7 @@ import torch
 from .._kernel_contract import IGNORE_INDEX
 from .options import WEAK_SOURCES
 from .packing import Packed, pack
+from .prefix import Shared, SharedAttention, share, shared_token_ratio
 
 A = TypeVar("A")
 
@@ -101,7 +102,9 @@ class Batch:
     num_candidates: int  # C = 1 + K + M
     num_strong: int  # K
     example_ids: list[int]  # the B example indices
-    packed: Packed | None = None  # the rows packed without padding (padding-free batches), or None
+    # the rows the decoder runs on instead of the padded ones: packed without padding (padding-free
+    # batches) or prefix-shared (prefix.Shared), or None
+    packed: Packed | Shared | None = None
 
 
 def collate(examples: list[TokenizedExample], example_ids: list[int], *, num_strong: int, num_weak: int,
@@ -266,7 +269,10 @@ def longest_rows(split: Split, layout: Layout) -> list[int]:
 class Layout:
     """How every batch of a run is laid out: K strong and M weak negatives per prompt, the pad id
     and the longest prompt + answer; with padding_free, the rows are also packed (``packing.pack``)
-    into rows of at most max_row_tokens tokens (None: one row)."""
+    into rows of at most max_row_tokens tokens (None: one row); with shared_attention (the model's,
+    ``prefix.shared_attention``), each prompt and its candidates are laid out prefix-shared
+    instead (``prefix.share``: the prompt once, its answers after it), groups packed into rows of at
+    most max_row_tokens tokens."""
 
     num_strong: int
     num_weak: int
@@ -274,6 +280,8 @@ class Layout:
     max_length: int
     padding_free: bool = False
     max_row_tokens: int | None = None
+    shared_attention: SharedAttention | None = None
+    min_shared_ratio: float = 0.0  # share a batch only where prefix.shared_token_ratio reaches it
 
     @property
     def num_candidates(self) -> int:
@@ -282,11 +290,17 @@ class Layout:
 
 def make_batch(split: Split, ids: list[int], layout: Layout, device: torch.device) -> Batch:
     """``collate`` of split.examples[ids] in layout (without weak negatives for a split that has
-    no weak pairing: one example), packed as well when layout.padding_free; its tensors on device."""
+    no weak pairing: one example), prefix-shared or packed as well as the layout says; its tensors
+    on device."""
     batch = collate([split.examples[i] for i in ids], ids, num_strong=layout.num_strong,
                     num_weak=layout.num_weak if split.weak_sources else 0, weak_sources=split.weak_sources,
                     all_examples=split.examples, pad_id=layout.pad_id, max_length=layout.max_length)
-    if layout.padding_free:
+    prompt_lengths = [len(split.examples[i].prompt_ids) for i in ids]
+    if layout.shared_attention is not None and \
+            shared_token_ratio(batch.attention_mask, prompt_lengths, batch.num_candidates) >= layout.min_shared_ratio:
+        batch.packed = share(batch.input_ids, batch.attention_mask, prompt_lengths, batch.num_candidates,
+                             layout.max_row_tokens, layout.pad_id, attention=layout.shared_attention).to(device)
+    elif layout.padding_free:
         batch.packed = pack(batch.input_ids, batch.attention_mask, layout.max_row_tokens, layout.pad_id).to(device)
     for name in ("input_ids", "attention_mask", "labels", "candidate_mask"):
         setattr(batch, name, getattr(batch, name).to(device))

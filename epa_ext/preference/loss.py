@@ -5,6 +5,11 @@ EPATrainer.
 
     spec = LossSpec(loss="epa", beta=0.1, num_strong=1, weak_weight=0.5)
     loss, policy_logps = preference_loss(head, labels, ref_logps, candidate_mask, spec)
+
+Every other loss of TRL 1.16's DPOTrainer (``pairwise.PairwiseSpec``: its 15 loss types, their
+mixtures, f-divergences, LD-DPO, WPO) goes through ``pairwise_preference_loss``: per-token
+log-probs from the fused linear op (no logits kept), then ``pairwise.pairwise_loss``;
+``fused_dpo_spec`` says which PairwiseSpecs the faster fused DPO loss computes exactly.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from torch import Tensor, nn
 from .._kernel_contract import IGNORE_INDEX
 from ..causal_lm import HeadInputs, LogitTransform, logit_chunks, logit_transform, mean_logits
 from ..fused import fused_linear_dpo_loss, fused_linear_epa_loss
+from ..linear import linear_token_logps
+from ..losses import DPO_LOSS_TYPES
 from .packing import Packed
-from .scoring import through_batch
+from .prefix import Shared
+from .pairwise import PairwiseSpec, ld_token_weights, log_sum_squared_probs, pairwise_loss, wpo_sequence_weights
+from .scoring import reference_logps, through_batch
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ class PreferenceLoss(nn.Module):
 
     forward(input_ids [C*B, T], attention_mask, labels, ref_logps [C*B], candidate_mask [B, C],
     log_weights [B, C] or None: EPA's per-candidate log-weights, packed: the batch's rows packed
-    without padding or None, ``scoring.through_batch``) returns (loss, policy_seq_logps [C*B],
+    without padding or prefix-shared, or None, ``scoring.through_batch``) returns (loss, policy_seq_logps [C*B],
     logit_sums [C*B] (see ``logit_sums``; no graph), the router loss or None). With
     router_aux_coef > 0 (an MoE model whose config asks for router logits) the loss includes
     router_aux_coef times the model's router load-balancing loss, as transformers and TRL add it.
@@ -72,7 +81,7 @@ class PreferenceLoss(nn.Module):
         self.router_aux_coef = router_aux_coef
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ref_logps: Tensor,
-                candidate_mask: Tensor, log_weights: Tensor | None = None, packed: Packed | None = None
+                candidate_mask: Tensor, log_weights: Tensor | None = None, packed: Packed | Shared | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         def loss_of(head: HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
             loss, seq = preference_loss(head, labels, ref_logps, candidate_mask, self.spec, log_weights)
@@ -117,3 +126,91 @@ def logit_sums(head: HeadInputs, labels: Tensor) -> Tensor:
     per_token = token_statistics(head, labels)["mean_logits"]
     return torch.zeros(labels.shape, dtype=per_token.dtype, device=per_token.device).masked_scatter(
         kept, per_token).sum(-1)
+
+
+def fused_dpo_spec(spec: PairwiseSpec) -> tuple[LossSpec, float] | None:
+    """(dpo, w) such that w * preference_loss(.., dpo) is spec's loss, where the fused DPO loss
+    computes it exactly; None where only ``pairwise_preference_loss`` does.
+
+    Exact: one type of ``losses.DPO_LOSS_TYPES`` at weight w > 0, at most one "sft" (weight
+    w_sft, as sft_weight = w_sft / w), reverse KL, no LD-DPO, no WPO. label_smoothing is passed
+    for "robust" only: TRL 1.16 ignores it for the other three, where the fused loss would apply
+    it (cDPO for "sigmoid").
+    """
+    preference = [(t, w) for t, w in zip(spec.loss_types, spec.weights) if t != "sft"]
+    sft = [w for t, w in zip(spec.loss_types, spec.weights) if t == "sft"]
+    if len(preference) != 1 or len(sft) > 1 or spec.f_divergence_type != "reverse_kl" or spec.ld_alpha is not None \
+            or spec.use_weighting:
+        return None
+    loss_type, weight = preference[0]
+    if loss_type not in DPO_LOSS_TYPES or not 0 < weight < float("inf"):
+        return None
+    dpo = LossSpec("dpo", spec.beta, dpo_loss_type=loss_type,
+                   label_smoothing=spec.label_smoothing if loss_type == "robust" else 0.0,
+                   sft_weight=sft[0] / weight if sft else 0.0)
+    return dpo, weight
+
+
+def pairwise_token_weights(labels: Tensor, ld_alpha: float | None) -> Tensor:
+    """[2B, T] fp32 weight of each position's log-prob in the sequence log-probs of a pair batch
+    (rows [chosen; rejected], labels aligned with the logits): 1 on kept tokens (labels !=
+    IGNORE_INDEX) and 0 elsewhere; with LD-DPO's ld_alpha, ``pairwise.ld_token_weights`` of each
+    chosen / rejected pair (1 on the shared length, ld_alpha on the longer answer's tail)."""
+    kept = labels != IGNORE_INDEX
+    if ld_alpha is None:
+        return kept.float()
+    chosen, rejected = kept.chunk(2)
+    return torch.cat(ld_token_weights(chosen, rejected, ld_alpha)).float()
+
+
+def pairwise_preference_loss(head: HeadInputs, labels: Tensor, ref_logps: Tensor, spec: PairwiseSpec,
+                             completion_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, policy sequence log-probs [2B] fp32, as the loss used them: LD-weighted with
+    spec.ld_alpha) of a pair batch: TRL 1.16 DPOTrainer's loss for spec (``pairwise.pairwise_loss``).
+
+    head.hidden [2B, T, H], labels [2B, T] (rows [chosen; rejected], aligned with the logits);
+    ref_logps [2B]: the reference's sequence log-probs weighted as the policy's
+    (``pairwise_reference_logps``); completion_tokens [2B]: each answer's token count as TRL
+    counts it (the unshifted completion_mask's sum), which "ipo" and "sigmoid_norm" divide by.
+
+    The policy's per-token log-probs come from ``linear_token_logps`` (chunked, differentiable, no
+    [2B, T, V] logits); with spec.use_weighting, WPO's log sum_v p_v^2 of each kept token from
+    ``pairwise.log_sum_squared_probs`` on its hidden state (no grad), and each pair's weight
+    w(chosen) * w(rejected), w = exp(mean over the answer of log p_t - log sum_v p_v^2).
+    """
+    token_logps = linear_token_logps(head.hidden, head.weight, labels, **head.as_kwargs())  # 0 where ignored
+    kept = labels != IGNORE_INDEX
+    policy = (token_logps * pairwise_token_weights(labels, spec.ld_alpha)).sum(-1)
+    plain = policy if spec.ld_alpha is None else token_logps.sum(-1)  # sft and WPO read plain sums
+    kept_tokens = kept.sum(-1)
+    wpo_weights = None
+    if spec.use_weighting:
+        log_sum_sq = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).masked_scatter(
+            kept, log_sum_squared_probs(head.hidden[kept], head.weight, head.bias, head.softcap))
+        chosen_weights, rejected_weights = wpo_sequence_weights(plain, log_sum_sq.sum(-1), kept_tokens).chunk(2)
+        wpo_weights = chosen_weights * rejected_weights
+    policy_chosen, policy_rejected = policy.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.float().chunk(2)
+    chosen_tokens, rejected_tokens = completion_tokens.chunk(2)
+    loss, _ = pairwise_loss(spec, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                            chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
+                            chosen_nll=-plain.chunk(2)[0], chosen_nll_tokens=kept_tokens.chunk(2)[0],
+                            wpo_weights=wpo_weights)
+    return loss, policy
+
+
+@torch.no_grad()
+def pairwise_reference_logps(scorer: nn.Module, transform: LogitTransform, input_ids: Tensor,
+                             attention_mask: Tensor, labels: Tensor, packed=None, *,
+                             ld_alpha: float | None = None) -> Tensor:
+    """[2B] fp32 reference sequence log-probs of a pair batch (rows [chosen; rejected]) weighted as
+    ``pairwise_preference_loss`` weighs the policy's: ``scoring.reference_logps`` (plain sums), or
+    with ld_alpha the LD-DPO sums sum_t pairwise_token_weights * log p_t from the fused per-token
+    log-probs (no logits kept), which TRL 1.16 also precomputes and stores. packed: the layout
+    ``scoring.through_batch`` takes (None: padded rows)."""
+    if ld_alpha is None:
+        return reference_logps(scorer, transform, input_ids, attention_mask, labels, packed)
+    token_logps, _ = through_batch(
+        scorer, transform, lambda head: linear_token_logps(head.hidden, head.weight, labels, **head.as_kwargs()),
+        input_ids, attention_mask, packed)
+    return (token_logps.float() * pairwise_token_weights(labels, ld_alpha)).sum(-1)

@@ -17,6 +17,10 @@ PACKED_ROW_LENGTHS = 2
 # Which answer of another example a weak negative borrows (candidates.weak_negative_sources).
 WEAK_SOURCES = ("any", "rejected")
 WEAK_CORRECTIONS = ("none", "importance")
+PREFIX_SHARING = ("auto", "on", "off")
+# --prefix-sharing auto shares a batch's prompts when the decoder tokens it saves reach this ratio,
+# C(P + A) / (P + sum A) over the batch's groups (bench/bench_real_data.py measures the break-even).
+MIN_SHARED_TOKEN_RATIO = 1.3
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,11 @@ EPA_OPTIONS: dict[str, EPAOption] = {
         "any", "which answer of another example a weak negative borrows: any: its chosen or its first rejected "
                "answer (drawn by the seed); rejected: its first rejected answer only (the reference's samples where "
                "the rejected answers are drawn from it independently of the choice; docs/losses.md)"),
+    "prefix_sharing": EPAOption(
+        "off", "each prompt through the decoder once for all its candidates (prefix-shared rows, policy and "
+               "reference; sdpa or eager attention, checked on the model before training). on: always, refused "
+               "where it cannot be exact; auto: where the probe passes and a batch's decoder tokens fall by "
+               f">= {MIN_SHARED_TOKEN_RATIO}x (else padding-free or padded, said once); off: never"),
     "max_packed_length": EPAOption(None, "with padding-free batches: most tokens in a packed row, >= the maximum "
                                          f"length (default: {PACKED_ROW_LENGTHS} x the maximum length)"),
 }
@@ -92,7 +101,7 @@ def check_epa_options(values: dict[str, Any], *, epa: bool, padding_free: bool, 
             raise TypeError(f"{name(option)} must be an int or None; got {type(options[option]).__name__}")
     if not _is_real(options["weak_weight"]):
         raise TypeError(f"{name('weak_weight')} must be a real number; got {type(options['weak_weight']).__name__}")
-    for option in ("weak_correction", "weak_source"):
+    for option in ("weak_correction", "weak_source", "prefix_sharing"):
         if not isinstance(options[option], str):
             raise TypeError(f"{name(option)} must be a str; got {type(options[option]).__name__}")
 
@@ -108,10 +117,13 @@ def check_epa_options(values: dict[str, Any], *, epa: bool, padding_free: bool, 
         refuse("weak_correction_prompts", ">= 2", "the answer's own prompt and at least one other")
     if options["weak_source"] not in WEAK_SOURCES:
         refuse("weak_source", "one of " + ", ".join(repr(s) for s in WEAK_SOURCES))
+    if options["prefix_sharing"] not in PREFIX_SHARING:
+        refuse("prefix_sharing", "one of " + ", ".join(repr(s) for s in PREFIX_SHARING))
     bound = options["max_packed_length"]
     if bound is not None:
-        if not padding_free:
-            raise error(f"{name('max_packed_length')} applies to {spelling.padding_free} only")
+        if not padding_free and options["prefix_sharing"] == "off":
+            raise error(f"{name('max_packed_length')} applies to {spelling.padding_free} or "
+                        f"{name('prefix_sharing')} only")
         if bound < (max_length or 1):
             refuse("max_packed_length", f">= {name('max_length')} ({max_length})",
                    "a sequence is never split across packed rows")

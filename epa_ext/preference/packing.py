@@ -246,6 +246,26 @@ def rope_state_kept(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
+def probe_hidden_states(model: nn.Module, transform: LogitTransform, input_ids: Tensor, attention_mask: Tensor,
+                        through_rows: Callable[[Callable[[HeadInputs], Tensor]], Tensor]) -> tuple[Tensor, Tensor]:
+    """A layout probe's final hidden states [R, T, H] of the padded batch input_ids /
+    attention_mask and of the same batch laid out otherwise (through_rows(consume) runs the model
+    on the other layout and gathers back), the model in eval mode (no dropout) and its rotary
+    state put back afterwards (``rope_state_kept``): (padded, laid out)."""
+    def hidden_of(head: HeadInputs) -> Tensor:
+        return head.hidden
+
+    was_training = model.training
+    model.eval()
+    try:
+        with rope_state_kept(model):
+            padded, _ = through_model(model, transform, hidden_of, input_ids=input_ids, attention_mask=attention_mask)
+            return padded, through_rows(hidden_of)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def check_packed_attention(model: nn.Module, transform: LogitTransform, *, max_length: int | None,
                            max_row_tokens: int | None, router_logits: bool = False) -> None:
     """Raises ValueError (one line) unless packed rows of this model give the padded batch's
@@ -280,19 +300,9 @@ def check_packed_attention(model: nn.Module, transform: LogitTransform, *, max_l
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, weight.shape[0], (len(lengths), longest), generator=generator).to(weight.device)
     attention_mask = (torch.arange(longest) < torch.tensor(lengths)[:, None]).long().to(weight.device)
-    def hidden_of(head: HeadInputs) -> Tensor:
-        return head.hidden
-
-    was_training = model.training
-    model.eval()
-    try:
-        with rope_state_kept(model):
-            padded, _ = through_model(model, transform, hidden_of, input_ids=input_ids, attention_mask=attention_mask)
-            packed = through_packed_model(model, transform, pack(input_ids, attention_mask,
-                                                                 row_bound(implementation, 2 * longest), pad_id=0),
-                                          hidden_of)
-    finally:
-        model.train(was_training)
+    rows = pack(input_ids, attention_mask, row_bound(implementation, 2 * longest), pad_id=0)
+    padded, packed = probe_hidden_states(model, transform, input_ids, attention_mask,
+                                         lambda hidden_of: through_packed_model(model, transform, rows, hidden_of))
     real = attention_mask.bool()
     scale = padded[real].abs().max().clamp(min=1e-30)
     error = ((packed[real] - padded[real]).abs().max() / scale).item()

@@ -1,7 +1,7 @@
-"""Policy and reference through the decoder, for a candidate-major batch laid out padded or
-packed (``packing.py``): the model's own forward (``causal_lm.through_model``), and a consumer of
-the lm_head's inputs that gets the hidden states in the padded layout either way, so the fused
-losses and labels do not depend on the layout.
+"""Policy and reference through the decoder, for a candidate-major batch laid out padded, packed
+(``packing.py``) or prefix-shared (``prefix.py``): the model's own forward
+(``causal_lm.through_model``), and a consumer of the lm_head's inputs that gets the hidden
+states in the padded layout either way, so the fused losses and labels do not depend on the layout.
 
     loss, router_loss = through_batch(policy, transform, lambda head: fused_linear_epa_loss(...),
                                       batch.input_ids, batch.attention_mask, batch.packed)
@@ -18,16 +18,20 @@ from torch import Tensor, nn
 from ..causal_lm import HeadInputs, LogitTransform, through_model
 from ..linear import linear_sequence_logps
 from .packing import Packed, attn_implementation, pack, row_bound, through_packed_model
+from .prefix import Shared, through_shared_model
 
 T = TypeVar("T")
 
 
 def through_batch(model: nn.Module, transform: LogitTransform, consume: Callable[[HeadInputs], T],
-                  input_ids: Tensor, attention_mask: Tensor, packed: Packed | None = None, *,
+                  input_ids: Tensor, attention_mask: Tensor, packed: Packed | Shared | None = None, *,
                   router_logits: bool = False) -> tuple[T, Tensor | None]:
     """``causal_lm.through_model`` of the padded batch input_ids / attention_mask [R, T], or, with
-    packed (the same batch, ``packing.pack``), of its packed rows; consume gets the hidden states
-    in the padded layout either way. Returns (consume's result, the router loss or None)."""
+    packed, of the same batch's packed rows (``packing.pack``) or prefix-shared rows
+    (``prefix.share``); consume gets the hidden states in the padded layout either way. Returns
+    (consume's result, the router loss or None)."""
+    if isinstance(packed, Shared):
+        return through_shared_model(model, transform, packed, consume, router_logits=router_logits), None
     if packed is not None:
         return through_packed_model(model, transform, packed, consume, router_logits=router_logits), None
     return through_model(model, transform, consume, router_logits=router_logits, input_ids=input_ids,
@@ -45,7 +49,7 @@ def packed_for(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, max_
 
 @torch.no_grad()
 def reference_logps(scorer: nn.Module, transform: LogitTransform, input_ids: Tensor, attention_mask: Tensor,
-                    labels: Tensor, packed: Packed | None = None) -> Tensor:
+                    labels: Tensor, packed: Packed | Shared | None = None) -> Tensor:
     """[R] fp32 summed log-probs of the rows' labelled tokens under scorer (the reference; no
     graph), through the fused linear path: the rows' [R, T, V] logits are never formed."""
     logps, _ = through_batch(

@@ -109,6 +109,8 @@ class TrainConfig:
     padding_free: bool = _opt(False, "pack each batch's sequences into rows without padding, position ids restarting "
                                      "at every sequence (attention sdpa, eager, flex or flash); the same log-probs "
                                      "and losses as padded batches, to rounding", bookkeeping=True)
+    prefix_sharing: Literal["auto", "on", "off"] = _opt(EPA_OPTIONS["prefix_sharing"].default,
+                                                        EPA_OPTIONS["prefix_sharing"].help)
     max_packed_length: int | None = _opt(EPA_OPTIONS["max_packed_length"].default,
                                          EPA_OPTIONS["max_packed_length"].help, bookkeeping=True)
     eval_fraction: float | None = _opt(None, "share of --dataset held out for evaluation, in [0, 1) (default: 0.05, "
@@ -156,7 +158,8 @@ class TrainConfig:
 
     @property
     def packed_row_tokens(self) -> int:
-        """Most tokens in a packed row (--padding-free): --max-packed-length, or its default."""
+        """Most tokens in a packed or prefix-shared row (--padding-free, --prefix-sharing):
+        --max-packed-length, or its default."""
         return self.max_packed_length or PACKED_ROW_LENGTHS * self.max_length
 
     @property

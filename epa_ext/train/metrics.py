@@ -17,6 +17,7 @@ from torch import Tensor
 from ..logps import IGNORE_INDEX
 from ..losses import preference_metrics
 from ..preference.candidates import Batch
+from ..preference.prefix import Shared
 
 
 def batch_metrics(loss: Tensor, seq: Tensor, ref: Tensor, logit_sums: Tensor, batch: Batch, *, beta: float,
@@ -37,6 +38,8 @@ def batch_metrics(loss: Tensor, seq: Tensor, ref: Tensor, logit_sums: Tensor, ba
                                  / (tokens[:, 1:1 + num_strong] * strong).sum().clamp(min=1))
     if aux_loss is not None:
         values["aux_loss"] = aux_loss.detach()
+    if isinstance(batch.packed, Shared):  # --prefix-sharing: the decoder tokens it saved
+        values["decoder_tokens_saved"] = torch.tensor(batch.packed.saved_share)
     if log_weights is not None:
         weak = log_weights[:, 1 + num_strong:]
         finite = torch.isfinite(weak)

@@ -29,6 +29,7 @@ from ..causal_lm import LogitTransform, unwrap
 from ..preference import weak_correction
 from ..preference.candidates import Batch, Layout, Split, borrowed_answer, fit_borrowed_answer, make_batch
 from ..preference.packing import Packed
+from ..preference.prefix import Shared
 from ..preference.scoring import reference_logps
 from . import hub
 from .config import TrainConfig
@@ -124,6 +125,7 @@ class Reference:
         return {"values": values, **self.model_inputs, "--precision": cfg.precision,
                 "device": self.runtime.device.type, "--padding-free": layout.padding_free,
                 "packed row tokens": layout.max_row_tokens if layout.padding_free else None,
+                **({"--prefix-sharing": cfg.prefix_sharing} if cfg.prefix_sharing != "off" else {}),
                 "--max-length": layout.max_length, "--max-prompt-length": cfg.max_prompt_length,
                 "--num-strong": layout.num_strong, "--num-weak": layout.num_weak, **(extra or {}),
                 "scored token ids": digest.hexdigest()}
@@ -138,7 +140,7 @@ class Reference:
 
     @torch.no_grad()
     def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                    packed: Packed | None = None) -> Tensor:
+                    packed: Packed | Shared | None = None) -> Tensor:
         with self._scorer() as scorer, autocast(self.cfg, self.runtime):
             return reference_logps(scorer, self.transform, input_ids, attention_mask, labels, packed)
 

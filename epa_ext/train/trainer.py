@@ -34,7 +34,9 @@ from . import checkpoint as ckpt
 from . import run_dir
 from ..preference.candidates import Layout, Split, longest_rows, make_batch, make_split
 from ..preference.loss import LossSpec, PreferenceLoss
+from ..preference.options import MIN_SHARED_TOKEN_RATIO
 from ..preference.packing import attn_implementation, check_packed_attention, row_bound
+from ..preference.prefix import check_prefix_sharing, shared_attention
 from ..preference.weak_correction import KnownProposal
 from .batching import BatchOrder, hold_out, render, tokenize
 from .config import ConfigError, TrainConfig, parse_config
@@ -144,6 +146,8 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Pat
             raise ConfigError(f"--padding-free: {error}") from None
         data.layout = replace(data.layout, max_row_tokens=row_bound(attn_implementation(policy),
                                                                     data.layout.max_row_tokens))
+    if cfg.prefix_sharing != "off":
+        data.layout = replace(data.layout, **shared_layout(cfg, runtime, policy, transform))
     spec = LossSpec(cfg.loss, cfg.beta, dpo_loss_type=cfg.dpo_loss_type, label_smoothing=cfg.label_smoothing,
                     num_strong=data.layout.num_strong, weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight)
     loss_module = PreferenceLoss(policy, spec, transform=transform, router_aux_coef=router_aux_coef(policy))
@@ -155,6 +159,23 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Pat
     if cfg.ref == "precompute":
         reference.precompute(splits, data.layout, Path(cfg.output_dir))
     return policy, loss_module, reference
+
+
+def shared_layout(cfg: TrainConfig, runtime: Runtime, policy: nn.Module, transform) -> dict:
+    """The Layout fields of --prefix-sharing on / auto: the model's attention for the shared rows'
+    masks, if the probe finds them exact (``prefix.check_prefix_sharing``), and the token ratio a
+    batch must reach (auto). on refuses a model that fails the probe; auto says once why it does
+    not share and trains as without the option."""
+    try:
+        check_prefix_sharing(policy, transform, router_logits=router_aux_coef(policy) > 0)
+    except ValueError as error:
+        if cfg.prefix_sharing == "on":
+            raise ConfigError(f"--prefix-sharing on: {error}") from None
+        if runtime.is_main:
+            print(f"epa-train: --prefix-sharing auto: not sharing prompts: {error}", file=sys.stderr)
+        return {}
+    return {"shared_attention": shared_attention(policy),
+            "min_shared_ratio": MIN_SHARED_TOKEN_RATIO if cfg.prefix_sharing == "auto" else 0.0}
 
 
 def router_aux_coef(policy: nn.Module) -> float:
@@ -235,7 +256,7 @@ def prepare_data(cfg: TrainConfig, runtime: Runtime, resume_dir: Path | None) ->
         raise DataError(f"{cfg.dataset}: {len(train)} training examples, fewer than one batch of {global_batch} "
                         f"(--batch-size x processes); lower --batch-size or add data")
     layout = Layout(num_strong, num_weak, tokenizer.pad_token_id, cfg.max_length, padding_free=cfg.padding_free,
-                    max_row_tokens=cfg.packed_row_tokens if cfg.padding_free else None)
+                    max_row_tokens=cfg.packed_row_tokens if cfg.padding_free or cfg.prefix_sharing != "off" else None)
     return Data(tokenizer, make_split(train, num_weak, cfg.seed, cfg.weak_source),
                 make_split(held_out, num_weak, cfg.seed, cfg.weak_source), layout, report)
 

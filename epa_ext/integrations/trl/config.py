@@ -4,6 +4,7 @@ are the preference core's option table (``epa_ext.preference.options``), shared 
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -11,56 +12,86 @@ from typing import Any
 
 from trl import DPOConfig
 
-from ...losses import DPO_LOSS_TYPES
 from ...preference.options import EPA_OPTIONS, FIELDS, check_epa_options, check_weak_batch
+from ...preference.pairwise import LABEL_SMOOTHING_LOSS_TYPES, LOSS_TYPES, PairwiseSpec
 
-SUPPORTED_LOSS_TYPES = (*DPO_LOSS_TYPES, "epa")
-"""Preference loss types EPATrainer computes (one per run, optionally with "sft")."""
+SUPPORTED_LOSS_TYPES = (*LOSS_TYPES, "epa")
+"""Loss types EPATrainer computes: every type of TRL 1.16's DPOTrainer, alone or mixed with
+loss_weights as TRL mixes them, and "epa" (alone or with "sft")."""
+
+
+def pairwise_spec(args: DPOConfig) -> PairwiseSpec:
+    """The DPOConfig's loss fields as the core's PairwiseSpec, checked as TRL 1.16 checks them
+    (ValueError / TypeError; its NotImplementedError as a ValueError subclass)."""
+    return PairwiseSpec(loss_types=tuple(args.loss_type), loss_weights=args.loss_weights, beta=args.beta,
+                        label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
+                        f_alpha_divergence_coef=args.f_alpha_divergence_coef, ld_alpha=args.ld_alpha,
+                        use_weighting=args.use_weighting, discopop_tau=args.discopop_tau)
 
 
 def check_config(args: DPOConfig) -> None:
     """Raises ValueError / TypeError naming the first DPOConfig or EPAConfig field EPATrainer
     cannot honour; warns where it follows TRL in ignoring a field. A plain DPOConfig is checked
-    with EPA's fields at their defaults."""
+    with EPA's fields at their defaults. TRL's loss types and options are refused exactly where
+    TRL 1.16 refuses them (``pairwise_spec``), and where training would divide by zero or by
+    infinity (robust's label_smoothing 0.5, non-finite loss_weights)."""
     loss_types = list(args.loss_type)
-    preference = [t for t in loss_types if t != "sft"]
-    if len(preference) != 1 or preference[0] not in SUPPORTED_LOSS_TYPES or len(loss_types) - len(preference) > 1:
-        raise ValueError(
-            f"loss_type must be one of {list(SUPPORTED_LOSS_TYPES)}, optionally with 'sft' (RPO: loss_type=[..., "
-            f"'sft'], loss_weights=[1.0, alpha]); got {loss_types}. TRL's other loss types and combinations are "
-            "not implemented by epa_ext: use trl.DPOTrainer for them"
-        )
-    loss_type = preference[0]
-    weights = args.loss_weights or [1.0] * len(loss_types)
-    if not all(_is_real(w) and 0 <= w < float("inf") for w in weights) or weights[loss_types.index(loss_type)] <= 0:
-        raise ValueError(f"loss_weights must be finite numbers >= 0, the one of {loss_type!r} > 0; got "
-                         f"{args.loss_weights}")
-    if args.f_divergence_type != "reverse_kl":
-        raise ValueError(f"f_divergence_type must be 'reverse_kl' (epa_ext implements DPO's reverse KL only); got "
-                         f"{args.f_divergence_type!r}")
-    if args.ld_alpha is not None:
-        raise ValueError(f"ld_alpha (LD-DPO's weighting of the tokens beyond the shared length) is not implemented "
-                         f"by epa_ext; got {args.ld_alpha}: leave it None, or use trl.DPOTrainer")
-    if args.use_weighting:
-        raise ValueError("use_weighting=True (WPO weights from the policy's per-token probabilities) is not "
-                         "implemented by epa_ext: leave it False, or use trl.DPOTrainer")
-    check_sharding(bool(args.deepspeed), (args.fsdp_config or {}).get("version") if args.fsdp else None)
+    unknown = [t for t in loss_types if t not in SUPPORTED_LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"loss_type must be one of {list(SUPPORTED_LOSS_TYPES)} (or a list of them, weighted by "
+                         f"loss_weights); got {unknown} in {loss_types}")
     smoothing = args.label_smoothing
-    if loss_type == "robust" and not 0.0 <= smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust'; got {smoothing}")
-    if loss_type == "epa" and smoothing:
-        raise ValueError(f"label_smoothing does not apply to loss_type='epa'; got {smoothing}")
-    if loss_type in ("sigmoid", "hinge", "ipo") and smoothing:
+    if "robust" in loss_types and not 0.0 <= smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust' (its loss divides by "
+                         f"1 - 2 * label_smoothing); got {smoothing}")
+    epa = "epa" in loss_types
+    if epa:
+        _check_epa_loss(args, loss_types)
+    else:
+        pairwise_spec(args)
+        if not all(_is_real(w) and math.isfinite(w) for w in args.loss_weights or []):
+            raise ValueError(f"loss_weights must be finite numbers (one per loss type); got {args.loss_weights}")
+    check_sharding(bool(args.deepspeed), (args.fsdp_config or {}).get("version") if args.fsdp else None)
+    if smoothing and not epa and not LABEL_SMOOTHING_LOSS_TYPES & set(loss_types):
+        named = repr(loss_types[0]) if len(loss_types) == 1 else loss_types
         warnings.warn(
-            f"label_smoothing={smoothing} is ignored for loss_type={loss_type!r}, as TRL 1.16's DPOTrainer ignores "
-            "it (TRL applies it to 'robust' and EXO only). epa_ext's own dpo_loss and epa-train apply conservative "
-            "DPO (cDPO) for 'sigmoid' with label_smoothing > 0; with TRL, use loss_type='robust' for noisy labels",
+            f"label_smoothing={smoothing} is ignored for loss_type={named}, as TRL 1.16's DPOTrainer ignores it "
+            f"(TRL applies it to {sorted(LABEL_SMOOTHING_LOSS_TYPES)} only). epa_ext's own dpo_loss and epa-train "
+            "apply conservative DPO (cDPO) for 'sigmoid' with label_smoothing > 0; with TRL, use "
+            "loss_type='robust' for noisy labels",
             stacklevel=3,
         )
     options = {name: getattr(args, name, option.default) for name, option in EPA_OPTIONS.items()}
-    check_epa_options(options, epa=loss_type == "epa", padding_free=args.padding_free, max_length=args.max_length,
+    check_epa_options(options, epa=epa, padding_free=args.padding_free, max_length=args.max_length,
                       spelling=FIELDS)
     check_weak_batch(options["num_weak"], args.per_device_train_batch_size, "per_device_train_batch_size")
+
+
+def _check_epa_loss(args: DPOConfig, loss_types: list[str]) -> None:
+    """loss_type "epa" alone or with one "sft" (RPO's NLL term); TRL's pair options refused."""
+    if loss_types.count("epa") > 1 or any(t not in ("epa", "sft") for t in loss_types) or loss_types.count("sft") > 1:
+        raise ValueError(
+            f"loss_type 'epa' takes at most one 'sft' beside it (loss_type=['epa', 'sft'], loss_weights=[1.0, "
+            f"alpha]); got {loss_types}. A pairwise term (e.g. 'bco_pair') needs one rejected answer per prompt, "
+            "where EPA scores K strong and M weak negatives: choosing one of them (the first strong one?) would "
+            "make the term depend on the order of the answers, and no TRL loss defines it to check it against. "
+            "Train the pairwise loss with one rejected answer per row, or EPA with 'sft'")
+    weights = args.loss_weights or [1.0] * len(loss_types)
+    if not all(_is_real(w) and 0 <= w < float("inf") for w in weights) or weights[loss_types.index("epa")] <= 0:
+        raise ValueError(f"loss_weights must be finite numbers >= 0, the one of 'epa' > 0; got {args.loss_weights}")
+    if args.f_divergence_type != "reverse_kl":
+        raise ValueError(f"f_divergence_type must be 'reverse_kl' for loss_type='epa' (f-DPO's scores cancel "
+                         f"log Z(x) only in a chosen-minus-rejected difference, not in EPA's partition sum over "
+                         f"K + M negatives); got {args.f_divergence_type!r}")
+    if args.ld_alpha is not None:
+        raise ValueError(f"ld_alpha does not apply to loss_type='epa': LD-DPO weighs the tokens beyond the shared "
+                         f"length of one chosen/rejected pair, and EPA scores K + M negatives per prompt; got "
+                         f"{args.ld_alpha}: leave it None")
+    if args.use_weighting:
+        raise ValueError("use_weighting=True (WPO's per-pair weights) does not apply to loss_type='epa', whose "
+                         "terms are per prompt over K + M negatives, not per pair: leave it False")
+    if args.label_smoothing:
+        raise ValueError(f"label_smoothing does not apply to loss_type='epa'; got {args.label_smoothing}")
 
 
 def _is_real(value: Any) -> bool:
@@ -115,9 +146,15 @@ class EPAConfig(DPOConfig):
         padding_free (`bool`, defaults to `False`): DPOConfig's field, honoured: the batch's
             sequences packed into rows without padding (epa_ext.integrations.trl), for attention
             implementations sdpa, eager, flex_attention, flash_attention_2/3.
-        max_packed_length (`int`, *optional*): with padding_free, the most tokens in a packed row,
-            >= max_length (attention's cost grows with its square). None: 2 x max_length (with
-            max_length None: 2 x the batch's longest sequence); flash attention packs one row.
+        prefix_sharing (`str`, defaults to `"off"`): `"on"`: each prompt through the decoder once
+            for all its candidates (prefix-shared rows, policy and reference; sdpa or eager
+            attention; refused where the probe on the model finds it not exact); `"auto"`: where the
+            probe passes and a batch's decoder tokens fall by >= 1.3x, else as without it (warned
+            once); `"off"`: never (epa-train's --prefix-sharing).
+        max_packed_length (`int`, *optional*): with padding_free or prefix_sharing, the most tokens
+            in a packed or shared row, >= max_length (attention's cost grows with its square).
+            None: 2 x max_length (with max_length None: 2 x the batch's longest sequence); flash
+            attention packs one row.
     """
 
     num_weak: int = _epa_field("num_weak")
@@ -130,6 +167,7 @@ class EPAConfig(DPOConfig):
         default=False,
         metadata={"help": "Log entropy and mean_token_accuracy (one more no-grad lm_head pass per step)."},
     )
+    prefix_sharing: str = _epa_field("prefix_sharing")
     max_packed_length: int | None = _epa_field("max_packed_length")
 
     def __post_init__(self):

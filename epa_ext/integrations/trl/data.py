@@ -150,7 +150,8 @@ class EPADataCollator(DataCollatorForPreference):
         """input_ids, attention_mask, completion_mask of (prompt + answer) sequences and their
         answer masks, truncated and right-padded as TRL's DataCollatorForPreference does."""
         if self.max_length is not None:
-            keep = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            keep = (slice(None, self.max_length) if self.truncation_mode == "keep_start"
+                    else slice(-self.max_length, None))
             sequences, masks = [s[keep] for s in sequences], [m[keep] for m in masks]
 
         def padded(rows: list[list[int]], value: int) -> Tensor:

@@ -21,12 +21,15 @@ from trl.trainer.utils import global_then_local_main_first, use_adapter
 from ... import causal_lm
 from ..._kernel_contract import IGNORE_INDEX
 from ...logps import completion_labels
-from ...preference.loss import LossSpec, preference_loss, token_statistics
-from ...preference.options import PACKED_ROW_LENGTHS, check_weak_batch
+from ...preference.loss import (LossSpec, fused_dpo_spec, pairwise_preference_loss, pairwise_reference_logps,
+                                preference_loss, token_statistics)
+from ...preference.pairwise import PairwiseSpec
+from ...preference.options import MIN_SHARED_TOKEN_RATIO, PACKED_ROW_LENGTHS, check_weak_batch
 from ...preference.packing import check_packed_attention
-from ...preference.scoring import packed_for, reference_logps, through_batch
+from ...preference.prefix import check_prefix_sharing, share, shared_attention, shared_token_ratio
+from ...preference.scoring import packed_for, through_batch
 from ...preference.weak_correction import estimated_log_q
-from .config import EPAConfig, check_config, check_sharding
+from .config import EPAConfig, check_config, check_sharding, pairwise_spec
 from .data import EPADataCollator, has_answer_lists, model_inputs, named_datasets, prepare_answer_lists
 from .metrics import log_batch_metrics, log_weak_weights
 
@@ -55,10 +58,10 @@ class EPATrainer(DPOTrainer):
         if not isinstance(args, EPAConfig):  # an EPAConfig was checked when it was made
             check_config(args)
         weights = dict(zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)))
-        self._loss_type = next(t for t in args.loss_type if t != "sft")
-        # TRL's w * loss + w_sft * NLL as w * (loss + sft_weight * NLL)
+        self._loss_type = next((t for t in args.loss_type if t != "sft"), "sft")
+        # TRL's w * loss + w_sft * NLL as w * (loss + sft_weight * NLL) on the fused path (w > 0 there; _loss_spec)
         self._loss_weight = float(weights[self._loss_type])
-        self._sft_weight = float(weights.get("sft", 0.0)) / self._loss_weight
+        self._sft_weight = float(weights.get("sft", 0.0)) / self._loss_weight if self._loss_weight else 0.0
         self._num_weak = getattr(args, "num_weak", 0)
         self._weak_weight = float(getattr(args, "weak_weight", 1.0))
         self._num_strong = getattr(args, "num_strong", None)
@@ -67,7 +70,8 @@ class EPATrainer(DPOTrainer):
         self._weak_correction_prompts = getattr(args, "weak_correction_prompts", 8) if corrected else 0
         if corrected and not isinstance(train_dataset, Dataset):
             raise ValueError("weak_correction='importance' weighs the batch's prompts by the training set's size N "
-                             "(q = the mean over its N prompts), which an IterableDataset does not have: pass a Dataset")
+                             "(q = the mean over its N prompts), which an IterableDataset does not have: pass a "
+                             "Dataset")
         self._num_examples = len(train_dataset) if corrected else 0
         if isinstance(processing_class, ProcessorMixin):
             raise TypeError("EPATrainer takes text models with a tokenizer as processing_class; vision-language "
@@ -95,6 +99,8 @@ class EPATrainer(DPOTrainer):
                 "reference is the model with adapters disabled), or set precompute_ref_log_probs=False"
             )
         padding_free = args.padding_free
+        # TRL precomputes reference log-probs inside its __init__, before the probe below: unshared
+        self._shared_attention = None
         args.padding_free = False  # TRL's DPOTrainer would warn that it turns it off; this subclass honours it
         try:
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
@@ -117,6 +123,7 @@ class EPATrainer(DPOTrainer):
                                                router_logits=self.aux_loss_enabled and name == "model")
                     except ValueError as error:
                         raise ValueError(f"padding_free=True: {name}: {error}") from None
+        self._shared_attention = self._probe_prefix_sharing(getattr(args, "prefix_sharing", "off"))
         if self._is_vlm:
             raise TypeError("EPATrainer takes text models with a tokenizer; this model's processing class is a "
                             "vision-language processor: use trl.DPOTrainer")
@@ -205,7 +212,9 @@ class EPATrainer(DPOTrainer):
         self._use_epa_collator()
         collator, model_hash = self.data_collator, self._precompute_model_hash
         weak = getattr(collator, "num_weak", 0)
-        self._precompute_model_hash = Hasher.hash((model_hash, "epa_ext", self._loss_type, self._num_strong))
+        # ld_alpha changes the stored sums (LD-DPO's, as TRL stores them)
+        self._precompute_model_hash = Hasher.hash((model_hash, "epa_ext", self._loss_type, self._num_strong,
+                                                   self.args.ld_alpha))
         if weak:
             collator.num_weak = 0
         try:
@@ -225,35 +234,75 @@ class EPATrainer(DPOTrainer):
             return model or self.model, use_adapter(unwrapped, adapter_name=adapter)
         return model or self.ref_model, contextlib.nullcontext()
 
-    def _reference_logps(self, scorer: nn.Module, adapter_context, model_kwargs: dict, labels: Tensor) -> Tensor:
-        """[R] summed reference log-probs of the rows of model_kwargs / labels (no graph)."""
+    def _reference_logps(self, scorer: nn.Module, adapter_context, model_kwargs: dict, labels: Tensor,
+                         groups: tuple[Tensor, int] | None = None) -> Tensor:
+        """[R] summed reference log-probs of the rows of model_kwargs / labels (no graph; groups:
+        ``_layout``'s); with ld_alpha (a pair batch) LD-DPO's weighted sums, as TRL computes them."""
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter_context:
-            return reference_logps(scorer, causal_lm.logit_transform(scorer), labels=labels,
-                                   **self._layout(scorer, model_kwargs))
+            return pairwise_reference_logps(scorer, causal_lm.logit_transform(scorer), labels=labels,
+                                            ld_alpha=self.args.ld_alpha, **self._layout(scorer, model_kwargs, groups))
 
-    def _layout(self, model: nn.Module, model_kwargs: dict) -> dict:
-        """through_batch's input_ids, attention_mask and packed (padding_free: the batch's
-        sequences packed into rows, ``scoring.packed_for``; else None) of a collated batch."""
+    def _probe_prefix_sharing(self, mode: str):
+        """prefix_sharing "on" / "auto": the model's attention for prefix-shared rows
+        (``prefix.shared_attention``) where the probe finds them exact on the model and the
+        reference; "on" refuses a model that fails it, "auto" warns once and does not share."""
+        if mode == "off":
+            return None
+        try:
+            for name, scorer in (("model", self.model), ("ref_model", self.ref_model)):
+                if scorer is not None:
+                    check_prefix_sharing(scorer, causal_lm.logit_transform(scorer),
+                                         router_logits=self.aux_loss_enabled and name == "model")
+        except ValueError as error:
+            if mode == "on":
+                raise ValueError(f"prefix_sharing='on': {name}: {error}") from None
+            warnings.warn(f"prefix_sharing='auto': not sharing prompts: {name}: {error}", stacklevel=3)
+            return None
+        return shared_attention(self.model)
+
+    def _groups(self, inputs: dict) -> tuple[Tensor, int] | None:
+        """(prompt lengths [B], C) of a whole candidate-major batch, for prefix sharing: each
+        prompt's tokens before its chosen answer's first completion token."""
+        if self._shared_attention is None:
+            return None
+        candidate_mask = inputs.get("candidate_mask")
+        num_candidates = 2 if candidate_mask is None else candidate_mask.shape[1]
+        batch = inputs["input_ids"].shape[0] // num_candidates
+        before_answer = inputs["completion_mask"][:batch].cumsum(-1) == 0
+        return (before_answer & inputs["attention_mask"][:batch].bool()).sum(-1), num_candidates
+
+    def _layout(self, model: nn.Module, model_kwargs: dict, groups: tuple[Tensor, int] | None = None) -> dict:
+        """through_batch's input_ids, attention_mask and packed of collated rows: with groups
+        (``_groups``: a whole candidate-major batch) and prefix_sharing, the prompt-shared rows
+        where the batch's token ratio makes it worth it ("auto": MIN_SHARED_TOKEN_RATIO); else, with
+        padding_free, the sequences packed into rows (``scoring.packed_for``); else None."""
         extra = sorted(set(model_kwargs) - {"input_ids", "attention_mask"})
         if extra:  # a text model's collated batch has no other model input
             raise ValueError(f"EPATrainer scores input_ids and attention_mask; this batch also has {extra}"
                              + (": use padding_free=False" if self.padding_free else ""))
         input_ids, attention_mask = model_kwargs["input_ids"], model_kwargs["attention_mask"]
         packed = None
-        if self.padding_free:
-            bound = getattr(self.args, "max_packed_length", None) or PACKED_ROW_LENGTHS * (self.args.max_length
-                                                                                            or input_ids.shape[1])
+        bound = getattr(self.args, "max_packed_length", None) or PACKED_ROW_LENGTHS * (self.args.max_length
+                                                                                        or input_ids.shape[1])
+        if groups is not None:
+            prompt_lengths, num_candidates = groups
+            minimum = MIN_SHARED_TOKEN_RATIO if self.args.prefix_sharing == "auto" else 0.0
+            if shared_token_ratio(attention_mask, prompt_lengths, num_candidates) >= minimum:
+                packed = share(input_ids, attention_mask, prompt_lengths, num_candidates, bound,
+                               self._tokenizer.pad_token_id or 0, attention=self._shared_attention)
+        if packed is None and self.padding_free:
             packed = packed_for(model, input_ids, attention_mask, bound, self._tokenizer.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "packed": packed}
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch, for TRL's precomputation: ([B], [B]) for DPO
         loss types, ([B], [B, K]) for EPA (0 for absent answers). Sums over each answer's tokens,
-        as TRL stores them (IPO's length averaging happens in the loss)."""
+        as TRL stores them (IPO's length averaging happens in the loss; with ld_alpha LD-DPO's
+        weighted sums, as TRL 1.16 stores those)."""
         labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
         scorer, adapter_context = self._reference_scorer(model)
         with self.accelerator.autocast():
-            ref = self._reference_logps(scorer, adapter_context, model_inputs(inputs), labels)
+            ref = self._reference_logps(scorer, adapter_context, model_inputs(inputs), labels, self._groups(inputs))
         if "candidate_mask" not in inputs:
             return ref.chunk(2, dim=0)
         present = inputs["candidate_mask"]
@@ -272,9 +321,11 @@ class EPATrainer(DPOTrainer):
             if known.numel() == rows:
                 return known
         start = known.numel()
-        rest = {k: v[start:] if isinstance(v, Tensor) and v.shape[:1] == (rows,) else v for k, v in model_kwargs.items()}
+        rest = {k: v[start:] if isinstance(v, Tensor) and v.shape[:1] == (rows,) else v
+                for k, v in model_kwargs.items()}
         scorer, adapter_context = self._reference_scorer()
-        return torch.cat([known, self._reference_logps(scorer, adapter_context, rest, labels[start:])])
+        groups = self._groups(inputs) if start == 0 else None  # only a whole batch has its groups
+        return torch.cat([known, self._reference_logps(scorer, adapter_context, rest, labels[start:], groups)])
 
     @torch.no_grad()
     def _weak_log_weights(self, inputs: dict, ref: Tensor, candidate_mask: Tensor) -> Tensor:
@@ -309,18 +360,24 @@ class EPATrainer(DPOTrainer):
         ref = self._all_reference_logps(inputs, model_kwargs, labels)
         log_weights = self._weak_log_weights(inputs, ref, candidate_mask) if "weak_source_index" in inputs else None
         spec = self._loss_spec(completion_mask)
+        fused = isinstance(spec, LossSpec)
 
         def loss_and_statistics(head: causal_lm.HeadInputs):
             """In the lm_head's forward hook, where its weight is whole (causal_lm.through_model)."""
+            if not fused:
+                loss, policy = pairwise_preference_loss(head, labels, ref, spec, completion_mask.sum(-1))
+                return loss, policy.detach(), token_statistics(head, labels, full=self._token_metrics)
             loss, policy = preference_loss(head, labels, ref, candidate_mask, spec, log_weights)
-            if self._loss_type == "ipo":  # TRL logs summed log-probs; IPO's loss took them averaged
+            if spec.loss == "dpo" and spec.dpo_loss_type == "ipo":  # TRL logs sums; IPO's loss took them averaged
                 policy = policy * (labels != IGNORE_INDEX).sum(-1)
             return loss, policy.detach(), token_statistics(head, labels, full=self._token_metrics)
 
         (loss, policy, statistics), aux_loss = through_batch(
-            model, causal_lm.logit_transform(model), loss_and_statistics, **self._layout(model, model_kwargs),
+            model, causal_lm.logit_transform(model), loss_and_statistics,
+            **self._layout(model, model_kwargs, self._groups(inputs)),
             router_logits=self.aux_loss_enabled)
-        loss = loss * self._loss_weight
+        if fused:  # pairwise_preference_loss weighs its terms itself
+            loss = loss * self._loss_weight
         store, gather = self._metrics[mode], self.accelerator.gather
         if self.aux_loss_enabled:  # as TRL 1.16's DPOTrainer adds and logs it
             loss = loss + self.router_aux_loss_coef * aux_loss
@@ -339,18 +396,20 @@ class EPATrainer(DPOTrainer):
                 return loss, model(**model_kwargs)
         return loss
 
-    def _loss_spec(self, completion_mask: Tensor) -> LossSpec:
-        """The core's LossSpec of this trainer's loss type: TRL's w * loss + w_sft * NLL as
-        w * (loss + sft_weight * NLL); label_smoothing where TRL 1.16 applies it ('robust'); IPO on
-        log-probs averaged over each answer's tokens, policy and (summed) reference alike, as TRL."""
+    def _loss_spec(self, completion_mask: Tensor) -> LossSpec | PairwiseSpec:
+        """The core's spec of this trainer's loss: EPA's LossSpec (w * (loss + sft_weight * NLL),
+        TRL's w * loss + w_sft * NLL); for TRL's loss types the fused DPO LossSpec where it computes
+        the loss exactly (``preference.loss.fused_dpo_spec``: one of sigmoid / robust / hinge / ipo,
+        optionally with sft, weighted by _loss_weight), else the PairwiseSpec of the DPOConfig
+        (``pairwise_preference_loss``: every other type, mixture, f-divergence, LD-DPO, WPO).
+        IPO on the fused path averages over the scored tokens, TRL over the unshifted
+        completion_mask, which counts one more where the prompt is empty: such a batch takes the
+        pairwise path, which divides by TRL's count."""
         if self._loss_type == "epa":
             return LossSpec("epa", self.beta, num_strong=self._num_strong, weak_weight=self._weak_weight,
                             sft_weight=self._sft_weight)
-        if self._loss_type == "ipo" and bool(completion_mask[:, 0].any()):
-            raise ValueError(
-                "loss_type='ipo' with an empty tokenized prompt: the first answer token has no position that "
-                "predicts it, and TRL divides by a token count that includes it while epa_ext averages over the "
-                "scored tokens; give every row a prompt (or a BOS token)")
-        return LossSpec("dpo", self.beta, dpo_loss_type=self._loss_type,
-                        label_smoothing=self.label_smoothing if self._loss_type == "robust" else 0.0,
-                        sft_weight=self._sft_weight)
+        pairwise = pairwise_spec(self.args)
+        fused = fused_dpo_spec(pairwise)
+        if fused is None or (fused[0].dpo_loss_type == "ipo" and bool(completion_mask[:, 0].any())):
+            return pairwise
+        return fused[0]
