@@ -34,7 +34,8 @@ class EPAOption:
 EPA_OPTIONS: dict[str, EPAOption] = {
     "num_strong": EPAOption(None, "EPA strong negatives per prompt (rejected answers; default: the most any training "
                                   "example has, fewer are masked)"),
-    "num_weak": EPAOption(0, "EPA weak negatives per prompt: answers of other examples scored under this prompt"),
+    "num_weak": EPAOption(0, "EPA weak negatives per prompt: answers of other examples scored under this prompt "
+                             "(which data they help on: docs/losses.md, \"Which EPA setting for which data\")"),
     "weak_weight": EPAOption(1.0, "weight alpha >= 0 of each weak negative in EPA's partition sum"),
     "weak_correction": EPAOption(
         "none", "importance: add the log importance weight log pi_ref(y|x) - log q(y) to each weak negative's "

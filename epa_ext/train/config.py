@@ -67,8 +67,7 @@ class TrainConfig:
                                        "-(1-eps) log s(beta d) - eps log s(-beta d)) or robust. Unlike TRL 1.16, "
                                        "which ignores it for sigmoid, epa-train applies it there")
     num_strong: int | None = _opt(EPA_OPTIONS["num_strong"].default, EPA_OPTIONS["num_strong"].help)
-    num_weak: int = _opt(EPA_OPTIONS["num_weak"].default, EPA_OPTIONS["num_weak"].help + " (docs/losses.md, \"Which "
-                         "EPA setting for which data\")")
+    num_weak: int = _opt(EPA_OPTIONS["num_weak"].default, EPA_OPTIONS["num_weak"].help)
     weak_weight: float = _opt(EPA_OPTIONS["weak_weight"].default, EPA_OPTIONS["weak_weight"].help)
     weak_correction: Literal["none", "importance"] = _opt(
         EPA_OPTIONS["weak_correction"].default, EPA_OPTIONS["weak_correction"].help + "; scored once before training "
