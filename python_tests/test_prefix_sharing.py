@@ -180,14 +180,15 @@ def test_share_refuses_batches_it_cannot_share():
 
 
 @pytest.mark.parametrize("model_type,implementation", CASES, ids=[f"{m}-{i}" for m, i in CASES])
-def test_shared_rows_score_and_train_as_padded_ones(model_type, implementation):
+def test_shared_rows_score_and_train_as_padded_ones(model_type, implementation, device):
     """Per-sequence log-probs (linear_sequence_logps of the gathered hidden states against the
     padded batch's), and the fused EPA loss (K = 2, M = 3, a padding candidate, an SFT term) with
-    every parameter's gradient; in training mode (no dropout). The probe accepts the model."""
-    model = tiny(model_type, implementation).train()
+    every parameter's gradient; in training mode (no dropout). The probe accepts the model. On the
+    CPU, and on CUDA where there is one (bench/gpu_check.sh runs the CUDA cases)."""
+    model = tiny(model_type, implementation).train().to(device)
     transform = causal_lm.check(model)
     check_prefix_sharing(model, transform)
-    input_ids, attention_mask, labels, candidate_mask, prompt_lengths = epa_batch()
+    input_ids, attention_mask, labels, candidate_mask, prompt_lengths = (t.to(device) for t in epa_batch())
     shared = share(input_ids, attention_mask, prompt_lengths, 6, ROW_BOUND, 0, attention=shared_attention(model))
     assert shared.input_ids.shape[0] == 3
 
@@ -198,7 +199,7 @@ def test_shared_rows_score_and_train_as_padded_ones(model_type, implementation):
         padded, ours = padded_and_shared(model, transform, logps_of, input_ids, attention_mask, shared)
     assert_paths_agree(ours, padded, what=f"{model_type} {implementation}: sequence log-probs")
 
-    ref = -torch.rand(input_ids.shape[0], generator=torch.Generator().manual_seed(4)) * 30
+    ref = (-torch.rand(input_ids.shape[0], generator=torch.Generator().manual_seed(4)) * 30).to(device)
 
     def loss_of(head):
         return fused_linear_epa_loss(head.hidden, head.weight, labels, ref, **head.as_kwargs(), num_candidates=6,
