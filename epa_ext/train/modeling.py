@@ -1,6 +1,7 @@
 """Models for epa-train: the tokenizer and the policy (loaded, or the tiny one built), pi_ref
-(the reference model), LoRA and checkpointing. What turns a batch into the loss is the
-preference core's (``epa_ext.preference.loss``)."""
+(the reference model), LoRA and checkpointing, and what the model decides of the batches' layout (prefix sharing, an MoE
+router loss). What turns a batch into the loss is the preference core's
+(``epa_ext.preference.loss``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..causal_lm import unwrap
+from ..causal_lm import router_aux, unwrap
+from ..preference.options import MIN_SHARED_TOKEN_RATIO
+from ..preference.prefix import check_prefix_sharing, shared_attention
 from . import hub
 from .config import ConfigError, TrainConfig, tiny_attention_heads
 
@@ -161,3 +164,30 @@ def enable_gradient_checkpointing(policy: nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+
+
+# --- how the policy takes a batch -------------------------------------------------------------------
+
+
+def shared_layout(cfg: TrainConfig, policy: nn.Module, transform, *, is_main: bool) -> dict:
+    """The Layout fields of --prefix-sharing on / auto: the model's attention for the shared rows'
+    masks, if the probe finds them exact (``prefix.check_prefix_sharing``), and the token ratio a
+    batch must reach (auto). on refuses a model that fails the probe; auto says once why it does
+    not share and trains as without the option (is_main: the process that says it)."""
+    try:
+        check_prefix_sharing(policy, transform, router_logits=router_aux_coef(policy) > 0)
+    except ValueError as error:
+        if cfg.prefix_sharing == "on":
+            raise ConfigError(f"--prefix-sharing on: {error}") from None
+        if is_main:
+            print(f"epa-train: --prefix-sharing auto: not sharing prompts: {error}", file=sys.stderr)
+        return {}
+    return {"shared_attention": shared_attention(policy),
+            "min_shared_ratio": MIN_SHARED_TOKEN_RATIO if cfg.prefix_sharing == "auto" else 0.0}
+
+
+def router_aux_coef(policy: nn.Module) -> float:
+    """The coefficient of an MoE model's router load-balancing loss when its config asks for router
+    logits (output_router_logits, as transformers' own training forward adds it), else 0."""
+    has_router, coef = router_aux(policy)
+    return coef if has_router and unwrap(policy).config.get_text_config().output_router_logits else 0.0

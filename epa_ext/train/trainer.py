@@ -12,8 +12,10 @@
 Each micro-batch's final hidden states go with the lm_head's weight straight into
 fused_linear_epa_loss / fused_linear_dpo_loss, so the batch's logits are never formed; with
 --padding-free the decoder runs on the batch's sequences packed into rows without padding
-(epa_ext.preference.packing). Checkpoints are atomic and --resume continues bit-for-bit; a
-finished run keeps a checkpoint of its last step, so --resume with a higher --max-steps (or --epochs) trains it further.
+(epa_ext.preference.packing), with --prefix-sharing on each prompt once for all its candidates
+(epa_ext.preference.prefix). Checkpoints are atomic and --resume continues bit-for-bit; a finished
+run keeps a checkpoint of its last step, so --resume with a higher --max-steps (or --epochs)
+trains it further.
 """
 
 from __future__ import annotations
@@ -34,15 +36,13 @@ from . import checkpoint as ckpt
 from . import run_dir
 from ..preference.candidates import Layout, Split, longest_rows, make_batch, make_split
 from ..preference.loss import LossSpec, PreferenceLoss
-from ..preference.options import MIN_SHARED_TOKEN_RATIO
 from ..preference.packing import attn_implementation, check_packed_attention, row_bound
-from ..preference.prefix import check_prefix_sharing, shared_attention
 from ..preference.weak_correction import KnownProposal
 from .batching import BatchOrder, hold_out, render, tokenize
 from .config import ConfigError, TrainConfig, parse_config
 from .data import DataError, DropReport, PreferenceExample, load_rows, parse_rows
 from .metrics import Mean, MetricsLog, batch_metrics
-from .modeling import enable_gradient_checkpointing, load_policy, load_tokenizer
+from .modeling import enable_gradient_checkpointing, load_policy, load_tokenizer, router_aux_coef, shared_layout
 from .plots import plot_training_curves
 from .reference import Reference
 from .runtime import (Runtime, all_finite, all_mean, any_rank, autocast, barrier, distribute, full_weights,
@@ -147,7 +147,7 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Pat
         data.layout = replace(data.layout, max_row_tokens=row_bound(attn_implementation(policy),
                                                                     data.layout.max_row_tokens))
     if cfg.prefix_sharing != "off":
-        data.layout = replace(data.layout, **shared_layout(cfg, runtime, policy, transform))
+        data.layout = replace(data.layout, **shared_layout(cfg, policy, transform, is_main=runtime.is_main))
     spec = LossSpec(cfg.loss, cfg.beta, dpo_loss_type=cfg.dpo_loss_type, label_smoothing=cfg.label_smoothing,
                     num_strong=data.layout.num_strong, weak_weight=cfg.weak_weight, sft_weight=cfg.sft_weight)
     loss_module = PreferenceLoss(policy, spec, transform=transform, router_aux_coef=router_aux_coef(policy))
@@ -159,30 +159,6 @@ def build_models(cfg: TrainConfig, runtime: Runtime, data: Data, resume_dir: Pat
     if cfg.ref == "precompute":
         reference.precompute(splits, data.layout, Path(cfg.output_dir))
     return policy, loss_module, reference
-
-
-def shared_layout(cfg: TrainConfig, runtime: Runtime, policy: nn.Module, transform) -> dict:
-    """The Layout fields of --prefix-sharing on / auto: the model's attention for the shared rows'
-    masks, if the probe finds them exact (``prefix.check_prefix_sharing``), and the token ratio a
-    batch must reach (auto). on refuses a model that fails the probe; auto says once why it does
-    not share and trains as without the option."""
-    try:
-        check_prefix_sharing(policy, transform, router_logits=router_aux_coef(policy) > 0)
-    except ValueError as error:
-        if cfg.prefix_sharing == "on":
-            raise ConfigError(f"--prefix-sharing on: {error}") from None
-        if runtime.is_main:
-            print(f"epa-train: --prefix-sharing auto: not sharing prompts: {error}", file=sys.stderr)
-        return {}
-    return {"shared_attention": shared_attention(policy),
-            "min_shared_ratio": MIN_SHARED_TOKEN_RATIO if cfg.prefix_sharing == "auto" else 0.0}
-
-
-def router_aux_coef(policy: nn.Module) -> float:
-    """The coefficient of an MoE model's router load-balancing loss when its config asks for router
-    logits (output_router_logits, as transformers' own training forward adds it), else 0."""
-    has_router, coef = causal_lm.router_aux(policy)
-    return coef if has_router and causal_lm.unwrap(policy).config.get_text_config().output_router_logits else 0.0
 
 
 def restore(resume_dir: Path, cfg: TrainConfig, loss_module: PreferenceLoss, optimizer, scheduler, total_steps: int,
