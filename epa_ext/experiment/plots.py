@@ -39,6 +39,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Writes fig to path (110 dpi, as every plot here) and frees it; returns path."""
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _colors(plt, names: list[str]) -> dict:
     cmap = plt.cm.tab10 if len(names) <= 10 else plt.cm.tab20
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
@@ -72,8 +79,7 @@ def plot_results(results: dict, out_dir: Path, scatter: bool = True) -> list[Pat
     ax.set_title("Known-reward task: reward against KL (held-out prompts)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(names) > 6 else 8)
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    _save(plt, fig, paths[0])
 
     panels = [("rho", "Pearson ρ(r_θ, r*)  ↑"), ("slope1_error", "slope-1 error ε̂ = Var(r_θ − r*)  ↓"),
               ("accuracy", "preference accuracy  ↑")]
@@ -90,8 +96,7 @@ def plot_results(results: dict, out_dir: Path, scatter: bool = True) -> list[Pat
                       ha="right")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
+    _save(plt, fig, paths[1])
 
     if scatter:
         _plot_implicit_vs_true(plt, results, names, labels, colors, paths[2])
@@ -120,8 +125,7 @@ def _plot_implicit_vs_true(plt, results: dict, names: list[str], labels: dict, c
         ax.grid(alpha=0.3)
     for row in axes:
         row[0].set_ylabel("r_θ = β·log π/π_ref (centered)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 CURVE_PANELS = (("train_loss", "training loss (mean over the interval)"), ("slope1_error", "ε̂ (held-out) ↓"),
@@ -157,9 +161,7 @@ def plot_curves(results: dict, out_dir: Path) -> list[Path]:
     fig.suptitle(f"Convergence: lr {results['config']['lr']:g} ({results['config']['scheduler']}), batch "
                  f"{results['config']['batch_size']}, {results['config']['train_prompts']} training prompts")
     path = out_dir / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, path)]
 
 
 def interval_losses(losses: list[list[float]], steps: list[int]) -> list[float]:
@@ -248,8 +250,7 @@ def _against_negatives(results: dict, path: Path, xlabel: str, series: list, pan
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{title} ({results['config']['steps']} steps, mean ± std over {seeds} seed(s))")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -297,6 +298,4 @@ def plot_ipm(results: dict, out_dir: Path) -> list[Path]:
     fig.suptitle(f"ipm data: ε̂ against weak negatives ({results['config']['steps']} steps, mean ± std over "
                  f"{seeds} seed(s))")
     path = out_dir / "eps_vs_m.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, path)]
