@@ -62,6 +62,10 @@ class EPATrainer(DPOTrainer):
         # TRL's w * loss + w_sft * NLL as w * (loss + sft_weight * NLL) on the fused path (w > 0 there; _loss_spec)
         self._loss_weight = float(weights[self._loss_type])
         self._sft_weight = float(weights.get("sft", 0.0)) / self._loss_weight if self._loss_weight else 0.0
+        # the loss's specs, read once (TRL's loss fields do not change while it trains): TRL's loss
+        # types as the core's PairwiseSpec, and the fused DPO spec where that computes it exactly
+        self._pairwise = None if self._loss_type == "epa" else pairwise_spec(args)
+        self._fused_dpo = None if self._pairwise is None else fused_dpo_spec(self._pairwise)
         self._num_weak = getattr(args, "num_weak", 0)
         self._weak_weight = float(getattr(args, "weak_weight", 1.0))
         self._num_strong = getattr(args, "num_strong", None)
@@ -408,8 +412,7 @@ class EPATrainer(DPOTrainer):
         if self._loss_type == "epa":
             return LossSpec("epa", self.beta, num_strong=self._num_strong, weak_weight=self._weak_weight,
                             sft_weight=self._sft_weight)
-        pairwise = pairwise_spec(self.args)
-        fused = fused_dpo_spec(pairwise)
+        fused = self._fused_dpo
         if fused is None or (fused[0].dpo_loss_type == "ipo" and bool(completion_mask[:, 0].any())):
-            return pairwise
+            return self._pairwise
         return fused[0]
